@@ -1,0 +1,77 @@
+//! Every diagnostic code, with its one-line summary. `spec/diagnostics.md` mirrors this
+//! table, and a test fails when the two disagree or when a code has no `tests/ui` fixture.
+
+use super::Severity;
+
+macro_rules! codes {
+    ($($code:ident => $summary:literal,)*) => {
+        /// A stable diagnostic code: E01xx syntax, E02xx names and calls, E03xx types and
+        /// tensors, E04xx models and files, E05xx plan and memory, W0xxx warnings.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Code {
+            $($code,)*
+        }
+
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$code,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$code => stringify!($code),)*
+                }
+            }
+
+            /// One line saying what the code means.
+            pub fn summary(self) -> &'static str {
+                match self {
+                    $(Code::$code => $summary,)*
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    E0001 => "internal compiler error",
+    E0101 => "syntax error",
+    E0102 => "invalid literal",
+    E0201 => "unknown name",
+    E0202 => "name defined twice",
+    E0203 => "unknown function",
+    E0204 => "unknown named argument",
+    E0205 => "missing argument",
+    E0206 => "wrong number of arguments",
+    E0207 => "argument given twice",
+    E0208 => "unknown save option",
+    E0301 => "type mismatch",
+    E0302 => "tensor sets differ",
+    E0303 => "shape mismatch",
+    E0304 => "layer range out of bounds",
+    E0305 => "value out of range",
+    E0306 => "no table entry matches a tensor",
+    E0307 => "unsupported tensor dtype",
+    E0401 => "model not found",
+    E0402 => "corrupt or unreadable model file",
+    E0403 => "model not in the Hugging Face cache",
+    E0404 => "invalid config.json",
+    E0405 => "output folder conflict",
+    W0001 => "unused binding",
+    W0002 => "input tensors not written by any output",
+    W0003 => "per-model parameters are ignored here",
+}
+
+impl Code {
+    pub fn severity(self) -> Severity {
+        if self.as_str().starts_with('W') {
+            Severity::Warning
+        } else {
+            Severity::Error
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,77 @@
+//! Chains the stages for the CLI and tests: source file -> checked, optimised, scheduled.
+
+use std::path::{Path, PathBuf};
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::graph::Graph;
+use crate::io::ModelIndex;
+use crate::plan::{Limits, Plan};
+use crate::sema::{hir, CheckOptions};
+use crate::source::{SourceId, SourceMap};
+use crate::syntax::ast;
+
+/// Everything `mergec check` computes; `mergec run` executes `plan`.
+#[derive(Debug)]
+pub struct Compiled {
+    pub ast: ast::Script,
+    pub program: hir::Program,
+    pub graph: Graph,
+    pub plan: Plan,
+    pub warnings: Diagnostics,
+}
+
+/// A script loaded from disk (or given as text) with the folder its relative paths use.
+pub struct Script {
+    pub sources: SourceMap,
+    pub id: SourceId,
+    pub base_dir: PathBuf,
+}
+
+impl Script {
+    pub fn from_file(path: &Path) -> std::io::Result<Script> {
+        let text = std::fs::read_to_string(path)?;
+        let base_dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(Script::from_text(&path.display().to_string(), text, base_dir))
+    }
+
+    pub fn from_text(name: &str, text: String, base_dir: PathBuf) -> Script {
+        let mut sources = SourceMap::new();
+        let id = sources.add(name, None, text);
+        Script {
+            sources,
+            id,
+            base_dir,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.sources.get(self.id).text
+    }
+}
+
+/// parse -> load headers -> check -> lower -> optimize -> schedule (+ plan check).
+pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled, Diagnostics> {
+    let ast = crate::syntax::parse(&script.sources, script.id)?;
+    let index = ModelIndex::load(crate::sema::model_references(&ast), &script.base_dir);
+    let options = CheckOptions {
+        base_dir: script.base_dir.clone(),
+        force,
+    };
+    let checked = crate::sema::check(&ast, script.text(), &index, &options)?;
+    let graph = crate::graph::lower(&checked.program);
+    let internal = |d: Box<Diagnostic>| Diagnostics::from(*d);
+    crate::graph::verify(&graph).map_err(internal)?;
+    let (graph, _) = crate::opt::optimize(graph).map_err(internal)?;
+    let plan = crate::plan::schedule(&graph, limits);
+    crate::plan::check(&plan, &checked.program).map_err(internal)?;
+    Ok(Compiled {
+        ast,
+        program: checked.program,
+        graph,
+        plan,
+        warnings: checked.warnings,
+    })
+}

@@ -1,0 +1,251 @@
+//! The CPU executor: the numerical reference for every kernel, and the fallback when no
+//! GPU is present. Each fused kernel runs chunk by chunk on all cores (rayon); inputs are
+//! decoded to f32, the program runs on chunk-sized buffers, and the result is rounded once
+//! (round-to-nearest-even) into the output dtype.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::io::DType;
+use crate::plan::{Instr, Kernel, Step};
+
+pub struct CpuExecutor {
+    pool: rayon::ThreadPool,
+    chunk: usize,
+}
+
+impl CpuExecutor {
+    pub fn new(threads: usize, chunk_elems: usize) -> Result<CpuExecutor, rayon::ThreadPoolBuildError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("mergec-cpu-{i}"))
+            .build()?;
+        Ok(CpuExecutor {
+            pool,
+            chunk: chunk_elems.max(1),
+        })
+    }
+
+    /// Computes `step` over `inputs` (raw bytes, one per input slot) into its output bytes.
+    pub fn compute(&self, step: &Step, inputs: &[&[u8]]) -> Vec<u8> {
+        let in_dtypes: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
+        let out_size = step.dtype.size_bytes();
+        let mut out = vec![0u8; step.out_bytes() as usize];
+        let Kernel::Fused(program) = &step.kernel else {
+            // Copies never reach the executor; the bytes go straight to the writer.
+            if let Some(first) = inputs.first() {
+                let n = out.len().min(first.len());
+                out[..n].copy_from_slice(&first[..n]);
+            }
+            return out;
+        };
+        let chunk = self.chunk;
+        self.pool.install(|| {
+            out.par_chunks_mut(chunk * out_size).enumerate().for_each_init(
+                Scratch::default,
+                |scratch, (ci, out_chunk)| {
+                    let start = ci * chunk;
+                    let n = out_chunk.len() / out_size;
+                    let top = scratch.run(program, inputs, &in_dtypes, start, n);
+                    encode(&scratch.bufs[top][..n], step.dtype, out_chunk);
+                },
+            );
+        });
+        out
+    }
+}
+
+/// Per-worker chunk buffers, reused across chunks.
+#[derive(Default)]
+struct Scratch {
+    bufs: Vec<Vec<f32>>,
+    free: Vec<usize>,
+    stack: Vec<usize>,
+}
+
+impl Scratch {
+    fn take(&mut self, n: usize) -> usize {
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.bufs.push(Vec::new());
+            self.bufs.len() - 1
+        });
+        self.bufs[i].resize(n, 0.0);
+        i
+    }
+
+    /// Runs `program` on elements `start..start + n`; returns the buffer holding the result.
+    fn run(
+        &mut self,
+        program: &[Instr],
+        inputs: &[&[u8]],
+        dtypes: &[DType],
+        start: usize,
+        n: usize,
+    ) -> usize {
+        self.free = (0..self.bufs.len()).collect();
+        self.stack.clear();
+        for instr in program {
+            match instr {
+                Instr::Load(slot) => {
+                    let b = self.take(n);
+                    let size = dtypes[*slot].size_bytes();
+                    decode(
+                        &inputs[*slot][start * size..(start + n) * size],
+                        dtypes[*slot],
+                        &mut self.bufs[b],
+                    );
+                    self.stack.push(b);
+                }
+                Instr::Neg => self.unary(|x| -x),
+                Instr::Scale(f) => {
+                    let f = *f;
+                    self.unary(|x| x * f)
+                }
+                Instr::Divide(d) => {
+                    let d = *d;
+                    self.unary(|x| x / d)
+                }
+                Instr::Add => self.binary(|a, b| a + b),
+                Instr::Sub => self.binary(|a, b| a - b),
+                Instr::WeightedSum { weights, divisor } => self.weighted_sum(weights, *divisor),
+            }
+        }
+        self.stack.last().copied().unwrap_or(0)
+    }
+
+    fn unary(&mut self, f: impl Fn(f32) -> f32) {
+        if let Some(&top) = self.stack.last() {
+            self.bufs[top].iter_mut().for_each(|x| *x = f(*x));
+        }
+    }
+
+    fn binary(&mut self, f: impl Fn(f32, f32) -> f32) {
+        let (Some(b), Some(&a)) = (self.stack.pop(), self.stack.last()) else {
+            return;
+        };
+        let (a_buf, b_buf) = two_mut(&mut self.bufs, a, b);
+        a_buf
+            .iter_mut()
+            .zip(b_buf.iter())
+            .for_each(|(x, y)| *x = f(*x, *y));
+        self.free.push(b);
+    }
+
+    /// `acc = w₀x₀; acc = acc + wᵢxᵢ ...; acc / divisor`, multiply and add kept separate
+    /// (no fused multiply-add) so every backend rounds the same way.
+    fn weighted_sum(&mut self, weights: &[f32], divisor: Option<f32>) {
+        let k = weights.len();
+        if k == 0 || self.stack.len() < k {
+            return;
+        }
+        let operands: Vec<usize> = self.stack.split_off(self.stack.len() - k);
+        let acc = operands[0];
+        let w0 = weights[0];
+        self.bufs[acc].iter_mut().for_each(|x| *x *= w0);
+        for (&b, &w) in operands[1..].iter().zip(&weights[1..]) {
+            let (acc_buf, x_buf) = two_mut(&mut self.bufs, acc, b);
+            acc_buf
+                .iter_mut()
+                .zip(x_buf.iter())
+                .for_each(|(a, x)| *a += w * *x);
+            self.free.push(b);
+        }
+        if let Some(d) = divisor {
+            self.bufs[acc].iter_mut().for_each(|x| *x /= d);
+        }
+        self.stack.push(acc);
+    }
+}
+
+fn two_mut(bufs: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &Vec<f32>) {
+    if a < b {
+        let (lo, hi) = bufs.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = bufs.split_at_mut(a);
+        (&mut hi[0], &lo[b])
+    }
+}
+
+/// Little-endian storage -> f32.
+pub fn decode(bytes: &[u8], dtype: DType, out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        // sema only lets float tensors into arithmetic.
+        _ => out.iter_mut().for_each(|o| *o = f32::NAN),
+    }
+}
+
+/// f32 -> little-endian storage, rounding to nearest even.
+pub fn encode(values: &[f32], dtype: DType, out: &mut [u8]) {
+    match dtype {
+        DType::F32 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (v, o) in values.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly between two bf16 values; even mantissa wins (1.0).
+        let mut out = [0u8; 2];
+        encode(&[1.0 + 2f32.powi(-8)], DType::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f80);
+        // 1 + 3·2^-8 lies between 1+2^-7 (odd) and 1+2^-6 (even): rounds up to even.
+        encode(&[1.0 + 3.0 * 2f32.powi(-8)], DType::BF16, &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f82);
+        let mut back = [0f32; 1];
+        decode(&out, DType::BF16, &mut back);
+        assert_eq!(back[0], 1.0 + 2f32.powi(-6));
+    }
+
+    #[test]
+    fn specials_survive_a_round_trip() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let values = [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1.5, -2.25];
+            let mut bytes = vec![0u8; values.len() * dtype.size_bytes()];
+            encode(&values, dtype, &mut bytes);
+            let mut back = vec![0f32; values.len()];
+            decode(&bytes, dtype, &mut back);
+            for (a, b) in values.iter().zip(&back) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{dtype}");
+            }
+            let mut nan = vec![0u8; dtype.size_bytes()];
+            encode(&[f32::NAN], dtype, &mut nan);
+            let mut back = [0f32];
+            decode(&nan, dtype, &mut back);
+            assert!(back[0].is_nan(), "{dtype}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Stage 6, run: a [`Plan`] -> Hugging Face model folders and a [`RunReport`].
+//!
+//! Outputs are written one after another. For each, a writer thread streams tensors into
+//! shards while the executor computes the next ones (a bounded queue keeps memory within
+//! the plan's peak); copies go from the input's mapped bytes straight to the writer.
+
+pub mod cpu;
+mod folder;
+
+use std::sync::mpsc;
+use std::time::Instant;
+
+use crate::io::reader::{ReadError, TensorBytes};
+use crate::io::{ModelWriter, TensorReader, WriteError, WrittenModel};
+use crate::plan::{Kernel, Plan, Step};
+use crate::sema::hir;
+
+pub use cpu::CpuExecutor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot read tensor `{tensor}` of model `{model}`: {source}")]
+    Read {
+        model: String,
+        tensor: String,
+        source: ReadError,
+    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("the writer thread of `{0}` stopped unexpectedly")]
+    WriterLost(String),
+}
+
+/// What a run did, for the CLI and the benchmark.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outputs: Vec<WrittenModel>,
+    pub tensors: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub seconds: f64,
+}
+
+/// A computed tensor on its way to the writer.
+enum Payload {
+    Owned(Vec<u8>),
+    /// An unchanged input, written straight from the map.
+    Mapped(TensorBytes),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Owned(v) => v,
+            Payload::Mapped(b) => b,
+        }
+    }
+}
+
+/// Runs every step of `plan` on the CPU executor and writes every output folder.
+pub fn run(
+    program: &hir::Program,
+    plan: &Plan,
+    executor: &CpuExecutor,
+    reader: &TensorReader,
+    force: bool,
+    mut progress: impl FnMut(&Step),
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let mut outputs = Vec::new();
+    for index in 0..program.outputs.len() {
+        let steps: Vec<&Step> = plan.steps.iter().filter(|s| s.output == index).collect();
+        let spec = folder::output_spec(program, index, &steps, force);
+        let dir = spec.dir.display().to_string();
+        let writer = ModelWriter::create(spec)?;
+        let (tx, rx) = mpsc::sync_channel::<(String, Payload)>(plan.write_queue.saturating_sub(1));
+        let written = std::thread::scope(|scope| {
+            let handle = scope.spawn(move || write_all(writer, rx));
+            let computed = compute_all(program, &steps, executor, reader, &tx, &mut progress);
+            drop(tx);
+            let written = handle.join().map_err(|_| RunError::WriterLost(dir.clone()))?;
+            // A writer error explains a failed send better than the send does.
+            match (computed, written) {
+                (_, Err(e)) => Err(e),
+                (Err(e), _) => Err(e),
+                (Ok(()), Ok(w)) => Ok(w),
+            }
+        })?;
+        outputs.push(written);
+    }
+    Ok(RunReport {
+        tensors: plan.steps.len(),
+        bytes_read: plan.read_bytes,
+        bytes_written: outputs.iter().map(|o| o.bytes_written).sum(),
+        outputs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn compute_all(
+    program: &hir::Program,
+    steps: &[&Step],
+    executor: &CpuExecutor,
+    reader: &TensorReader,
+    tx: &mpsc::SyncSender<(String, Payload)>,
+    progress: &mut impl FnMut(&Step),
+) -> Result<(), RunError> {
+    for step in steps {
+        progress(step);
+        let inputs = step
+            .inputs
+            .iter()
+            .map(|i| {
+                let model = &program.model(i.model).info;
+                reader.read(model, &i.tensor).map_err(|source| RunError::Read {
+                    model: model.reference.clone(),
+                    tensor: i.tensor.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<TensorBytes>, RunError>>()?;
+        let payload = match (&step.kernel, inputs.first()) {
+            (Kernel::Copy, Some(bytes)) => Payload::Mapped(bytes.clone()),
+            _ => {
+                let slices: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
+                Payload::Owned(executor.compute(step, &slices))
+            }
+        };
+        if tx.send((step.tensor.clone(), payload)).is_err() {
+            // The writer stopped; its own error is reported by the caller.
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn write_all(
+    mut writer: ModelWriter,
+    rx: mpsc::Receiver<(String, Payload)>,
+) -> Result<WrittenModel, RunError> {
+    for (name, payload) in rx {
+        writer.write_tensor(&name, payload.bytes())?;
+    }
+    Ok(writer.finish()?)
+}

@@ -1,0 +1,35 @@
+//! A stable text form of the graph for `mergec debug graph` and snapshots.
+
+use std::fmt::Write;
+
+use super::{Graph, Op};
+
+pub fn dump(g: &Graph) -> String {
+    let mut out = String::new();
+    let order = petgraph::algo::toposort(&g.nodes, None).unwrap_or_default();
+    for n in order {
+        let node = &g.nodes[n];
+        let operands: Vec<String> = g.operands(n).iter().map(|o| format!("n{}", o.index())).collect();
+        let detail = match &node.op {
+            Op::Load { model, tensor, dtype } => format!(" {model}:{tensor} {dtype}"),
+            Op::Scale(f) | Op::Divide(f) => format!(" {f}"),
+            Op::WeightedSum { weights, divisor } => format!(" w={weights:?} div={divisor:?}"),
+            Op::Store {
+                output,
+                tensor,
+                dtype,
+            } => format!(" out{output}:{tensor} {dtype}"),
+            Op::Neg | Op::Add | Op::Sub => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "n{} = {}({}){} {:?}",
+            n.index(),
+            node.op.name(),
+            operands.join(", "),
+            detail,
+            node.shape
+        );
+    }
+    out
+}

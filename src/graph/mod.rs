@@ -1,0 +1,207 @@
+//! Stage 3, lower: [`hir::Program`] -> a dataflow [`Graph`] of tensor ops (petgraph).
+//!
+//! Every input tensor becomes one `Load` node however many outputs read it; every output
+//! tensor ends in a `Store`. Edges carry the operand index.
+
+mod dump;
+mod verify;
+
+use std::collections::HashMap;
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::Direction;
+
+use crate::io::DType;
+use crate::sema::hir::{self, ModelId, TensorExpr};
+
+pub use dump::dump;
+pub use verify::verify;
+
+/// The closed set of tensor operations. All are element-wise over tensors of one shape;
+/// computation is in f32 and values are rounded once, on `Store`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Load {
+        model: ModelId,
+        tensor: String,
+        dtype: DType,
+    },
+    Neg,
+    Add,
+    Sub,
+    Scale(f32),
+    Divide(f32),
+    /// `(Σ wᵢ·xᵢ) / divisor`, summed in operand order.
+    WeightedSum {
+        weights: Vec<f32>,
+        divisor: Option<f32>,
+    },
+    Store {
+        output: usize,
+        tensor: String,
+        dtype: DType,
+    },
+}
+
+impl Op {
+    /// The op's name, as `debug graph` and kernel keys print it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Load { .. } => "load",
+            Op::Neg => "neg",
+            Op::Add => "add",
+            Op::Sub => "sub",
+            Op::Scale(_) => "scale",
+            Op::Divide(_) => "divide",
+            Op::WeightedSum { .. } => "weighted_sum",
+            Op::Store { .. } => "store",
+        }
+    }
+
+    /// How many operands the op takes.
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Load { .. } => Some(0),
+            Op::Neg | Op::Scale(_) | Op::Divide(_) | Op::Store { .. } => Some(1),
+            Op::Add | Op::Sub => Some(2),
+            Op::WeightedSum { weights, .. } => Some(weights.len()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub shape: Vec<usize>,
+}
+
+impl Node {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// The whole computation of a script: ops plus what each output folder needs.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    pub nodes: StableDiGraph<Node, usize>,
+    /// The stores of each output, in the order their tensors are written.
+    pub stores: Vec<Vec<NodeIndex>>,
+}
+
+impl Graph {
+    /// The operands of `node`, in operand order.
+    pub fn operands(&self, node: NodeIndex) -> Vec<NodeIndex> {
+        let mut edges: Vec<(usize, NodeIndex)> = self
+            .nodes
+            .edges_directed(node, Direction::Incoming)
+            .map(|e| (*e.weight(), petgraph::visit::EdgeRef::source(&e)))
+            .collect();
+        edges.sort_by_key(|(i, _)| *i);
+        edges.into_iter().map(|(_, n)| n).collect()
+    }
+
+    fn add(&mut self, op: Op, shape: &[usize], operands: &[NodeIndex]) -> NodeIndex {
+        let node = self.nodes.add_node(Node {
+            op,
+            shape: shape.to_vec(),
+        });
+        for (i, o) in operands.iter().enumerate() {
+            self.nodes.add_edge(*o, node, i);
+        }
+        node
+    }
+}
+
+/// Lowers a checked program to a graph; input tensors are shared between outputs.
+pub fn lower(program: &hir::Program) -> Graph {
+    let mut graph = Graph {
+        nodes: StableDiGraph::new(),
+        stores: Vec::new(),
+    };
+    let mut loads: HashMap<(ModelId, String), NodeIndex> = HashMap::new();
+    for (o, output) in program.outputs.iter().enumerate() {
+        let mut stores = Vec::with_capacity(output.tensors.len());
+        for t in &output.tensors {
+            let value = lower_expr(program, &mut graph, &mut loads, &t.expr, &t.shape);
+            let store = graph.add(
+                Op::Store {
+                    output: o,
+                    tensor: t.name.clone(),
+                    dtype: t.dtype,
+                },
+                &t.shape,
+                &[value],
+            );
+            stores.push(store);
+        }
+        graph.stores.push(stores);
+    }
+    graph
+}
+
+fn lower_expr(
+    program: &hir::Program,
+    g: &mut Graph,
+    loads: &mut HashMap<(ModelId, String), NodeIndex>,
+    e: &TensorExpr,
+    shape: &[usize],
+) -> NodeIndex {
+    let mut lower = |g: &mut Graph, x: &TensorExpr| lower_expr(program, g, loads, x, shape);
+    match e {
+        TensorExpr::Load { model, name } => {
+            if let Some(n) = loads.get(&(*model, name.clone())) {
+                return *n;
+            }
+            let dtype = program
+                .model(*model)
+                .info
+                .tensors
+                .get(name)
+                .map_or(DType::F32, |t| t.dtype);
+            let node = g.add(
+                Op::Load {
+                    model: *model,
+                    tensor: name.clone(),
+                    dtype,
+                },
+                shape,
+                &[],
+            );
+            loads.insert((*model, name.clone()), node);
+            node
+        }
+        TensorExpr::Neg(x) => {
+            let x = lower(g, x);
+            g.add(Op::Neg, shape, &[x])
+        }
+        TensorExpr::Add(a, b) => {
+            let (a, b) = (lower(g, a), lower(g, b));
+            g.add(Op::Add, shape, &[a, b])
+        }
+        TensorExpr::Sub(a, b) => {
+            let (a, b) = (lower(g, a), lower(g, b));
+            g.add(Op::Sub, shape, &[a, b])
+        }
+        TensorExpr::Scale(x, f) => {
+            let x = lower(g, x);
+            g.add(Op::Scale(*f as f32), shape, &[x])
+        }
+        TensorExpr::Divide(x, d) => {
+            let x = lower(g, x);
+            g.add(Op::Divide(*d as f32), shape, &[x])
+        }
+        TensorExpr::WeightedSum { terms, divisor } => {
+            let operands: Vec<NodeIndex> = terms.iter().map(|(x, _)| lower(g, x)).collect();
+            let weights = terms.iter().map(|(_, w)| *w as f32).collect();
+            g.add(
+                Op::WeightedSum {
+                    weights,
+                    divisor: divisor.map(|d| d as f32),
+                },
+                shape,
+                &operands,
+            )
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Model files: reading safetensors headers and tensor bytes, writing Hugging Face folders.
+//!
+//! - [`header`]: parse and fully validate one safetensors header (no tensor data read).
+//! - [`model`]: resolve a model reference (folder, file, `hf:org/name[@rev]`) into a
+//!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
+//! - [`reader`]: memory-mapped access to tensor bytes.
+//! - [`writer`]: a streaming, sharded, atomic writer of a Hugging Face model folder.
+
+pub mod dtype;
+pub mod header;
+pub mod model;
+pub mod reader;
+pub mod writer;
+
+pub use dtype::DType;
+pub use model::{ModelError, ModelIndex, ModelInfo, TensorInfo};
+pub use reader::TensorReader;
+pub use writer::{ModelWriter, OutputSpec, WriteError, WrittenModel};

@@ -1,0 +1,1212 @@
+//! Writing a Hugging Face model folder: streaming, sharded and atomic.
+//!
+//! Every tensor's size is known before the first byte is written, so the shards are
+//! planned up front: each shard file starts with its complete header and tensor data is
+//! then streamed after it, never holding a shard in memory. Everything is written into a
+//! temporary folder beside the target and renamed into place only once complete and
+//! synced, so a failed or interrupted run never leaves a folder that looks finished.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::path::{Component, Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use crate::io::header::MAX_HEADER_BYTES;
+use crate::io::DType;
+
+/// Write buffer per open shard: large writes keep syscalls few on fast disks.
+const BUF_BYTES: usize = 8 << 20;
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const CONFIG_FILE: &str = "config.json";
+
+/// Everything to write, known before writing starts.
+#[derive(Clone, Debug)]
+pub struct OutputSpec {
+    pub dir: PathBuf,
+    /// A shard is closed when adding the next tensor would pass this; a tensor bigger
+    /// than the limit gets a shard of its own.
+    pub max_shard_bytes: u64,
+    /// Name, dtype and shape of each tensor, in write order.
+    pub tensors: Vec<(String, DType, Vec<usize>)>,
+    /// Written as config.json; the caller has already set its dtype keys.
+    pub config: Option<Map<String, Value>>,
+    /// (file name in the output, source path): byte copies such as tokenizer files.
+    pub copied_files: Vec<(String, PathBuf)>,
+    /// (file name in the output, contents), e.g. README.md.
+    pub generated_files: Vec<(String, Vec<u8>)>,
+    /// Replace an existing non-empty target.
+    pub force: bool,
+    /// Input model roots and files, which the output must never overwrite or delete.
+    pub protected: Vec<PathBuf>,
+}
+
+/// What [`ModelWriter::finish`] put in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenModel {
+    pub dir: PathBuf,
+    /// File names in the folder, in the order they were written.
+    pub files: Vec<String>,
+    /// Sum of all tensors' data bytes.
+    pub tensor_bytes: u64,
+    /// Sum of all files' bytes (headers, index, config and copies included).
+    pub bytes_written: u64,
+}
+
+/// Why the output could not be written. Errors that say "a bug in mergec" mean the
+/// caller broke the writer's protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("output folder `{}` exists and is not empty", dir.display())]
+    NotEmpty { dir: PathBuf },
+    #[error("output path `{}` exists and is {what}, not a folder", dir.display())]
+    NotAFolder { dir: PathBuf, what: &'static str },
+    #[error("output folder `{}` is the input model `{}`", dir.display(), input.display())]
+    SameAsInput { dir: PathBuf, input: PathBuf },
+    #[error("output folder `{}` is inside the input model `{}`", dir.display(), input.display())]
+    InsideInput { dir: PathBuf, input: PathBuf },
+    #[error("output folder `{}` contains the input model `{}`, which replacing it would delete", dir.display(), input.display())]
+    ContainsInput { dir: PathBuf, input: PathBuf },
+    #[error("output path `{}` does not name a folder that can be created", dir.display())]
+    BadTarget { dir: PathBuf },
+    #[error("no space left on device while writing `{}`", path.display())]
+    NoSpace { path: PathBuf, source: std::io::Error },
+    #[error("cannot write `{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot copy `{}` to `{}`: {source}", from.display(), to.display())]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tensor `{got}` written to `{}` out of order: `{expected}` comes next (a bug in mergec)", path.display())]
+    OutOfOrder {
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
+    #[error("tensor `{name}` written to `{}` after all its tensors were written (a bug in mergec)", path.display())]
+    Extra { path: PathBuf, name: String },
+    #[error("tensor `{name}` written to `{}` with {got} bytes but it has {expected} (a bug in mergec)", path.display())]
+    WrongLength {
+        path: PathBuf,
+        name: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("{what} while writing `{}` (a bug in mergec)", path.display())]
+    Misuse { path: PathBuf, what: &'static str },
+    #[error("`{}` finished with {written} of {total} tensors written; `{next}` is missing (a bug in mergec)", dir.display())]
+    Unfinished {
+        dir: PathBuf,
+        written: usize,
+        total: usize,
+        next: String,
+    },
+    #[error("cannot write `{}`: {reason} (a bug in mergec)", dir.display())]
+    BadSpec { dir: PathBuf, reason: String },
+    #[error("writing `{}` already failed; nothing more can be written", dir.display())]
+    Failed { dir: PathBuf },
+}
+
+fn io_error(path: PathBuf, source: std::io::Error) -> WriteError {
+    if matches!(source.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+        WriteError::NoSpace { path, source }
+    } else {
+        WriteError::Io { path, source }
+    }
+}
+
+/// Checks that `dir` can be written (used at check time, before anything runs, and again
+/// when writing): it must not exist, be an empty folder, or (with `force`) a folder; and
+/// it must neither be nor be inside nor contain any protected path.
+pub fn check_output_target(dir: &Path, force: bool, protected: &[PathBuf]) -> Result<(), WriteError> {
+    let target = comparable(dir);
+    for input in protected.iter().filter(|p| !p.as_os_str().is_empty()) {
+        let resolved = comparable(input);
+        let err = if target == resolved {
+            WriteError::SameAsInput {
+                dir: dir.to_path_buf(),
+                input: input.clone(),
+            }
+        } else if target.starts_with(&resolved) {
+            WriteError::InsideInput {
+                dir: dir.to_path_buf(),
+                input: input.clone(),
+            }
+        } else if resolved.starts_with(&target) {
+            WriteError::ContainsInput {
+                dir: dir.to_path_buf(),
+                input: input.clone(),
+            }
+        } else {
+            continue;
+        };
+        return Err(err);
+    }
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(dir.to_path_buf(), e)),
+    };
+    let not_a_folder = |what| WriteError::NotAFolder {
+        dir: dir.to_path_buf(),
+        what,
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        Err(not_a_folder("a symbolic link"))
+    } else if kind.is_file() {
+        Err(not_a_folder("a file"))
+    } else if !kind.is_dir() {
+        Err(not_a_folder("a special file"))
+    } else if force || is_empty_dir(dir)? {
+        Ok(())
+    } else {
+        Err(WriteError::NotEmpty {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool, WriteError> {
+    let mut entries = fs::read_dir(dir).map_err(|e| io_error(dir.to_path_buf(), e))?;
+    Ok(entries.next().is_none())
+}
+
+/// Removes `.` and `..` components without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push(c);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// An absolute, symlink-free form of `path` for comparing places, also for paths that do
+/// not exist yet (their deepest existing ancestor is canonicalized).
+fn comparable(path: &Path) -> PathBuf {
+    if let Ok(c) = fs::canonicalize(path) {
+        return c;
+    }
+    let abs = normalize(&std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    while let (Some(name), Some(parent)) = (cur.file_name(), cur.parent()) {
+        rest.push(name);
+        cur = parent;
+        if let Ok(mut c) = fs::canonicalize(cur) {
+            c.extend(rest.iter().rev());
+            return c;
+        }
+    }
+    abs
+}
+
+/// One tensor's place in the plan.
+#[derive(Debug)]
+struct Planned {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: u64,
+    shard: usize,
+    /// Offset within its shard's data section.
+    begin: u64,
+}
+
+/// A shard: a range of planned tensors.
+#[derive(Debug)]
+struct Shard {
+    name: String,
+    first: usize,
+    end: usize,
+}
+
+#[derive(Debug)]
+struct OpenShard {
+    index: usize,
+    out: BufWriter<File>,
+}
+
+/// Writes one output model folder. Drop it without [`finish`](ModelWriter::finish) and
+/// the partial output is removed.
+#[derive(Debug)]
+pub struct ModelWriter {
+    /// The target as given, for messages and the result.
+    dir: PathBuf,
+    /// Absolute target.
+    target: PathBuf,
+    tmp: PathBuf,
+    tensors: Vec<Planned>,
+    shards: Vec<Shard>,
+    config: Option<Map<String, Value>>,
+    copied_files: Vec<(String, PathBuf)>,
+    generated_files: Vec<(String, Vec<u8>)>,
+    force: bool,
+    protected: Vec<PathBuf>,
+    current: Option<OpenShard>,
+    /// Index of the next tensor to begin (or the one begun).
+    next: usize,
+    /// Bytes written so far of the tensor begun, if one is.
+    in_tensor: Option<u64>,
+    tensor_bytes: u64,
+    bytes_written: u64,
+    files: Vec<String>,
+    failed: bool,
+    finished: bool,
+}
+
+impl ModelWriter {
+    /// Checks the target, plans the shards, and creates the temporary folder with the
+    /// first shard's header.
+    pub fn create(spec: OutputSpec) -> Result<ModelWriter, WriteError> {
+        check_output_target(&spec.dir, spec.force, &spec.protected)?;
+        let bad = |reason: String| WriteError::BadSpec {
+            dir: spec.dir.clone(),
+            reason,
+        };
+        let target = normalize(&std::path::absolute(&spec.dir).map_err(|e| io_error(spec.dir.clone(), e))?);
+        let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
+            return Err(WriteError::BadTarget { dir: spec.dir });
+        };
+        let tmp = parent.join(format!(
+            ".{}.mergec-tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+
+        let (tensors, shards, tensor_bytes) = plan(spec.tensors, spec.max_shard_bytes).map_err(bad)?;
+
+        // Output file names must be plain, distinct, and not collide with what we write.
+        let mut names: HashSet<&str> = shards.iter().map(|s| s.name.as_str()).collect();
+        names.insert(INDEX_FILE);
+        if spec.config.is_some() {
+            names.insert(CONFIG_FILE);
+        }
+        let extra = spec
+            .copied_files
+            .iter()
+            .map(|(n, _)| n)
+            .chain(spec.generated_files.iter().map(|(n, _)| n));
+        for file in extra {
+            let plain = matches!(
+                Path::new(file).components().collect::<Vec<_>>().as_slice(),
+                [Component::Normal(_)]
+            );
+            if !plain {
+                return Err(bad(format!("output file name `{file}` is not a plain file name")));
+            }
+            if !names.insert(file) {
+                return Err(bad(format!("output file `{file}` is written twice")));
+            }
+        }
+
+        fs::create_dir_all(parent).map_err(|e| io_error(parent.to_path_buf(), e))?;
+        // A leftover of a crashed run that had the same process id.
+        if fs::symlink_metadata(&tmp).is_ok() {
+            fs::remove_dir_all(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+        }
+        fs::create_dir(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+
+        let mut writer = ModelWriter {
+            dir: spec.dir,
+            target,
+            tmp,
+            tensors,
+            shards,
+            config: spec.config,
+            copied_files: spec.copied_files,
+            generated_files: spec.generated_files,
+            force: spec.force,
+            protected: spec.protected,
+            current: None,
+            next: 0,
+            in_tensor: None,
+            tensor_bytes,
+            bytes_written: 0,
+            files: Vec::new(),
+            failed: false,
+            finished: false,
+        };
+        // From here on, Drop removes the temporary folder if anything fails.
+        writer.open_shard(0)?;
+        Ok(writer)
+    }
+
+    /// The shard file names: `model.safetensors`, or `model-0000i-of-0000N.safetensors`.
+    pub fn shard_names(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Writes a whole tensor: the next one in spec order, with exactly its byte length.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), WriteError> {
+        self.usable()?;
+        if let Some(t) = self.tensors.get(self.next) {
+            if t.name == name && data.len() as u64 != t.bytes {
+                return Err(WriteError::WrongLength {
+                    path: self.final_shard_path(t.shard),
+                    name: name.to_owned(),
+                    expected: t.bytes,
+                    got: data.len() as u64,
+                });
+            }
+        }
+        self.begin_tensor(name)?;
+        self.write_bytes(data)?;
+        self.end_tensor()
+    }
+
+    /// Starts the next tensor in spec order; its bytes follow in [`write_bytes`] chunks.
+    ///
+    /// [`write_bytes`]: ModelWriter::write_bytes
+    pub fn begin_tensor(&mut self, name: &str) -> Result<(), WriteError> {
+        self.usable()?;
+        if self.in_tensor.is_some() {
+            return Err(WriteError::Misuse {
+                path: self.dir.clone(),
+                what: "a tensor was begun before the previous one ended",
+            });
+        }
+        let Some(t) = self.tensors.get(self.next) else {
+            return Err(WriteError::Extra {
+                path: self.dir.clone(),
+                name: name.to_owned(),
+            });
+        };
+        if t.name != name {
+            return Err(WriteError::OutOfOrder {
+                path: self.dir.clone(),
+                expected: t.name.clone(),
+                got: name.to_owned(),
+            });
+        }
+        let shard = t.shard;
+        if self.current.as_ref().map(|c| c.index) != Some(shard) {
+            self.close_shard()?;
+            self.open_shard(shard)?;
+        }
+        self.in_tensor = Some(0);
+        Ok(())
+    }
+
+    /// Appends bytes to the tensor begun.
+    pub fn write_bytes(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        self.usable()?;
+        let (Some(done), Some(t)) = (self.in_tensor, self.tensors.get(self.next)) else {
+            return Err(WriteError::Misuse {
+                path: self.dir.clone(),
+                what: "bytes were written with no tensor begun",
+            });
+        };
+        let got = done.saturating_add(data.len() as u64);
+        if got > t.bytes {
+            return Err(WriteError::WrongLength {
+                path: self.final_shard_path(t.shard),
+                name: t.name.clone(),
+                expected: t.bytes,
+                got,
+            });
+        }
+        let shard = t.shard;
+        let result = match self.current.as_mut() {
+            Some(open) => open.out.write_all(data),
+            None => {
+                return Err(WriteError::Misuse {
+                    path: self.dir.clone(),
+                    what: "bytes were written with no shard open",
+                })
+            }
+        };
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(io_error(self.final_shard_path(shard), e));
+        }
+        self.in_tensor = Some(got);
+        Ok(())
+    }
+
+    /// Ends the tensor begun; its bytes must add up to its length.
+    pub fn end_tensor(&mut self) -> Result<(), WriteError> {
+        self.usable()?;
+        let (Some(done), Some(t)) = (self.in_tensor, self.tensors.get(self.next)) else {
+            return Err(WriteError::Misuse {
+                path: self.dir.clone(),
+                what: "a tensor was ended that was never begun",
+            });
+        };
+        if done != t.bytes {
+            return Err(WriteError::WrongLength {
+                path: self.final_shard_path(t.shard),
+                name: t.name.clone(),
+                expected: t.bytes,
+                got: done,
+            });
+        }
+        self.in_tensor = None;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Writes the index, config and other files, syncs everything, and moves the folder
+    /// into place (replacing the old target only with `force`, deleting it last).
+    pub fn finish(mut self) -> Result<WrittenModel, WriteError> {
+        self.usable()?;
+        if self.in_tensor.is_some() || self.next < self.tensors.len() {
+            return Err(WriteError::Unfinished {
+                dir: self.dir.clone(),
+                written: self.next,
+                total: self.tensors.len(),
+                next: self
+                    .tensors
+                    .get(self.next)
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default(),
+            });
+        }
+        self.close_shard()?;
+
+        if self.shards.len() > 1 {
+            let mut weight_map = BTreeMap::new();
+            for t in &self.tensors {
+                let shard = self.shards.get(t.shard).map(|s| s.name.as_str());
+                weight_map.insert(t.name.as_str(), shard.unwrap_or_default());
+            }
+            let index = json!({
+                "metadata": {"total_size": self.tensor_bytes},
+                "weight_map": weight_map,
+            });
+            let text = pretty(&index, &self.dir)?;
+            self.write_file(INDEX_FILE, &text)?;
+        }
+        if let Some(config) = self.config.take() {
+            let text = pretty(&Value::Object(config), &self.dir)?;
+            self.write_file(CONFIG_FILE, &text)?;
+        }
+        for (name, from) in std::mem::take(&mut self.copied_files) {
+            self.copy_file(&name, &from)?;
+        }
+        for (name, bytes) in std::mem::take(&mut self.generated_files) {
+            self.write_file(&name, &bytes)?;
+        }
+        sync_dir(&self.tmp).map_err(|e| io_error(self.tmp.clone(), e))?;
+
+        // The target may have changed since create.
+        check_output_target(&self.dir, self.force, &self.protected)?;
+        self.install()?;
+        self.finished = true;
+        // Best effort: the rename is done and every file is synced; a failure to sync the
+        // parent folder only risks the rename itself on a crash.
+        if let Some(parent) = self.target.parent() {
+            let _ = sync_dir(parent);
+        }
+        Ok(WrittenModel {
+            dir: self.dir.clone(),
+            files: std::mem::take(&mut self.files),
+            tensor_bytes: self.tensor_bytes,
+            bytes_written: self.bytes_written,
+        })
+    }
+
+    fn usable(&self) -> Result<(), WriteError> {
+        if self.failed {
+            Err(WriteError::Failed {
+                dir: self.dir.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Where a shard will be once finished: the path users see in messages.
+    fn final_shard_path(&self, shard: usize) -> PathBuf {
+        match self.shards.get(shard) {
+            Some(s) => self.dir.join(&s.name),
+            None => self.dir.clone(),
+        }
+    }
+
+    fn open_shard(&mut self, index: usize) -> Result<(), WriteError> {
+        let Some(shard) = self.shards.get(index) else {
+            return Err(WriteError::Misuse {
+                path: self.dir.clone(),
+                what: "a shard past the plan was opened",
+            });
+        };
+        let final_path = self.dir.join(&shard.name);
+        let planned = self.tensors.get(shard.first..shard.end).unwrap_or(&[]);
+        let header = shard_header(planned).map_err(|reason| WriteError::BadSpec {
+            dir: self.dir.clone(),
+            reason,
+        })?;
+        let result = File::create_new(self.tmp.join(&shard.name)).and_then(|file| {
+            let mut out = BufWriter::with_capacity(BUF_BYTES, file);
+            out.write_all(&header)?;
+            Ok(out)
+        });
+        match result {
+            Ok(out) => {
+                self.bytes_written += header.len() as u64;
+                self.files.push(shard.name.clone());
+                self.current = Some(OpenShard { index, out });
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(io_error(final_path, e))
+            }
+        }
+    }
+
+    /// Flushes and syncs the open shard, if any.
+    fn close_shard(&mut self) -> Result<(), WriteError> {
+        let Some(open) = self.current.take() else {
+            return Ok(());
+        };
+        let path = self.final_shard_path(open.index);
+        let data: u64 = self
+            .shards
+            .get(open.index)
+            .and_then(|s| self.tensors.get(s.first..s.end))
+            .unwrap_or(&[])
+            .iter()
+            .map(|t| t.bytes)
+            .sum();
+        let result = open
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all());
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(io_error(path, e));
+        }
+        self.bytes_written += data;
+        Ok(())
+    }
+
+    fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
+        let result = File::create_new(self.tmp.join(name)).and_then(|mut file| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        });
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(io_error(self.dir.join(name), e));
+        }
+        self.bytes_written += bytes.len() as u64;
+        self.files.push(name.to_owned());
+        Ok(())
+    }
+
+    fn copy_file(&mut self, name: &str, from: &Path) -> Result<(), WriteError> {
+        let to = self.tmp.join(name);
+        let result = fs::copy(from, &to).and_then(|n| {
+            File::open(&to)?.sync_all()?;
+            Ok(n)
+        });
+        match result {
+            Ok(n) => {
+                self.bytes_written += n;
+                self.files.push(name.to_owned());
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                let to = self.dir.join(name);
+                if matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
+                    Err(WriteError::NoSpace { path: to, source: e })
+                } else {
+                    Err(WriteError::Copy {
+                        from: from.to_path_buf(),
+                        to,
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Renames the temporary folder onto the target. An existing target is moved aside
+    /// first and deleted only after the rename succeeded (or moved back if it failed).
+    fn install(&mut self) -> Result<(), WriteError> {
+        let target = &self.target;
+        let io = |e| io_error(target.clone(), e);
+        let exists = match fs::symlink_metadata(target) {
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::NotFound => false,
+            Err(e) => return Err(io(e)),
+        };
+        if !exists {
+            return fs::rename(&self.tmp, target).map_err(io);
+        }
+        if is_empty_dir(target)? {
+            fs::remove_dir(target).map_err(io)?;
+            return fs::rename(&self.tmp, target).map_err(io);
+        }
+        let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
+            return Err(WriteError::BadTarget {
+                dir: self.dir.clone(),
+            });
+        };
+        let old = parent.join(format!(
+            ".{}.mergec-old-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if fs::symlink_metadata(&old).is_ok() {
+            fs::remove_dir_all(&old).map_err(|e| io_error(old.clone(), e))?;
+        }
+        fs::rename(target, &old).map_err(io)?;
+        if let Err(e) = fs::rename(&self.tmp, target) {
+            let _ = fs::rename(&old, target);
+            return Err(io(e));
+        }
+        // The new model is in place; a leftover old copy is only wasted space.
+        let _ = fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
+
+impl Drop for ModelWriter {
+    fn drop(&mut self) {
+        if let Some(open) = self.current.take() {
+            // Discard buffered bytes instead of flushing them into a file about to go.
+            let _ = open.out.into_parts();
+        }
+        if !self.finished {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+type Plan = (Vec<Planned>, Vec<Shard>, u64);
+
+/// Assigns tensors to shards: a shard is closed when the next tensor would take it past
+/// `max_shard_bytes`.
+fn plan(tensors: Vec<(String, DType, Vec<usize>)>, max_shard_bytes: u64) -> Result<Plan, String> {
+    let mut seen = HashSet::new();
+    let mut planned = Vec::with_capacity(tensors.len());
+    let mut shards: Vec<Shard> = Vec::new();
+    let mut shard_bytes = 0u64;
+    let mut total = 0u64;
+    for (i, (name, dtype, shape)) in tensors.into_iter().enumerate() {
+        if name.is_empty() || name == "__metadata__" {
+            return Err(format!("`{name}` is not a valid tensor name"));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(format!("tensor `{name}` is listed twice"));
+        }
+        let bytes = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|n| n.checked_mul(dtype.size_bytes() as u64))
+            .ok_or_else(|| format!("tensor `{name}` of shape {shape:?} is too large"))?;
+        total = total
+            .checked_add(bytes)
+            .ok_or_else(|| "the tensors add up to more than 2^64 bytes".to_owned())?;
+        let start_new = match shards.last() {
+            None => true,
+            Some(s) => s.end > s.first && shard_bytes.saturating_add(bytes) > max_shard_bytes,
+        };
+        if start_new {
+            shards.push(Shard {
+                name: String::new(),
+                first: i,
+                end: i,
+            });
+            shard_bytes = 0;
+        }
+        let shard = shards.len() - 1;
+        if let Some(s) = shards.last_mut() {
+            s.end = i + 1;
+        }
+        planned.push(Planned {
+            name,
+            dtype,
+            shape,
+            bytes,
+            shard,
+            begin: shard_bytes,
+        });
+        shard_bytes += bytes;
+    }
+    if shards.is_empty() {
+        shards.push(Shard {
+            name: String::new(),
+            first: 0,
+            end: 0,
+        });
+    }
+    let n = shards.len();
+    for (i, s) in shards.iter_mut().enumerate() {
+        s.name = if n == 1 {
+            SINGLE_FILE.to_owned()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+    }
+    Ok((planned, shards, total))
+}
+
+/// The 8-byte length and JSON header of one shard, padded with spaces to a multiple of 8.
+fn shard_header(tensors: &[Planned]) -> Result<Vec<u8>, String> {
+    let mut map = Map::new();
+    map.insert("__metadata__".to_owned(), json!({"format": "pt"}));
+    for t in tensors {
+        map.insert(
+            t.name.clone(),
+            json!({
+                "dtype": t.dtype.safetensors_name(),
+                "shape": t.shape,
+                "data_offsets": [t.begin, t.begin + t.bytes],
+            }),
+        );
+    }
+    let mut json = serde_json::to_vec(&Value::Object(map)).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let n = json.len() as u64;
+    if n > MAX_HEADER_BYTES {
+        return Err(format!(
+            "a shard header would be {n} bytes, over the {MAX_HEADER_BYTES}-byte limit"
+        ));
+    }
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Pretty JSON with a trailing newline, as transformers writes it.
+fn pretty(value: &Value, dir: &Path) -> Result<Vec<u8>, WriteError> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| WriteError::BadSpec {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    text.push(b'\n');
+    Ok(text)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::model::load_model;
+    use crate::io::TensorReader;
+    use safetensors::SafeTensors;
+
+    fn spec(dir: &Path, tensors: &[(&str, DType, &[usize])], max: u64) -> OutputSpec {
+        OutputSpec {
+            dir: dir.to_path_buf(),
+            max_shard_bytes: max,
+            tensors: tensors
+                .iter()
+                .map(|&(n, d, s)| (n.to_owned(), d, s.to_vec()))
+                .collect(),
+            config: None,
+            copied_files: Vec::new(),
+            generated_files: Vec::new(),
+            force: false,
+            protected: Vec::new(),
+        }
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn single_shard_readable_by_safetensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let donor = tmp.path().join("tok.json");
+        fs::write(&donor, b"{\"tok\": 1}").unwrap();
+        let mut s = spec(
+            &out,
+            &[
+                ("w", DType::F32, &[2, 3]),
+                ("b", DType::BF16, &[4]),
+                ("e", DType::U8, &[0]),
+            ],
+            u64::MAX,
+        );
+        let mut config = Map::new();
+        config.insert("torch_dtype".into(), "bfloat16".into());
+        config.insert("num_hidden_layers".into(), 2.into());
+        s.config = Some(config);
+        s.copied_files = vec![("tokenizer.json".into(), donor.clone())];
+        s.generated_files = vec![("README.md".into(), b"# merged\n".to_vec())];
+
+        let mut w = ModelWriter::create(s).unwrap();
+        assert_eq!(w.shard_names(), ["model.safetensors"]);
+        let (dw, db) = (data(24, 1), data(8, 2));
+        w.write_tensor("w", &dw).unwrap();
+        w.write_tensor("b", &db).unwrap();
+        w.write_tensor("e", &[]).unwrap();
+        let written = w.finish().unwrap();
+
+        assert_eq!(written.dir, out);
+        assert_eq!(
+            written.files,
+            ["model.safetensors", "config.json", "tokenizer.json", "README.md"]
+        );
+        assert_eq!(written.tensor_bytes, 32);
+        let bytes = fs::read(out.join("model.safetensors")).unwrap();
+        let total: u64 = written
+            .files
+            .iter()
+            .map(|f| fs::metadata(out.join(f)).unwrap().len())
+            .sum();
+        assert_eq!(written.bytes_written, total);
+
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!(n % 8, 0);
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get("format"))
+                .map(String::as_str),
+            Some("pt")
+        );
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let w_view = st.tensor("w").unwrap();
+        assert_eq!(w_view.dtype(), safetensors::Dtype::F32);
+        assert_eq!(w_view.shape(), [2, 3]);
+        assert_eq!(w_view.data(), &dw[..]);
+        assert_eq!(st.tensor("b").unwrap().data(), &db[..]);
+        assert_eq!(st.tensor("b").unwrap().dtype(), safetensors::Dtype::BF16);
+        assert_eq!(st.tensor("e").unwrap().shape(), [0]);
+
+        let config = fs::read_to_string(out.join("config.json")).unwrap();
+        assert_eq!(
+            config,
+            "{\n  \"torch_dtype\": \"bfloat16\",\n  \"num_hidden_layers\": 2\n}\n"
+        );
+        assert_eq!(
+            fs::read(out.join("tokenizer.json")).unwrap(),
+            fs::read(&donor).unwrap()
+        );
+        assert_eq!(fs::read(out.join("README.md")).unwrap(), b"# merged\n");
+        // Nothing left beside it.
+        assert_eq!(listing(tmp.path()), ["out", "tok.json"]);
+
+        // Our own reader agrees.
+        let model = load_model("out", tmp.path()).unwrap();
+        let reader = TensorReader::new();
+        assert_eq!(&*reader.read(&model, "w").unwrap(), &dw[..]);
+        assert_eq!(model.num_layers(), Some(2));
+        assert_eq!(model.donor_files, [out.join("tokenizer.json")]);
+    }
+
+    #[test]
+    fn multi_shard_names_index_and_total_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let tensors: &[(&str, DType, &[usize])] = &[
+            ("a", DType::U8, &[6]),
+            ("b", DType::U8, &[4]),
+            ("c", DType::U8, &[3]),
+            ("big", DType::F32, &[5]),
+            ("d", DType::U8, &[1]),
+        ];
+        let mut w = ModelWriter::create(spec(&out, tensors, 10)).unwrap();
+        let names: Vec<String> = (1..=4)
+            .map(|i| format!("model-{i:05}-of-00004.safetensors"))
+            .collect();
+        assert_eq!(w.shard_names(), names);
+        let mut expected = BTreeMap::new();
+        for (i, &(name, dtype, shape)) in tensors.iter().enumerate() {
+            let d = data(shape[0] * dtype.size_bytes(), i as u8);
+            w.write_tensor(name, &d).unwrap();
+            expected.insert(name, d);
+        }
+        let written = w.finish().unwrap();
+        assert_eq!(written.tensor_bytes, 34);
+        let mut all = names.clone();
+        all.push(INDEX_FILE.to_owned());
+        assert_eq!(written.files, all);
+
+        let index: Value = serde_json::from_slice(&fs::read(out.join(INDEX_FILE)).unwrap()).unwrap();
+        assert_eq!(index["metadata"]["total_size"], 34);
+        let map = index["weight_map"].as_object().unwrap();
+        assert_eq!(
+            map.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "b", "big", "c", "d"]
+        );
+        assert_eq!(map["a"], names[0].as_str());
+        assert_eq!(map["b"], names[0].as_str());
+        assert_eq!(map["c"], names[1].as_str());
+        assert_eq!(map["big"], names[2].as_str());
+        assert_eq!(map["d"], names[3].as_str());
+        for shard in &names {
+            let bytes = fs::read(out.join(shard)).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for name in st.names() {
+                let name: &str = name;
+                assert_eq!(st.tensor(name).unwrap().data(), &expected[name][..]);
+            }
+        }
+        let model = load_model("out", tmp.path()).unwrap();
+        assert_eq!(model.tensors.len(), 5);
+        assert_eq!(model.total_bytes(), 34);
+    }
+
+    #[test]
+    fn streaming_form() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut w = ModelWriter::create(spec(&out, &[("x", DType::F16, &[3, 100])], 1 << 30)).unwrap();
+        let d = data(600, 9);
+        w.begin_tensor("x").unwrap();
+        for chunk in d.chunks(77) {
+            w.write_bytes(chunk).unwrap();
+        }
+        w.write_bytes(&[]).unwrap();
+        w.end_tensor().unwrap();
+        w.finish().unwrap();
+        let bytes = fs::read(out.join(SINGLE_FILE)).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("x").unwrap().data(), &d[..]);
+    }
+
+    #[test]
+    fn no_tensors_still_writes_a_valid_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let w = ModelWriter::create(spec(&out, &[], 10)).unwrap();
+        assert_eq!(w.finish().unwrap().files, [SINGLE_FILE]);
+        let bytes = fs::read(out.join(SINGLE_FILE)).unwrap();
+        assert_eq!(SafeTensors::deserialize(&bytes).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn drop_without_finish_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut w =
+            ModelWriter::create(spec(&out, &[("a", DType::U8, &[4]), ("b", DType::U8, &[4])], 4)).unwrap();
+        w.write_tensor("a", &[1, 2, 3, 4]).unwrap();
+        w.begin_tensor("b").unwrap();
+        assert_eq!(
+            listing(tmp.path()).len(),
+            1,
+            "the temporary folder exists while writing"
+        );
+        drop(w);
+        assert!(listing(tmp.path()).is_empty());
+
+        // A failed finish cleans up too.
+        let mut w = ModelWriter::create(spec(&out, &[("a", DType::U8, &[4])], 4)).unwrap();
+        w.begin_tensor("a").unwrap();
+        w.write_bytes(&[1, 2]).unwrap();
+        let e = w.finish().unwrap_err();
+        assert!(matches!(e, WriteError::Unfinished { .. }), "{e}");
+        assert!(listing(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn existing_targets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        fs::create_dir(&out).unwrap();
+        // An empty folder is fine.
+        let w = ModelWriter::create(spec(&out, &[], 1)).unwrap();
+        w.finish().unwrap();
+        // Now it is not empty.
+        fs::write(out.join("old.txt"), b"old").unwrap();
+        let e = ModelWriter::create(spec(&out, &[], 1)).unwrap_err();
+        assert!(matches!(e, WriteError::NotEmpty { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("output folder `{}` exists and is not empty", out.display())
+        );
+        assert!(check_output_target(&out, false, &[]).is_err());
+        assert!(check_output_target(&out, true, &[]).is_ok());
+
+        let mut s = spec(&out, &[("t", DType::U8, &[1])], 1);
+        s.force = true;
+        let mut w = ModelWriter::create(s).unwrap();
+        w.write_tensor("t", &[7]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(listing(&out), [SINGLE_FILE]);
+        assert_eq!(listing(tmp.path()), ["out"]);
+
+        // A file is never replaced, even with force.
+        let file = tmp.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let e = check_output_target(&file, true, &[]).unwrap_err();
+        assert!(matches!(e, WriteError::NotAFolder { .. }), "{e}");
+    }
+
+    #[test]
+    fn protected_paths_refused_both_ways() {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("models").join("in");
+        fs::create_dir_all(&input).unwrap();
+        let weights = input.join(SINGLE_FILE);
+        fs::write(&weights, b"x").unwrap();
+        let protected = vec![input.clone(), weights.clone()];
+
+        let e = check_output_target(&input.join("out"), false, &protected).unwrap_err();
+        assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
+        // Through `..` and an unnormalized path.
+        let sneaky = tmp
+            .path()
+            .join("models")
+            .join("x")
+            .join("..")
+            .join("in")
+            .join("o");
+        let e = check_output_target(&sneaky, false, &protected).unwrap_err();
+        assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
+        let e = check_output_target(&input, true, &protected).unwrap_err();
+        assert!(matches!(e, WriteError::SameAsInput { .. }), "{e}");
+        let e = check_output_target(&tmp.path().join("models"), true, &protected).unwrap_err();
+        assert!(matches!(e, WriteError::ContainsInput { .. }), "{e}");
+        let mut s = spec(&tmp.path().join("models"), &[], 1);
+        s.force = true;
+        s.protected = protected.clone();
+        assert!(matches!(
+            ModelWriter::create(s),
+            Err(WriteError::ContainsInput { .. })
+        ));
+        assert!(weights.exists());
+        // A sibling is fine.
+        assert!(check_output_target(&tmp.path().join("models").join("out"), false, &protected).is_ok());
+
+        #[cfg(unix)]
+        {
+            // Reached through a symlink.
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(&input, &link).unwrap();
+            let e = check_output_target(&link.join("out"), false, &protected).unwrap_err();
+            assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
+            let e = check_output_target(&link, true, &[]).unwrap_err();
+            assert!(matches!(e, WriteError::NotAFolder { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn wrong_order_and_length_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut w = ModelWriter::create(spec(
+            &out,
+            &[("a", DType::F32, &[2]), ("b", DType::U8, &[3])],
+            100,
+        ))
+        .unwrap();
+        let e = w.write_tensor("b", &[1, 2, 3]).unwrap_err();
+        assert!(matches!(e, WriteError::OutOfOrder { .. }), "{e}");
+        assert!(e.to_string().contains("a bug in mergec"));
+        let e = w.write_tensor("a", &[0; 7]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WriteError::WrongLength {
+                    expected: 8,
+                    got: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = w.write_bytes(&[1]).unwrap_err();
+        assert!(matches!(e, WriteError::Misuse { .. }), "{e}");
+        let e = w.end_tensor().unwrap_err();
+        assert!(matches!(e, WriteError::Misuse { .. }), "{e}");
+
+        w.begin_tensor("a").unwrap();
+        let e = w.begin_tensor("a").unwrap_err();
+        assert!(matches!(e, WriteError::Misuse { .. }), "{e}");
+        w.write_bytes(&[0; 5]).unwrap();
+        let e = w.write_bytes(&[0; 4]).unwrap_err();
+        assert!(matches!(e, WriteError::WrongLength { got: 9, .. }), "{e}");
+        let e = w.end_tensor().unwrap_err();
+        assert!(matches!(e, WriteError::WrongLength { got: 5, .. }), "{e}");
+        w.write_bytes(&[0; 3]).unwrap();
+        w.end_tensor().unwrap();
+        w.write_tensor("b", &[1, 2, 3]).unwrap();
+        let e = w.write_tensor("c", &[]).unwrap_err();
+        assert!(matches!(e, WriteError::Extra { .. }), "{e}");
+        w.finish().unwrap();
+        let bytes = fs::read(out.join(SINGLE_FILE)).unwrap();
+        assert_eq!(
+            SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .tensor("b")
+                .unwrap()
+                .data(),
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn bad_specs_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let e = ModelWriter::create(spec(&out, &[("a", DType::U8, &[1]), ("a", DType::U8, &[1])], 1))
+            .unwrap_err();
+        assert!(matches!(e, WriteError::BadSpec { .. }), "{e}");
+        let e = ModelWriter::create(spec(&out, &[("a", DType::F64, &[usize::MAX])], 1)).unwrap_err();
+        assert!(matches!(e, WriteError::BadSpec { .. }), "{e}");
+        for name in [SINGLE_FILE, "../escape", "a/b", ""] {
+            let mut s = spec(&out, &[("a", DType::U8, &[1])], 1);
+            s.generated_files = vec![(name.to_owned(), Vec::new())];
+            let e = ModelWriter::create(s).unwrap_err();
+            assert!(matches!(e, WriteError::BadSpec { .. }), "{name}: {e}");
+        }
+        assert!(listing(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn missing_copy_source_fails_cleanly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut s = spec(&out, &[], 1);
+        s.copied_files = vec![("tokenizer.json".into(), tmp.path().join("missing.json"))];
+        let e = ModelWriter::create(s).unwrap().finish().unwrap_err();
+        assert!(matches!(e, WriteError::Copy { .. }), "{e}");
+        assert!(listing(tmp.path()).is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn enospc_is_named() {
+        // ENOSPC is 28 on Linux and the BSDs.
+        let e = io_error(
+            PathBuf::from("out/model.safetensors"),
+            std::io::Error::from_raw_os_error(28),
+        );
+        assert!(matches!(e, WriteError::NoSpace { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "no space left on device while writing `out/model.safetensors`"
+        );
+    }
+}

@@ -1,0 +1,32 @@
+//! mergec: a compiler for model-merge recipes.
+//!
+//! ```text
+//!  source ──parse──▶ ast::Script ──check──▶ hir::Program ──lower──▶ Graph
+//!  (syntax)      (+ io::ModelIndex, headers only)  (sema)     (graph)
+//!        ──optimize──▶ Graph ──schedule──▶ Plan ──run──▶ Hugging Face folders + RunReport
+//!          (opt)                (plan)           (exec + io)
+//! ```
+//!
+//! Each stage is one module with one entry point, its own output type and its own errors;
+//! data flows forward only. [`driver::compile`] chains parse..schedule.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod diag;
+pub mod driver;
+pub mod exec;
+pub mod graph;
+pub mod io;
+pub mod opt;
+pub mod plan;
+pub mod sema;
+pub mod source;
+pub mod syntax;
+pub mod synth;
+
+pub use exec::run;
+pub use graph::lower;
+pub use opt::optimize;
+pub use plan::schedule;
+pub use sema::check;
+pub use syntax::parse;

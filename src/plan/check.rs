@@ -1,0 +1,86 @@
+//! An independent check of a plan: every kernel is well formed over its inputs, every
+//! input exists in its model with the bytes claimed, and the peak is re-simulated.
+
+use super::{Instr, Kernel, Plan};
+use crate::diag::Diagnostic;
+use crate::sema::hir;
+
+pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
+    for (i, step) in plan.steps.iter().enumerate() {
+        let bug = |what: String| {
+            Box::new(Diagnostic::bug(format!(
+                "plan step {i} (`{}`): {what}",
+                step.tensor
+            )))
+        };
+        for input in &step.inputs {
+            let info = program
+                .models
+                .get(input.model.0 as usize)
+                .and_then(|m| m.info.tensors.get(&input.tensor))
+                .ok_or_else(|| bug(format!("reads `{}`, which its model lacks", input.tensor)))?;
+            if info.len != input.bytes || info.numel() != step.numel() {
+                return Err(bug(format!("reads `{}` with the wrong size", input.tensor)));
+            }
+        }
+        match &step.kernel {
+            Kernel::Copy => {
+                if step.inputs.len() != 1 || step.inputs[0].dtype != step.dtype {
+                    return Err(bug(
+                        "copies something other than one input of its own dtype".into()
+                    ));
+                }
+            }
+            Kernel::Fused(program) => {
+                let mut depth: usize = 0;
+                for instr in program {
+                    let (pops, pushes) = match instr {
+                        Instr::Load(slot) => {
+                            if *slot >= step.inputs.len() {
+                                return Err(bug(format!("loads slot {slot} of {}", step.inputs.len())));
+                            }
+                            (0, 1)
+                        }
+                        Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => (1, 1),
+                        Instr::Add | Instr::Sub => (2, 1),
+                        Instr::WeightedSum { weights, .. } => (weights.len(), 1),
+                    };
+                    depth = depth
+                        .checked_sub(pops)
+                        .ok_or_else(|| bug("pops an empty stack".into()))?
+                        + pushes;
+                }
+                if depth != 1 {
+                    return Err(bug(format!("leaves {depth} values on the stack")));
+                }
+            }
+        }
+    }
+    let peak = simulate_peak(plan);
+    if peak != plan.peak_bytes {
+        return Err(Box::new(Diagnostic::bug(format!(
+            "plan claims a peak of {} bytes, re-simulation gives {peak}",
+            plan.peak_bytes
+        ))));
+    }
+    Ok(())
+}
+
+/// Walks the steps in order: while step `i` runs, its inputs are mapped, its output buffer
+/// is filled, and up to `write_queue` earlier outputs wait for (or are in) the writer.
+pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
+    let mut peak = 0;
+    let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    for step in &plan.steps {
+        let held = step.in_bytes() + step.out_bytes() + queued.iter().sum::<u64>();
+        peak = peak.max(held);
+        queued.push_back(step.out_bytes());
+        if queued.len() > plan.write_queue {
+            queued.pop_front();
+        }
+    }
+    peak + super::scratch_bytes(plan) + WRITER_BUFFER_BYTES
+}
+
+/// The writer's buffered-I/O buffer (io::writer).
+pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;

@@ -1,0 +1,102 @@
+//! One fused kernel per stored tensor: its whole element-wise expression as a small
+//! stack program, so each input is read once and no full-size intermediate exists.
+
+use std::collections::HashMap;
+
+use petgraph::stable_graph::NodeIndex;
+
+use crate::graph::{Graph, Op};
+
+/// One instruction of a fused kernel; operands are popped from a stack of chunk buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Instr {
+    /// Push input slot `i`, decoded to f32.
+    Load(usize),
+    Neg,
+    Add,
+    Sub,
+    Scale(f32),
+    Divide(f32),
+    /// Pops `weights.len()` values (first operand deepest), pushes `(Σ wᵢ·xᵢ) / divisor`.
+    WeightedSum {
+        weights: Vec<f32>,
+        divisor: Option<f32>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// The input's bytes are written unchanged (same dtype, no arithmetic).
+    Copy,
+    Fused(Vec<Instr>),
+}
+
+impl Kernel {
+    /// Deepest stack the program reaches (buffers of scratch per chunk).
+    pub fn stack_depth(&self) -> usize {
+        let Kernel::Fused(program) = self else { return 0 };
+        let (mut depth, mut max) = (0usize, 0usize);
+        for i in program {
+            match i {
+                Instr::Load(_) => depth += 1,
+                Instr::Add | Instr::Sub => depth = depth.saturating_sub(1),
+                Instr::WeightedSum { weights, .. } => depth = depth.saturating_sub(weights.len()) + 1,
+                Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => {}
+            }
+            max = max.max(depth);
+        }
+        max
+    }
+}
+
+/// Compiles the expression feeding `store` into a kernel; `slots` lists the loads it reads.
+pub(crate) fn compile(g: &Graph, store: NodeIndex) -> (Kernel, Vec<NodeIndex>) {
+    let mut slots: Vec<NodeIndex> = Vec::new();
+    let mut slot_of: HashMap<NodeIndex, usize> = HashMap::new();
+    let mut program = Vec::new();
+    let Some(&value) = g.operands(store).first() else {
+        return (Kernel::Fused(program), slots);
+    };
+    emit(g, value, &mut program, &mut slots, &mut slot_of);
+    let store_dtype = match &g.nodes[store].op {
+        Op::Store { dtype, .. } => Some(*dtype),
+        _ => None,
+    };
+    let kernel = match (&g.nodes[value].op, store_dtype) {
+        (Op::Load { dtype, .. }, Some(out)) if *dtype == out => Kernel::Copy,
+        _ => Kernel::Fused(program),
+    };
+    (kernel, slots)
+}
+
+fn emit(
+    g: &Graph,
+    n: NodeIndex,
+    program: &mut Vec<Instr>,
+    slots: &mut Vec<NodeIndex>,
+    slot_of: &mut HashMap<NodeIndex, usize>,
+) {
+    for o in g.operands(n) {
+        emit(g, o, program, slots, slot_of);
+    }
+    program.push(match &g.nodes[n].op {
+        Op::Load { .. } => {
+            let slot = *slot_of.entry(n).or_insert_with(|| {
+                slots.push(n);
+                slots.len() - 1
+            });
+            Instr::Load(slot)
+        }
+        Op::Neg => Instr::Neg,
+        Op::Add => Instr::Add,
+        Op::Sub => Instr::Sub,
+        Op::Scale(f) => Instr::Scale(*f),
+        Op::Divide(d) => Instr::Divide(*d),
+        Op::WeightedSum { weights, divisor } => Instr::WeightedSum {
+            weights: weights.clone(),
+            divisor: *divisor,
+        },
+        // A store never feeds another node (graph::verify).
+        Op::Store { .. } => return,
+    });
+}

@@ -1,0 +1,98 @@
+//! The checked program: every output tensor with its shape, dtype and a plain expression
+//! over input tensors, every parameter already resolved to a number for that tensor.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::io::{DType, ModelInfo};
+use crate::source::Span;
+
+/// Index of an input model in [`Program::models`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelId(pub u32);
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "m{}", self.0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub models: Vec<InputModel>,
+    pub outputs: Vec<Output>,
+    /// The script's text, recorded in each output's model card.
+    pub script_text: String,
+}
+
+impl Program {
+    pub fn model(&self, id: ModelId) -> &InputModel {
+        &self.models[id.0 as usize]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InputModel {
+    /// The name bound by `model NAME = ...`.
+    pub name: String,
+    pub info: Arc<ModelInfo>,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Where the folder goes, resolved against the script's folder.
+    pub dir: PathBuf,
+    pub span: Span,
+    pub tensors: Vec<OutputTensor>,
+    pub max_shard_bytes: u64,
+    /// The model whose config.json is written (with dtype and layer count updated).
+    pub config_from: Option<ModelId>,
+    /// The model whose tokenizer and generation files are copied.
+    pub tokenizer_from: Option<ModelId>,
+    /// The dtype the save asked for, if any (otherwise each tensor keeps its input dtype).
+    pub dtype: Option<DType>,
+    /// Number of transformer layers in the output, when it has any.
+    pub layer_count: Option<usize>,
+    /// The input models this output reads, in script order.
+    pub inputs: Vec<ModelId>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub expr: TensorExpr,
+}
+
+impl OutputTensor {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+
+    pub fn nbytes(&self) -> u64 {
+        self.numel() * self.dtype.size_bytes() as u64
+    }
+}
+
+/// An element-wise expression over input tensors of one shape. Computation is in f32.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorExpr {
+    Load {
+        model: ModelId,
+        name: String,
+    },
+    Neg(Box<TensorExpr>),
+    Add(Box<TensorExpr>, Box<TensorExpr>),
+    Sub(Box<TensorExpr>, Box<TensorExpr>),
+    /// `x * factor`
+    Scale(Box<TensorExpr>, f64),
+    /// `x / divisor`
+    Divide(Box<TensorExpr>, f64),
+    /// `(Σ weight·x) / divisor`, summed in the order given (mergekit's `linear`).
+    WeightedSum {
+        terms: Vec<(TensorExpr, f64)>,
+        divisor: Option<f64>,
+    },
+}

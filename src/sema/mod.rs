@@ -1,0 +1,1164 @@
+//! Stage 2, check: `ast::Script` + the models' headers -> [`hir::Program`].
+//!
+//! Collects every error it can (E02xx names and calls, E03xx types and tensors, E04xx
+//! models and files) instead of stopping at the first; an expression that failed evaluates
+//! to `Value::Error`, which raises nothing further.
+
+pub mod hir;
+mod instantiate;
+pub(crate) mod methods;
+pub(crate) mod names;
+pub(crate) mod params;
+mod value;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::diag::{Code, Diagnostic, Diagnostics};
+use crate::io::{DType, ModelIndex};
+use crate::source::Span;
+use crate::syntax::ast::{self, Arg, BinOp, Expr, ExprKind, Named, StmtKind};
+use hir::ModelId;
+use methods::{MethodSig, ParamKind};
+use params::{Param, Pattern, TableArm};
+use value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, ParamEntry, TensorSig, Value};
+
+/// Default output shard size, as mergekit's `--out-shard-size` (5e9 bytes).
+pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// What `check` needs besides the script and the models.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    /// Relative output folders resolve against this (the script's folder).
+    pub base_dir: PathBuf,
+    /// Whether existing non-empty output folders may be replaced.
+    pub force: bool,
+}
+
+/// A checked program, with the warnings found on the way.
+#[derive(Debug)]
+pub struct Checked {
+    pub program: hir::Program,
+    pub warnings: Diagnostics,
+}
+
+/// Every model path a script declares, in order (to build the [`ModelIndex`] from).
+pub fn model_references(script: &ast::Script) -> Vec<&str> {
+    script
+        .stmts
+        .iter()
+        .filter_map(|s| match &s.kind {
+            StmtKind::Model { path, .. } => Some(path.value.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn check(
+    script: &ast::Script,
+    script_text: &str,
+    models: &ModelIndex,
+    options: &CheckOptions,
+) -> Result<Checked, Diagnostics> {
+    let mut checker = Checker {
+        index: models,
+        options,
+        models: Vec::new(),
+        env: HashMap::new(),
+        diags: Diagnostics::new(),
+        outputs: Vec::new(),
+    };
+    for stmt in &script.stmts {
+        checker.stmt(stmt);
+    }
+    checker.warn_unused();
+    let mut diags = checker.diags;
+    let program = hir::Program {
+        models: checker.models,
+        outputs: checker.outputs,
+        script_text: script_text.to_string(),
+    };
+    if !diags.has_errors() {
+        instantiate::warn_unread_inputs(&program, &mut diags);
+    }
+    diags.sort();
+    if diags.has_errors() {
+        Err(diags)
+    } else {
+        Ok(Checked {
+            program,
+            warnings: diags,
+        })
+    }
+}
+
+struct Binding {
+    value: Value,
+    span: Span,
+    used: bool,
+    is_model: bool,
+}
+
+struct Checker<'a> {
+    index: &'a ModelIndex,
+    options: &'a CheckOptions,
+    models: Vec<hir::InputModel>,
+    env: HashMap<String, Binding>,
+    diags: Diagnostics,
+    outputs: Vec<hir::Output>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, d: Diagnostic) -> Value {
+        self.diags.push(d);
+        Value::Error
+    }
+
+    fn stmt(&mut self, stmt: &ast::Stmt) {
+        match &stmt.kind {
+            StmtKind::Model { name, path } => {
+                let value = self.declare_model(name, path);
+                self.bind(name, value, true);
+            }
+            StmtKind::Let { name, value } => {
+                let value = self.expr(value);
+                self.bind(name, value, false);
+            }
+            StmtKind::Save { value, dir, options } => self.save(stmt.span, value, dir, options),
+        }
+    }
+
+    fn bind(&mut self, name: &ast::Ident, value: Value, is_model: bool) {
+        if let Some(previous) = self.env.get(&name.name) {
+            let d = Diagnostic::error(Code::E0202, format!("`{}` is defined twice", name.name))
+                .at(name.span, "defined again here")
+                .with_label(previous.span, "first defined here")
+                .with_help("give the second one another name");
+            self.diags.push(d);
+            return;
+        }
+        self.env.insert(
+            name.name.clone(),
+            Binding {
+                value,
+                span: name.span,
+                used: false,
+                is_model,
+            },
+        );
+    }
+
+    fn declare_model(&mut self, name: &ast::Ident, path: &ast::StrLit) -> Value {
+        let info = match self.index.get(&path.value) {
+            Some(Ok(info)) => Arc::clone(info),
+            Some(Err(e)) => {
+                let mut d = Diagnostic::error(e.code(), e.to_string()).at(path.span, "this model");
+                if let Some(help) = e.help() {
+                    d = d.with_help(help);
+                }
+                return self.error(d);
+            }
+            None => {
+                return self.error(
+                    Diagnostic::bug(format!("model `{}` was not loaded", path.value)).at(path.span, ""),
+                )
+            }
+        };
+        let id = ModelId(self.models.len() as u32);
+        let tensors: BTreeMap<String, TensorSig> = info
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    TensorSig {
+                        shape: t.shape.clone(),
+                        dtype: t.dtype,
+                    },
+                )
+            })
+            .collect();
+        let layers = names::layer_count(tensors.keys()).or_else(|| info.num_layers());
+        self.models.push(hir::InputModel {
+            name: name.name.clone(),
+            info,
+            span: name.span,
+        });
+        Value::Model(ModelVal {
+            expr: Rc::new(MExpr::Input(id)),
+            tensors: Rc::new(tensors),
+            layers,
+            span: name.span,
+            inputs: vec![id],
+            params: Vec::new(),
+        })
+    }
+
+    fn expr(&mut self, expr: &Expr) -> Value {
+        match &expr.kind {
+            ExprKind::Number(v) => Value::Param(Param::Number(*v)),
+            ExprKind::Size(v) => Value::Size(*v),
+            ExprKind::Str(_) => Value::Str,
+            ExprKind::Name(name) => self.name(name, expr.span),
+            ExprKind::List(items) => self.list(items, expr.span),
+            ExprKind::Neg(inner) => match self.expr(inner) {
+                Value::Param(Param::Number(v)) => Value::Param(Param::Number(-v)),
+                Value::Model(m) => {
+                    let m = self.no_params(m);
+                    self.derive(&m, expr.span, MExpr::Neg(Rc::clone(&m.expr)))
+                }
+                Value::Error => Value::Error,
+                other => self.error(
+                    Diagnostic::error(Code::E0301, format!("cannot negate {}", other.describe()))
+                        .at(inner.span, format!("this is {}", other.describe())),
+                ),
+            },
+            ExprKind::Binary { op, lhs, rhs } => self.binary(*op, lhs, rhs, expr.span),
+            ExprKind::Call { func, args } => self.call(func, args, expr.span),
+            ExprKind::Params { target, params } => self.param_block(target, params, expr.span),
+            ExprKind::Layers {
+                target,
+                start,
+                end,
+                range_span,
+            } => self.layers(target, *start, *end, *range_span, expr.span),
+            ExprKind::Match(arms) => self.table(arms, expr.span),
+        }
+    }
+
+    fn name(&mut self, name: &str, span: Span) -> Value {
+        if let Some(binding) = self.env.get_mut(name) {
+            binding.used = true;
+            return match binding.value.clone() {
+                // Diagnostics about this use point here, not at the declaration.
+                Value::Model(m) => Value::Model(ModelVal { span, ..m }),
+                other => other,
+            };
+        }
+        match name {
+            "true" => return Value::Bool(true),
+            "false" => return Value::Bool(false),
+            _ => {}
+        }
+        let mut d = Diagnostic::error(Code::E0201, format!("unknown name `{name}`")).at(span, "not defined");
+        let candidates: Vec<&str> = self.env.keys().map(String::as_str).collect();
+        if let Some(s) = names::did_you_mean(name, candidates) {
+            d = d.with_help(format!("did you mean `{s}`?"));
+        } else if methods::lookup(name).is_some() {
+            d = d.with_help(format!(
+                "`{name}` is a merge method: call it, e.g. `{name}(a, b)`"
+            ));
+        } else {
+            d = d.with_help("declare models with `model NAME = \"path\"` and values with `let NAME = ...`, before their use");
+        }
+        self.error(d)
+    }
+
+    fn list(&mut self, items: &[Expr], span: Span) -> Value {
+        if items.is_empty() {
+            return self.error(
+                Diagnostic::error(Code::E0301, "empty list")
+                    .at(span, "a list needs at least one element")
+                    .with_help(
+                        "a list is either a layer gradient `[0, 0.5, 1]` or a list of models `[a, b]`",
+                    ),
+            );
+        }
+        let values: Vec<(Value, Span)> = items.iter().map(|e| (self.expr(e), e.span)).collect();
+        if values.iter().any(|(v, _)| matches!(v, Value::Error)) {
+            return Value::Error;
+        }
+        if values
+            .iter()
+            .all(|(v, _)| matches!(v, Value::Param(Param::Number(_))))
+        {
+            let numbers: Vec<f64> = values
+                .iter()
+                .filter_map(|(v, _)| match v {
+                    Value::Param(Param::Number(x)) => Some(*x),
+                    _ => None,
+                })
+                .collect();
+            return Value::Param(Param::Gradient(numbers.into()));
+        }
+        if values.iter().all(|(v, _)| matches!(v, Value::Model(_))) {
+            let models = values
+                .into_iter()
+                .filter_map(|(v, _)| match v {
+                    Value::Model(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            return Value::Models(models);
+        }
+        let (first, first_span) = &values[0];
+        let expect_models = matches!(first, Value::Model(_));
+        let (odd, odd_span) = values
+            .iter()
+            .find(|(v, _)| {
+                matches!(v, Value::Model(_)) != expect_models
+                    || !matches!(v, Value::Model(_) | Value::Param(Param::Number(_)))
+            })
+            .map(|(v, s)| (v.describe(), *s))
+            .unwrap_or(("a different kind of value", span));
+        let expected = if expect_models { "a model" } else { "a number" };
+        self.error(
+            Diagnostic::error(Code::E0301, format!("expected {expected}, found {odd} in a list"))
+                .at(odd_span, format!("this is {odd}"))
+                .with_label(*first_span, format!("the list starts with {}", first.describe()))
+                .with_help("a list is either a layer gradient `[0, 0.5, 1]` (numbers only) or a list of models `[a, b]`"),
+        )
+    }
+
+    fn table(&mut self, arms: &[ast::MatchArm], span: Span) -> Value {
+        let mut out = Vec::new();
+        let mut failed = false;
+        let mut wildcard_at: Option<Span> = None;
+        for arm in arms {
+            if let Some(w) = wildcard_at {
+                self.diags.push(
+                    Diagnostic::error(Code::E0305, "this arm can never match")
+                        .at(arm.span, "unreachable")
+                        .with_label(w, "`_` matches every tensor first")
+                        .with_help("move `_` to the end of the table"),
+                );
+            }
+            let value = match self.expr(&arm.value) {
+                Value::Param(p) => p,
+                Value::Error => {
+                    failed = true;
+                    continue;
+                }
+                other => {
+                    failed = true;
+                    self.diags.push(
+                        Diagnostic::error(
+                            Code::E0301,
+                            format!("expected a number, found {}", other.describe()),
+                        )
+                        .at(arm.value.span, format!("this is {}", other.describe()))
+                        .with_help("table values are numbers, layer gradients or nested tables"),
+                    );
+                    continue;
+                }
+            };
+            if arm.pattern.is_none() {
+                wildcard_at = Some(arm.span);
+            }
+            out.push(TableArm {
+                pattern: arm.pattern.as_ref().map(|p| Pattern::new(&p.value)),
+                value,
+                span: arm.span,
+            });
+        }
+        if out.is_empty() && !failed {
+            return self.error(
+                Diagnostic::error(Code::E0301, "empty table").at(span, "a table needs at least one arm"),
+            );
+        }
+        if failed {
+            Value::Error
+        } else {
+            Value::Param(Param::Table(out.into()))
+        }
+    }
+
+    /// A model value derived from `from` by `expr`, with the same tensors.
+    fn derive(&self, from: &ModelVal, span: Span, expr: MExpr) -> Value {
+        Value::Model(ModelVal {
+            expr: Rc::new(expr),
+            tensors: Rc::clone(&from.tensors),
+            layers: from.layers,
+            span,
+            inputs: from.inputs.clone(),
+            params: Vec::new(),
+        })
+    }
+
+    /// Warns when a parameter block is attached where no method call consumes it.
+    fn no_params(&mut self, m: ModelVal) -> ModelVal {
+        if let Some(first) = m.params.first() {
+            let span = m.params.iter().fold(first.span, |s, p| s.join(p.span));
+            self.diags.push(
+                Diagnostic::error(Code::W0003, "per-model parameters are ignored here")
+                    .at(span, "not inside a merge method call")
+                    .with_help("per-model parameters belong to a model passed to a method: `linear(a { weight: 0.5 }, b { weight: 0.5 })`"),
+            );
+        }
+        ModelVal {
+            params: Vec::new(),
+            ..m
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, lhs_e: &Expr, rhs_e: &Expr, span: Span) -> Value {
+        let lhs = self.expr(lhs_e);
+        let rhs = self.expr(rhs_e);
+        match (op, lhs, rhs) {
+            (_, Value::Error, _) | (_, _, Value::Error) => Value::Error,
+            (_, Value::Param(Param::Number(a)), Value::Param(Param::Number(b))) => {
+                let v = match op {
+                    BinOp::Add => a + b,
+                    BinOp::Sub => a - b,
+                    BinOp::Mul => a * b,
+                    BinOp::Div => {
+                        if b == 0.0 {
+                            return self.error(
+                                Diagnostic::error(Code::E0305, "division by zero")
+                                    .at(rhs_e.span, "this is 0"),
+                            );
+                        }
+                        a / b
+                    }
+                };
+                Value::Param(Param::Number(v))
+            }
+            (BinOp::Add | BinOp::Sub, Value::Model(a), Value::Model(b)) => {
+                let a = self.no_params(a);
+                let b = self.no_params(b);
+                if !self.same_tensors(&a, lhs_e.span, &b, rhs_e.span, op.symbol()) {
+                    return Value::Error;
+                }
+                let expr = match op {
+                    BinOp::Add => MExpr::Add(Rc::clone(&a.expr), Rc::clone(&b.expr)),
+                    _ => MExpr::Sub(Rc::clone(&a.expr), Rc::clone(&b.expr)),
+                };
+                let mut inputs = a.inputs.clone();
+                for i in &b.inputs {
+                    if !inputs.contains(i) {
+                        inputs.push(*i);
+                    }
+                }
+                Value::Model(ModelVal {
+                    expr: Rc::new(expr),
+                    tensors: Rc::clone(&a.tensors),
+                    layers: a.layers,
+                    span,
+                    inputs,
+                    params: Vec::new(),
+                })
+            }
+            (BinOp::Mul, Value::Param(p), Value::Model(m))
+            | (BinOp::Mul, Value::Model(m), Value::Param(p)) => {
+                let m = self.no_params(m);
+                let factor_span = if matches!(self.peek_kind(lhs_e), Some(true)) {
+                    rhs_e.span
+                } else {
+                    lhs_e.span
+                };
+                self.derive(&m, span, MExpr::Scale(Rc::clone(&m.expr), p, factor_span))
+            }
+            (BinOp::Div, Value::Model(m), Value::Param(p)) => {
+                if p.literals().contains(&0.0) {
+                    return self.error(
+                        Diagnostic::error(Code::E0305, "division by zero")
+                            .at(rhs_e.span, "this can be 0")
+                            .with_help("a model can only be divided by a non-zero number"),
+                    );
+                }
+                let m = self.no_params(m);
+                self.derive(&m, span, MExpr::Divide(Rc::clone(&m.expr), p, rhs_e.span))
+            }
+            (op, lhs, rhs) => {
+                let (l, r) = (lhs.describe(), rhs.describe());
+                let help = match op {
+                    BinOp::Add | BinOp::Sub => "models add to models and numbers to numbers; to scale a model, multiply it: `0.5 * a`",
+                    BinOp::Mul => "a model can be multiplied by a number, not by another model",
+                    BinOp::Div => "a model can be divided by a number; a number cannot be divided by a model",
+                };
+                self.error(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("cannot apply `{}` to {l} and {r}", op.symbol()),
+                    )
+                    .at(span, "")
+                    .with_label(lhs_e.span, format!("this is {l}"))
+                    .with_label(rhs_e.span, format!("this is {r}"))
+                    .with_help(help),
+                )
+            }
+        }
+    }
+
+    /// Whether an expression is syntactically a model (used only to point at the factor).
+    fn peek_kind(&self, e: &Expr) -> Option<bool> {
+        match &e.kind {
+            ExprKind::Number(_) | ExprKind::List(_) | ExprKind::Match(_) => Some(false),
+            ExprKind::Name(n) => self.env.get(n).map(|b| matches!(b.value, Value::Model(_))),
+            _ => Some(true),
+        }
+    }
+
+    /// Checks that two models have the same tensor names and shapes; reports differences
+    /// grouped by layer, with both spans.
+    fn same_tensors(&mut self, a: &ModelVal, a_span: Span, b: &ModelVal, b_span: Span, what: &str) -> bool {
+        let a_names: BTreeSet<&str> = a.tensors.keys().map(String::as_str).collect();
+        let b_names: BTreeSet<&str> = b.tensors.keys().map(String::as_str).collect();
+        let only_a: Vec<&str> = a_names.difference(&b_names).copied().collect();
+        let only_b: Vec<&str> = b_names.difference(&a_names).copied().collect();
+        let mut ok = true;
+        if !only_a.is_empty() || !only_b.is_empty() {
+            ok = false;
+            let mut d = Diagnostic::error(
+                Code::E0302,
+                format!("the models combined by `{what}` have different tensors"),
+            )
+            .at(b_span, format!("this model has {} tensors", b_names.len()))
+            .with_label(a_span, format!("this model has {} tensors", a_names.len()));
+            if !only_a.is_empty() {
+                d = d.with_note(format!(
+                    "{} tensors of the left model are missing from the right one:\n{}",
+                    only_a.len(),
+                    names::bullet_list(&names::grouped(only_a.iter().copied()), 8)
+                ));
+            }
+            if !only_b.is_empty() {
+                d = d.with_note(format!(
+                    "{} tensors of the right model are missing from the left one:\n{}",
+                    only_b.len(),
+                    names::bullet_list(&names::grouped(only_b.iter().copied()), 8)
+                ));
+            }
+            d = d.with_help(
+                "merge models of the same architecture, or select matching layers with `.layers[a..b]`",
+            );
+            self.diags.push(d);
+        }
+        let mismatched: Vec<(&String, &TensorSig, &TensorSig)> = a
+            .tensors
+            .iter()
+            .filter_map(|(n, sa)| {
+                b.tensors
+                    .get(n)
+                    .filter(|sb| sb.shape != sa.shape)
+                    .map(|sb| (n, sa, sb))
+            })
+            .collect();
+        if let Some((name, sa, sb)) = mismatched.first() {
+            ok = false;
+            let mut d = Diagnostic::error(
+                Code::E0303,
+                format!(
+                    "shape mismatch: `{name}` is {:?} on the left but {:?} on the right",
+                    sa.shape, sb.shape
+                ),
+            )
+            .at(b_span, format!("`{name}` is {:?} here", sb.shape))
+            .with_label(a_span, format!("`{name}` is {:?} here", sa.shape));
+            if mismatched.len() > 1 {
+                let others: Vec<String> = mismatched[1..]
+                    .iter()
+                    .map(|(n, x, y)| format!("{n}: {:?} vs {:?}", x.shape, y.shape))
+                    .collect();
+                d = d.with_note(format!(
+                    "{} more tensors differ in shape:\n{}",
+                    others.len(),
+                    names::bullet_list(&others, 5)
+                ));
+            }
+            d = d.with_help("the models must have the same architecture and sizes");
+            self.diags.push(d);
+        }
+        ok
+    }
+
+    fn param_block(&mut self, target: &Expr, params: &[Named], span: Span) -> Value {
+        let value = self.expr(target);
+        let entries: Vec<ParamEntry> = params
+            .iter()
+            .map(|p| ParamEntry {
+                name: p.name.clone(),
+                value: self.expr(&p.value),
+                span: p.name.span.join(p.value.span),
+            })
+            .collect();
+        match value {
+            Value::Model(mut m) => {
+                m.params.extend(entries);
+                m.span = span;
+                Value::Model(m)
+            }
+            Value::Error => Value::Error,
+            other => self.error(
+                Diagnostic::error(
+                    Code::E0301,
+                    format!(
+                        "parameters can only be attached to a model, not to {}",
+                        other.describe()
+                    ),
+                )
+                .at(target.span, format!("this is {}", other.describe())),
+            ),
+        }
+    }
+
+    fn layers(&mut self, target: &Expr, start: u64, end: u64, range_span: Span, span: Span) -> Value {
+        let m = match self.expr(target) {
+            Value::Model(m) => self.no_params(m),
+            Value::Error => return Value::Error,
+            other => {
+                return self.error(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`.layers[..]` needs a model, found {}", other.describe()),
+                    )
+                    .at(target.span, format!("this is {}", other.describe())),
+                )
+            }
+        };
+        let count = m.layers.unwrap_or(0);
+        if start >= end || end > count as u64 {
+            let why = if start >= end {
+                format!("the range {start}..{end} is empty (the end is exclusive)")
+            } else {
+                format!("the model has {count} layers (0..{count})")
+            };
+            return self.error(
+                Diagnostic::error(
+                    Code::E0304,
+                    format!("layer range {start}..{end} is out of bounds"),
+                )
+                .at(range_span, why)
+                .with_label(target.span, format!("this model has {count} layers"))
+                .with_help(format!("valid ranges lie within 0..{count}")),
+            );
+        }
+        let (start, end) = (start as usize, end as usize);
+        let tensors: BTreeMap<String, TensorSig> = m
+            .tensors
+            .iter()
+            .filter_map(|(name, sig)| {
+                let (i, _) = names::layer_of(name)?;
+                (start..end)
+                    .contains(&i)
+                    .then(|| (names::with_layer(name, i - start), sig.clone()))
+            })
+            .collect();
+        Value::Model(ModelVal {
+            expr: Rc::new(MExpr::Layers {
+                inner: Rc::clone(&m.expr),
+                start,
+            }),
+            tensors: Rc::new(tensors),
+            layers: Some(end - start),
+            span,
+            inputs: m.inputs.clone(),
+            params: Vec::new(),
+        })
+    }
+
+    fn call(&mut self, func: &ast::Ident, args: &[Arg], span: Span) -> Value {
+        let Some(sig) = methods::lookup(&func.name) else {
+            let mut d = Diagnostic::error(Code::E0203, format!("unknown function `{}`", func.name))
+                .at(func.span, "no such method");
+            if let Some(s) = names::did_you_mean(&func.name, methods::METHODS.iter().map(|m| m.name)) {
+                d = d.with_help(format!("did you mean `{s}`?"));
+            } else {
+                let all: Vec<&str> = methods::METHODS.iter().map(|m| m.name).collect();
+                d = d.with_help(format!("the methods are: {}", all.join(", ")));
+            }
+            for a in args {
+                let _ = match a {
+                    Arg::Positional(e) => self.expr(e),
+                    Arg::Named(n) => self.expr(&n.value),
+                };
+            }
+            return self.error(d);
+        };
+        let mut models: Vec<ModelVal> = Vec::new();
+        let mut globals: BTreeMap<&'static str, ArgValue> = BTreeMap::new();
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        let mut failed = false;
+        for arg in args {
+            match arg {
+                Arg::Positional(e) => {
+                    match self.expr(e) {
+                        Value::Model(m) => models.push(m),
+                        Value::Models(ms) => models.extend(ms),
+                        Value::Error => failed = true,
+                        other => {
+                            failed = true;
+                            self.diags.push(
+                            Diagnostic::error(Code::E0301, format!("expected a model, found {}", other.describe()))
+                                .at(e.span, format!("this is {}", other.describe()))
+                                .with_help(format!(
+                                    "`{}` takes models as positional arguments and parameters by name, e.g. `{}`",
+                                    sig.name,
+                                    example_call(sig)
+                                )),
+                        );
+                        }
+                    }
+                }
+                Arg::Named(n) => {
+                    if let Some(first) = seen.insert(n.name.name.as_str(), n.name.span) {
+                        failed = true;
+                        self.diags.push(
+                            Diagnostic::error(
+                                Code::E0207,
+                                format!("argument `{}` is given twice", n.name.name),
+                            )
+                            .at(n.name.span, "given again here")
+                            .with_label(first, "first given here"),
+                        );
+                        continue;
+                    }
+                    let value = self.expr(&n.value);
+                    match self.arg_value(sig, &n.name, value, n.value.span, false) {
+                        Some((name, v)) => {
+                            globals.insert(name, v);
+                        }
+                        None => failed = true,
+                    }
+                }
+            }
+        }
+        if models.len() < sig.min_models || sig.max_models.is_some_and(|max| models.len() > max) {
+            let wanted = match sig.max_models {
+                Some(max) if max == sig.min_models => format!("exactly {max}"),
+                Some(max) => format!("{}..={max}", sig.min_models),
+                None => format!("at least {}", sig.min_models),
+            };
+            let plural = if sig.max_models.unwrap_or(sig.min_models) == 1 {
+                "model"
+            } else {
+                "models"
+            };
+            return self.error(
+                Diagnostic::error(
+                    Code::E0206,
+                    format!(
+                        "`{}` takes {wanted} {plural}, but {} {} given",
+                        sig.name,
+                        models.len(),
+                        if models.len() == 1 { "was" } else { "were" }
+                    ),
+                )
+                .at(span, format!("{} models here", models.len()))
+                .with_help(format!("for example: `{}`", example_call(sig))),
+            );
+        }
+        for m in models.iter().skip(1) {
+            if !self.same_tensors(&models[0], models[0].span, m, m.span, sig.name) {
+                failed = true;
+            }
+        }
+        let Some(first) = models.first() else {
+            return Value::Error;
+        };
+        let tensors = Rc::clone(&first.tensors);
+        let layers = first.layers;
+        let mut inputs: Vec<ModelId> = Vec::new();
+        for i in models.iter().flat_map(|m| m.inputs.iter()) {
+            if !inputs.contains(i) {
+                inputs.push(*i);
+            }
+        }
+        let mut call_models = Vec::new();
+        for m in models {
+            let mut params: BTreeMap<&'static str, ArgValue> = BTreeMap::new();
+            let mut bad_param = false;
+            for entry in &m.params {
+                if let Some(first) = m
+                    .params
+                    .iter()
+                    .find(|p| p.name.name == entry.name.name && p.span != entry.span)
+                {
+                    if first.span.start < entry.span.start {
+                        failed = true;
+                        self.diags.push(
+                            Diagnostic::error(
+                                Code::E0207,
+                                format!("parameter `{}` is given twice", entry.name.name),
+                            )
+                            .at(entry.name.span, "given again here")
+                            .with_label(first.name.span, "first given here"),
+                        );
+                        continue;
+                    }
+                }
+                match self.arg_value(sig, &entry.name, entry.value.clone(), entry.span, true) {
+                    Some((name, v)) => {
+                        params.insert(name, v);
+                    }
+                    None => {
+                        failed = true;
+                        bad_param = true;
+                    }
+                }
+            }
+            // Required per-model parameters must be set on the model or for the whole call.
+            for p in sig
+                .params
+                .iter()
+                .filter(|p| p.per_model && p.default == methods::Default::Required)
+            {
+                if !bad_param && !params.contains_key(p.name) && !globals.contains_key(p.name) {
+                    failed = true;
+                    self.diags.push(
+                        Diagnostic::error(
+                            Code::E0205,
+                            format!("missing argument `{}` for this model of `{}`", p.name, sig.name),
+                        )
+                        .at(m.span, format!("`{}` is not set for this model", p.name))
+                        .with_help(format!(
+                            "set it per model, `{}`, or once for all models, `{}(..., {}: 0.5)`",
+                            "m { weight: 0.5 }".replace("weight", p.name),
+                            sig.name,
+                            p.name
+                        )),
+                    );
+                }
+            }
+            call_models.push(CallModel {
+                expr: m.expr,
+                params,
+                span: m.span,
+            });
+        }
+        for p in sig
+            .params
+            .iter()
+            .filter(|p| !p.per_model && p.default == methods::Default::Required)
+        {
+            if !globals.contains_key(p.name) {
+                failed = true;
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0205,
+                        format!("missing argument `{}` of `{}`", p.name, sig.name),
+                    )
+                    .at(span, format!("`{}` is required", p.name))
+                    .with_help(format!("add `{}: ...` to the call", p.name)),
+                );
+            }
+        }
+        if failed {
+            return Value::Error;
+        }
+        Value::Model(ModelVal {
+            expr: Rc::new(MExpr::Method(MethodCall {
+                sig,
+                models: call_models,
+                globals,
+                span,
+            })),
+            tensors,
+            layers,
+            span,
+            inputs,
+            params: Vec::new(),
+        })
+    }
+
+    /// Checks a named argument or per-model parameter against the method's registry entry.
+    fn arg_value(
+        &mut self,
+        sig: &'static MethodSig,
+        name: &ast::Ident,
+        value: Value,
+        value_span: Span,
+        per_model: bool,
+    ) -> Option<(&'static str, ArgValue)> {
+        let Some(spec) = sig.param(&name.name) else {
+            let mut d = Diagnostic::error(
+                Code::E0204,
+                format!("`{}` has no parameter `{}`", sig.name, name.name),
+            )
+            .at(name.span, "unknown parameter");
+            let candidates = sig
+                .params
+                .iter()
+                .filter(|p| p.per_model || !per_model)
+                .map(|p| p.name);
+            if let Some(s) = names::did_you_mean(&name.name, candidates) {
+                d = d.with_help(format!("did you mean `{s}`?"));
+            } else {
+                let all: Vec<&str> = sig.params.iter().map(|p| p.name).collect();
+                d = d.with_help(format!(
+                    "the parameters of `{}` are: {}",
+                    sig.name,
+                    all.join(", ")
+                ));
+            }
+            self.diags.push(d);
+            return None;
+        };
+        if per_model && !spec.per_model {
+            self.diags.push(
+                Diagnostic::error(
+                    Code::E0204,
+                    format!(
+                        "`{}` is a parameter of the whole call, not of one model",
+                        spec.name
+                    ),
+                )
+                .at(name.span, "set for one model here")
+                .with_help(format!(
+                    "pass it to the call instead: `{}(a, b, {}: ...)`",
+                    sig.name, spec.name
+                )),
+            );
+            return None;
+        }
+        match (spec.kind, value) {
+            (_, Value::Error) => None,
+            (ParamKind::Number, Value::Param(p)) => Some((spec.name, ArgValue::Param(p, value_span))),
+            (ParamKind::Bool, Value::Bool(b)) => Some((spec.name, ArgValue::Bool(b))),
+            (kind, other) => {
+                let expected = match kind {
+                    ParamKind::Number => "a number, a layer gradient or a tensor table",
+                    ParamKind::Bool => "`true` or `false`",
+                };
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`{}` expects {expected}, found {}", spec.name, other.describe()),
+                    )
+                    .at(value_span, format!("this is {}", other.describe())),
+                );
+                None
+            }
+        }
+    }
+
+    fn save(&mut self, stmt_span: Span, value: &Expr, dir: &ast::StrLit, options: &[Named]) {
+        let model = match self.expr(value) {
+            Value::Model(m) => Some(self.no_params(m)),
+            Value::Error => None,
+            other => {
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`save` needs a model, found {}", other.describe()),
+                    )
+                    .at(value.span, format!("this is {}", other.describe())),
+                );
+                None
+            }
+        };
+        let mut dtype = None;
+        let mut max_shard_bytes = DEFAULT_SHARD_BYTES;
+        let mut config_from = None;
+        let mut tokenizer_from = None;
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for opt in options {
+            if let Some(first) = seen.insert(opt.name.name.as_str(), opt.name.span) {
+                self.diags.push(
+                    Diagnostic::error(Code::E0207, format!("option `{}` is given twice", opt.name.name))
+                        .at(opt.name.span, "given again here")
+                        .with_label(first, "first given here"),
+                );
+                continue;
+            }
+            match opt.name.name.as_str() {
+                "dtype" => dtype = self.dtype_option(&opt.value),
+                "shard" => {
+                    if let Some(n) = self.size_option(&opt.value) {
+                        max_shard_bytes = n;
+                    }
+                }
+                "config" => config_from = self.donor_option(&opt.value, "config"),
+                "tokenizer" => tokenizer_from = self.donor_option(&opt.value, "tokenizer"),
+                other => {
+                    let mut d = Diagnostic::error(Code::E0208, format!("unknown save option `{other}`"))
+                        .at(opt.name.span, "unknown option");
+                    if let Some(s) = names::did_you_mean(other, SAVE_OPTIONS.iter().copied()) {
+                        d = d.with_help(format!("did you mean `{s}`?"));
+                    } else {
+                        d = d.with_help(format!("the options are: {}", SAVE_OPTIONS.join(", ")));
+                    }
+                    self.diags.push(d);
+                }
+            }
+        }
+        let dir_path = resolve_dir(&self.options.base_dir, &dir.value);
+        if let Some(previous) = self.outputs.iter().find(|o| o.dir == dir_path) {
+            self.diags.push(
+                Diagnostic::error(Code::E0405, format!("two saves write to `{}`", dir.value))
+                    .at(dir.span, "written again here")
+                    .with_label(previous.span, "first written here")
+                    .with_help("give each save its own folder"),
+            );
+            return;
+        }
+        if let Err(e) =
+            crate::io::writer::check_output_target(&dir_path, self.options.force, &self.protected_paths())
+        {
+            let mut d = Diagnostic::error(Code::E0405, e.to_string()).at(dir.span, "output folder");
+            if !self.options.force && dir_path.exists() {
+                d = d.with_help("choose another folder, or pass --force to replace it");
+            }
+            self.diags.push(d);
+        }
+        let Some(model) = model else { return };
+        let config_from = config_from.or_else(|| model.inputs.first().copied());
+        let tokenizer_from = tokenizer_from.or(config_from);
+        let output = hir::Output {
+            dir: dir_path,
+            span: dir.span,
+            tensors: Vec::new(),
+            max_shard_bytes,
+            config_from,
+            tokenizer_from,
+            dtype,
+            layer_count: model.layers,
+            inputs: model.inputs.clone(),
+        };
+        let _ = stmt_span;
+        let output = instantiate::output(&self.models, output, &model, &mut self.diags);
+        self.outputs.push(output);
+    }
+
+    /// `shard: 5GB` (a size) or a plain number of bytes, at least 1.
+    fn size_option(&mut self, value: &Expr) -> Option<u64> {
+        let bytes = match self.expr(value) {
+            Value::Size(n) => n as f64,
+            Value::Param(Param::Number(x)) => x,
+            Value::Error => return None,
+            other => {
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`shard` expects a size, found {}", other.describe()),
+                    )
+                    .at(value.span, format!("this is {}", other.describe()))
+                    .with_help("for example `shard: 5GB` or `shard: 500MiB`"),
+                );
+                return None;
+            }
+        };
+        if bytes < 1.0 || bytes.fract() != 0.0 {
+            self.diags.push(
+                Diagnostic::error(
+                    Code::E0305,
+                    "shard size must be a whole number of bytes, at least 1",
+                )
+                .at(value.span, "not a valid size")
+                .with_help("for example `shard: 5GB`"),
+            );
+            return None;
+        }
+        Some(bytes as u64)
+    }
+
+    fn protected_paths(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for m in &self.models {
+            out.extend(m.info.protected_paths());
+        }
+        out
+    }
+
+    fn dtype_option(&mut self, value: &Expr) -> Option<DType> {
+        let text = match &value.kind {
+            ExprKind::Name(n) if !self.env.contains_key(n) => n.clone(),
+            ExprKind::Str(s) => s.clone(),
+            _ => {
+                let v = self.expr(value);
+                if !matches!(v, Value::Error) {
+                    self.diags.push(
+                        Diagnostic::error(
+                            Code::E0301,
+                            format!("`dtype` expects f32, f16 or bf16, found {}", v.describe()),
+                        )
+                        .at(value.span, format!("this is {}", v.describe())),
+                    );
+                }
+                return None;
+            }
+        };
+        match DType::from_script_name(&text) {
+            Some(d) => Some(d),
+            None => {
+                let mut d = Diagnostic::error(Code::E0305, format!("unknown dtype `{text}`"))
+                    .at(value.span, "not a dtype");
+                d = match names::did_you_mean(&text, ["f32", "f16", "bf16"]) {
+                    Some(s) => d.with_help(format!(
+                        "did you mean `{s}`? the output dtypes are f32, f16 and bf16"
+                    )),
+                    None => d.with_help("the output dtypes are f32, f16 and bf16"),
+                };
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    /// `config: m` / `tokenizer: m`: must name an input model.
+    fn donor_option(&mut self, value: &Expr, what: &str) -> Option<ModelId> {
+        match self.expr(value) {
+            Value::Model(m) => match (&*m.expr, m.params.is_empty()) {
+                (MExpr::Input(id), true) => Some(*id),
+                _ => {
+                    self.diags.push(
+                        Diagnostic::error(
+                            Code::E0301,
+                            format!("`{what}` needs an input model, found a computed model"),
+                        )
+                        .at(value.span, "computed here")
+                        .with_help(format!("name a model declared with `model`, e.g. `{what}: base`")),
+                    );
+                    None
+                }
+            },
+            Value::Error => None,
+            other => {
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`{what}` needs an input model, found {}", other.describe()),
+                    )
+                    .at(value.span, format!("this is {}", other.describe())),
+                );
+                None
+            }
+        }
+    }
+
+    fn warn_unused(&mut self) {
+        let mut unused: Vec<(&String, &Binding)> = self.env.iter().filter(|(_, b)| !b.used).collect();
+        unused.sort_by_key(|(_, b)| b.span);
+        for (name, b) in unused {
+            let what = if b.is_model { "model" } else { "binding" };
+            self.diags.push(
+                Diagnostic::error(Code::W0001, format!("unused {what} `{name}`"))
+                    .at(b.span, "never used")
+                    .with_help(if b.is_model {
+                        "remove it, or use it in a merge; an unused model is not read"
+                    } else {
+                        "remove it, or save it; unused bindings are not computed"
+                    }),
+            );
+        }
+    }
+}
+
+fn example_call(sig: &MethodSig) -> String {
+    let per_model: Vec<String> = sig
+        .params
+        .iter()
+        .filter(|p| p.per_model && p.default == methods::Default::Required)
+        .map(|p| format!("{}: 0.5", p.name))
+        .collect();
+    let block = if per_model.is_empty() {
+        String::new()
+    } else {
+        format!(" {{ {} }}", per_model.join(", "))
+    };
+    format!("{}(a{block}, b{block})", sig.name)
+}
+
+fn resolve_dir(base: &Path, dir: &str) -> PathBuf {
+    let p = Path::new(dir);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// The options `save ... to "dir" { ... }` takes.
+const SAVE_OPTIONS: &[&str] = &["dtype", "shard", "config", "tokenizer"];

@@ -1,0 +1,107 @@
+//! What expressions evaluate to during checking.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use super::hir::ModelId;
+use super::methods::MethodSig;
+use super::params::Param;
+use crate::io::DType;
+use crate::source::Span;
+use crate::syntax::ast::Ident;
+
+#[derive(Clone, Debug)]
+pub(crate) enum Value {
+    Model(ModelVal),
+    /// A list of models (a method's `models` argument).
+    Models(Vec<ModelVal>),
+    Param(Param),
+    Bool(bool),
+    Str,
+    Size(u64),
+    /// The result of an expression that already failed: it produces no further errors.
+    Error,
+}
+
+impl Value {
+    /// How the value is named in type errors.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Value::Model(_) => "a model",
+            Value::Models(..) => "a list of models",
+            Value::Param(Param::Number(_)) => "a number",
+            Value::Param(Param::Gradient(_)) => "a layer gradient",
+            Value::Param(Param::Table(_)) => "a tensor table",
+            Value::Bool(_) => "a boolean",
+            Value::Str => "a string",
+            Value::Size(_) => "a size",
+            Value::Error => "an invalid value",
+        }
+    }
+}
+
+/// Shape and storage dtype of one tensor of a model value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct TensorSig {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// A model-valued expression: its tensor set (checked) and how to compute each tensor.
+#[derive(Clone, Debug)]
+pub(crate) struct ModelVal {
+    pub expr: Rc<MExpr>,
+    pub tensors: Rc<BTreeMap<String, TensorSig>>,
+    pub layers: Option<usize>,
+    pub span: Span,
+    /// Input models read, in script order; the first donates config and tokenizer by default.
+    pub inputs: Vec<ModelId>,
+    /// Per-model parameters from a `{ ... }` block, consumed by the enclosing method call.
+    pub params: Vec<ParamEntry>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct ParamEntry {
+    pub name: Ident,
+    pub value: Value,
+    pub span: Span,
+}
+
+/// How each tensor of a model value is computed, before per-tensor resolution.
+#[derive(Debug)]
+pub(crate) enum MExpr {
+    Input(ModelId),
+    /// Layers `start..` of `inner`, renumbered from 0.
+    Layers {
+        inner: Rc<MExpr>,
+        start: usize,
+    },
+    Neg(Rc<MExpr>),
+    Add(Rc<MExpr>, Rc<MExpr>),
+    Sub(Rc<MExpr>, Rc<MExpr>),
+    Scale(Rc<MExpr>, Param, Span),
+    Divide(Rc<MExpr>, Param, Span),
+    Method(MethodCall),
+}
+
+#[derive(Debug)]
+pub(crate) struct MethodCall {
+    pub sig: &'static MethodSig,
+    pub models: Vec<CallModel>,
+    /// Parameters given once for the whole call (named arguments).
+    pub globals: BTreeMap<&'static str, ArgValue>,
+    pub span: Span,
+}
+
+#[derive(Debug)]
+pub(crate) struct CallModel {
+    pub expr: Rc<MExpr>,
+    pub params: BTreeMap<&'static str, ArgValue>,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum ArgValue {
+    Param(Param, Span),
+    Bool(bool),
+}
