@@ -123,7 +123,9 @@ fn compute_all(
             (Kernel::Copy, Some(bytes)) => Payload::Mapped(bytes.clone()),
             _ => {
                 let slices: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
-                Payload::Owned(executor.compute(step, &slices))
+                let out = executor.compute(step, &slices);
+                inputs.iter().for_each(TensorBytes::release);
+                Payload::Owned(out)
             }
         };
         if tx.send((step.tensor.clone(), payload)).is_err() {
@@ -140,6 +142,9 @@ fn write_all(
 ) -> Result<WrittenModel, RunError> {
     for (name, payload) in rx {
         writer.write_tensor(&name, payload.bytes())?;
+        if let Payload::Mapped(bytes) = &payload {
+            bytes.release();
+        }
     }
     Ok(writer.finish()?)
 }

@@ -57,6 +57,30 @@ impl Deref for TensorBytes {
     }
 }
 
+impl TensorBytes {
+    /// Tells the kernel these pages are no longer needed, so resident memory does not grow
+    /// with the size of the models read. A later read simply pages them in again. Failure
+    /// only costs memory, so it is ignored.
+    pub fn release(&self) {
+        release_range(&self.map, self.start, self.end - self.start);
+    }
+}
+
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn release_range(map: &Mmap, start: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: the map is a read-only shared file mapping and nothing is ever written
+    // through it, so dropping its pages (MADV_DONTNEED) loses no data: the next access
+    // reads the same bytes from the file again. memmap2 aligns the range to whole pages.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+}
+
+#[cfg(not(unix))]
+fn release_range(_map: &Mmap, _start: usize, _len: usize) {}
+
 impl AsRef<[u8]> for TensorBytes {
     fn as_ref(&self) -> &[u8] {
         self
