@@ -79,12 +79,10 @@ pub fn run(
             let computed = compute_all(program, &steps, executor, reader, &tx, &mut progress);
             drop(tx);
             let written = handle.join().map_err(|_| RunError::WriterLost(dir.clone()))?;
-            // A writer error explains a failed send better than the send does.
-            match (computed, written) {
-                (_, Err(e)) => Err(e),
-                (Err(e), _) => Err(e),
-                (Ok(()), Ok(w)) => Ok(w),
-            }
+            // A compute error is the cause when there is one (the writer then only sees its
+            // queue close early); otherwise the writer's own result stands. Either way an
+            // unfinished writer removes its temporary folder.
+            computed.and(written)
         })?;
         outputs.push(written);
     }
