@@ -291,6 +291,7 @@ fn run_script(path: &Path, force: bool, threads: Option<usize>, format: Format) 
         Ok(report) => {
             if format == Format::Json {
                 let json = serde_json::json!({
+                    "diagnostics": render::to_json(&compiled.warnings.0, &script.sources),
                     "outputs": report.outputs.iter().map(|o| o.dir.display().to_string()).collect::<Vec<_>>(),
                     "tensors": report.tensors,
                     "read_bytes": report.bytes_read,

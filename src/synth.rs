@@ -482,7 +482,7 @@ mod tests {
         let c = config_json(&SynthSpec::bench_350m(1));
         assert_eq!(c["model_type"], "llama");
         assert_eq!(c["architectures"][0], "LlamaForCausalLM");
-        assert_eq!(c["num_key_value_heads"], 8);
+        assert_eq!(c["num_key_value_heads"], 16);
         assert_eq!(c["head_dim"], 64);
         assert_eq!(c["torch_dtype"], "bfloat16");
         assert_eq!(c["tie_word_embeddings"], false);

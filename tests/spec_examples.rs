@@ -66,13 +66,21 @@ fn render(script: &Script, diags: &Diagnostics) -> String {
     mergec::diag::render::render_text(&diags.0, &script.sources, false)
 }
 
-/// Compiles `text`; returns a failure message when the outcome is not the expected one.
-fn check_block(name: &str, text: &str, base_dir: &Path, expect_fail: bool) -> Option<String> {
-    let script = Script::from_text(name, text.to_string(), base_dir.to_path_buf());
+/// Compiles `text` as source `source_name`; returns a failure message, headed `name`, when
+/// the outcome is not the expected one.
+fn check_block(
+    name: &str,
+    source_name: &str,
+    text: &str,
+    base_dir: &Path,
+    expect_fail: bool,
+) -> Option<String> {
+    let script = Script::from_text(source_name, text.to_string(), base_dir.to_path_buf());
     match (driver::compile(&script, false, &Limits::default()), expect_fail) {
         (Ok(_), false) => None,
         (Ok(_), true) => Some(format!(
-            "{name}: expected errors, but the script compiled:\n{text}"
+            "{name}: expected errors, but the script compiled:\n{}",
+            text.trim_start_matches('\n')
         )),
         (Err(diags), false) => Some(format!(
             "{name}: expected to compile, but:\n{}",
@@ -138,7 +146,9 @@ fn spec_and_example_scripts_compile() {
             };
             checked += 1;
             let name = format!("{file}:{}", block.line);
-            if let Some(f) = check_block(&name, &block.text, &conformance, expect_fail) {
+            // Blank lines up to the fence, so diagnostics give the line in the Markdown file.
+            let text = format!("{}{}", "\n".repeat(block.line), block.text);
+            if let Some(f) = check_block(&name, &file, &text, &conformance, expect_fail) {
                 failures.push(f);
             }
         }
@@ -154,7 +164,7 @@ fn spec_and_example_scripts_compile() {
             std::fs::write(tmp.path().join(file_name), &text).unwrap();
             checked += 1;
             let name = format!("examples/{}", file_name.to_string_lossy());
-            if let Some(f) = check_block(&name, &text, tmp.path(), false) {
+            if let Some(f) = check_block(&name, &name, &text, tmp.path(), false) {
                 failures.push(f);
             }
         }

@@ -80,10 +80,12 @@ impl ModelInfo {
     /// file itself for a single-file reference (its folder may hold other things).
     pub fn protected_paths(&self) -> Vec<PathBuf> {
         let single_file = self.files.len() == 1 && self.reference.ends_with(".safetensors");
-        let mut out = self.files.clone();
+        // The folder first, so a save to the folder itself reads "is the input model".
+        let mut out = Vec::with_capacity(self.files.len() + 1);
         if !single_file {
             out.push(self.root.clone());
         }
+        out.extend(self.files.iter().cloned());
         out
     }
 

@@ -138,7 +138,7 @@ impl Ctx<'_> {
             }
             MExpr::Divide(inner, p, span) => {
                 let divisor = self.param(p, *span, name, t)?;
-                if divisor == 0.0 {
+                if divisor as f32 == 0.0 {
                     self.problems
                         .add(*span, Code::E0305, "division by zero", "this is 0 here", name);
                     return None;
@@ -149,18 +149,27 @@ impl Ctx<'_> {
         })
     }
 
+    /// A factor or divisor for this tensor; it must be a finite f32, as kernels compute in f32.
     fn param(&mut self, p: &Param, span: Span, name: &str, t: f64) -> Option<f64> {
         let v = p.eval(name, t);
-        if v.is_none() {
-            self.problems.add(
+        match v {
+            None => self.problems.add(
                 span,
                 Code::E0306,
                 "no table entry matches",
                 "no arm matches them",
                 name,
-            );
+            ),
+            Some(x) if !(x as f32).is_finite() => self.problems.add(
+                span,
+                Code::E0305,
+                "the number is too large for f32",
+                "out of f32 range",
+                name,
+            ),
+            Some(_) => return v,
         }
-        v
+        None
     }
 
     /// A per-model number: the model's own setting, then the call's, then the default.
@@ -209,7 +218,19 @@ impl Ctx<'_> {
             "linear" => {
                 let mut terms = Vec::with_capacity(call.models.len());
                 for m in &call.models {
-                    let w = self.number(m, call, "weight", name, t);
+                    let w = self.number(m, call, "weight", name, t).filter(|w| {
+                        let finite = (*w as f32).is_finite();
+                        if !finite {
+                            self.problems.add(
+                                m.span,
+                                Code::E0305,
+                                "the weight is too large for f32",
+                                "this model's weight",
+                                name,
+                            );
+                        }
+                        finite
+                    });
                     let x = self.tensor(&m.expr, name, t, true);
                     terms.push((x?, w?));
                 }

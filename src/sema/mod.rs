@@ -131,6 +131,17 @@ impl Checker<'_> {
     }
 
     fn bind(&mut self, name: &ast::Ident, value: Value, is_model: bool) {
+        if matches!(name.name.as_str(), "true" | "false") {
+            self.diags.push(
+                Diagnostic::error(
+                    Code::E0202,
+                    format!("`{}` is a built-in name and cannot be redefined", name.name),
+                )
+                .at(name.span, "built in")
+                .with_help("choose another name"),
+            );
+            return;
+        }
         if let Some(previous) = self.env.get(&name.name) {
             let d = Diagnostic::error(Code::E0202, format!("`{}` is defined twice", name.name))
                 .at(name.span, "defined again here")
@@ -451,10 +462,15 @@ impl Checker<'_> {
                 self.derive(&m, span, MExpr::Scale(Rc::clone(&m.expr), p, factor_span))
             }
             (BinOp::Div, Value::Model(m), Value::Param(p)) => {
-                if p.literals().contains(&0.0) {
+                if p.literals().iter().any(|v| *v as f32 == 0.0) {
+                    let label = if matches!(p, Param::Number(_)) {
+                        "this is 0"
+                    } else {
+                        "this can be 0"
+                    };
                     return self.error(
                         Diagnostic::error(Code::E0305, "division by zero")
-                            .at(rhs_e.span, "this can be 0")
+                            .at(rhs_e.span, label)
                             .with_help("a model can only be divided by a non-zero number"),
                     );
                 }
@@ -988,9 +1004,14 @@ impl Checker<'_> {
             crate::io::writer::check_output_target(&dir_path, self.options.force, &self.protected_paths())
         {
             let mut d = Diagnostic::error(Code::E0405, e.to_string()).at(dir.span, "output folder");
-            if !self.options.force && dir_path.exists() {
-                d = d.with_help("choose another folder, or pass --force to replace it");
-            }
+            d = match e {
+                crate::io::WriteError::NotEmpty { .. } => {
+                    d.with_help("choose another folder, or pass --force to replace it")
+                }
+                _ => d.with_help(
+                    "choose a folder outside every input model; --force never overwrites an input",
+                ),
+            };
             self.diags.push(d);
         }
         let Some(model) = model else { return };

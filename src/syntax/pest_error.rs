@@ -95,7 +95,7 @@ fn rule_names(rule: Rule) -> &'static [&'static str] {
         Rule::named => &["`name: value`"],
         Rule::arm => &["a match arm (`\"pattern\" => value`)"],
         Rule::wildcard => &["`_`"],
-        Rule::size_unit => &["a size unit (B, KB, MB, GB, KiB, MiB, GiB)"],
+        Rule::size_unit => &["a size unit (B, K, KB, M, MB, G, GB, T, TB, KiB, MiB, GiB, TiB)"],
         _ => &["something else"],
     }
 }
