@@ -17,6 +17,7 @@ pub mod driver;
 pub mod exec;
 pub mod graph;
 pub mod io;
+pub mod ops;
 pub mod opt;
 pub mod plan;
 pub mod sema;

@@ -6,6 +6,7 @@
 
 pub mod cpu;
 mod folder;
+pub mod methods;
 
 use std::sync::mpsc;
 use std::time::Instant;

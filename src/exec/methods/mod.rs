@@ -1,0 +1,78 @@
+//! CPU reference of every whole-tensor merge method ([`MethodOp`]).
+//!
+//! Inputs stay in their stored form (usually memory-mapped) and are decoded to f32 in
+//! chunks as a method needs them; reductions accumulate in f64 in a fixed order, so results
+//! never depend on the thread count. Each method returns its f32 result.
+
+mod geometry;
+mod gta;
+mod other;
+pub mod rng;
+pub mod select;
+
+use std::ops::Range;
+
+use crate::exec::cpu::decode;
+use crate::io::DType;
+use crate::ops::MethodOp;
+
+/// One input tensor as stored.
+#[derive(Clone, Copy, Debug)]
+pub struct MethodInput<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+}
+
+/// The inputs of one method application: same shape, in the order the op documents.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub tensors: &'a [MethodInput<'a>],
+    pub shape: &'a [usize],
+}
+
+impl Inputs<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Decodes elements `range` of input `i` into `out` (`out.len() == range.len()`).
+    pub fn decode(&self, i: usize, range: Range<usize>, out: &mut [f32]) {
+        let t = &self.tensors[i];
+        let size = t.dtype.size_bytes();
+        decode(&t.bytes[range.start * size..range.end * size], t.dtype, out);
+    }
+
+    /// The whole of input `i` as f32.
+    pub fn to_f32(&self, i: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.decode(i, 0..self.numel(), &mut out);
+        out
+    }
+}
+
+/// Elements per chunk for chunked passes over inputs.
+pub const CHUNK: usize = 1 << 16;
+
+/// Computes `op` over `inputs`; the result has `inputs.numel()` values.
+pub fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
+    match op {
+        MethodOp::Slerp { .. }
+        | MethodOp::Nuslerp { .. }
+        | MethodOp::Multislerp { .. }
+        | MethodOp::Karcher { .. }
+        | MethodOp::ModelStock { .. }
+        | MethodOp::Nearswap { .. } => geometry::apply(op, inputs),
+        MethodOp::Gta { .. } => gta::apply(op, inputs),
+        MethodOp::Sce { .. } | MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::ArceeFusion => {
+            other::apply(op, inputs)
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Whole-tensor merge operations, each defined once: sema builds them with every parameter
+//! resolved for one tensor, the graph carries them, and `exec::methods` computes them.
+//! spec/ops.md gives each formula.
+
+/// The family of a generalized task-arithmetic merge (mergekit's GTA table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GtaKind {
+    TaskArithmetic,
+    Ties,
+    DareTies,
+    DareLinear,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+}
+
+impl GtaKind {
+    /// Sign consensus (TIES election) over the weighted deltas.
+    pub fn consensus(self) -> bool {
+        matches!(
+            self,
+            GtaKind::Ties | GtaKind::DareTies | GtaKind::BreadcrumbsTies | GtaKind::Della
+        )
+    }
+}
+
+/// A merge of whole tensors. Inputs are listed in the order the variant documents; all
+/// have the same shape; the result has that shape too. Parameters are plain numbers for
+/// this one tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MethodOp {
+    /// Inputs `[v0, v1]` (`v0` is the `t = 0` end). One angle for the flattened tensor;
+    /// lerp when |cos| > 0.9995.
+    Slerp { t: f64 },
+    /// Inputs `[a, b]`, or `[base, a, b]` when `with_base` (then on task vectors).
+    /// `t = w_b / (w_a + w_b)` (0.5 when the sum is below 1e-6).
+    Nuslerp {
+        weights: [f64; 2],
+        flatten: bool,
+        row_wise: bool,
+        with_base: bool,
+    },
+    /// Inputs `[m...]`, or `[base, m...]` when `with_base`.
+    Multislerp {
+        weights: Vec<f64>,
+        normalize_weights: bool,
+        eps: f64,
+        with_base: bool,
+    },
+    /// Inputs `[m...]`; equal weights.
+    Karcher { max_iter: u32, tol: f64 },
+    /// Inputs `[base, m...]`; per-model vectors have one entry per non-base model.
+    /// `keys` seed the random masks (DARE, DELLA), one per non-base model.
+    Gta {
+        kind: GtaKind,
+        weights: Vec<f64>,
+        densities: Vec<f64>,
+        gammas: Vec<f64>,
+        epsilons: Vec<f64>,
+        lambda: f64,
+        normalize: bool,
+        rescale: bool,
+        keys: Vec<u64>,
+    },
+    /// Inputs `[base, m...]`.
+    Sce { select_topk: f64 },
+    /// Inputs `[base, m...]`.
+    Ram { epsilon: f64 },
+    /// Inputs `[base, m...]`.
+    RamPlusTl { r: f64, alpha: f64, epsilon: f64 },
+    /// Inputs `[base, m...]` (at least two besides the base).
+    ModelStock { filter_wise: bool },
+    /// Inputs `[base, m]`.
+    Nearswap { t: f64 },
+    /// Inputs `[base, m]`.
+    ArceeFusion,
+}
+
+impl MethodOp {
+    /// The method's name as scripts write it (for dumps and messages).
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodOp::Slerp { .. } => "slerp",
+            MethodOp::Nuslerp { .. } => "nuslerp",
+            MethodOp::Multislerp { .. } => "multislerp",
+            MethodOp::Karcher { .. } => "karcher",
+            MethodOp::Gta { kind, .. } => match kind {
+                GtaKind::TaskArithmetic => "task_arithmetic",
+                GtaKind::Ties => "ties",
+                GtaKind::DareTies => "dare_ties",
+                GtaKind::DareLinear => "dare_linear",
+                GtaKind::Breadcrumbs => "breadcrumbs",
+                GtaKind::BreadcrumbsTies => "breadcrumbs_ties",
+                GtaKind::Della => "della",
+                GtaKind::DellaLinear => "della_linear",
+            },
+            MethodOp::Sce { .. } => "sce",
+            MethodOp::Ram { .. } => "ram",
+            MethodOp::RamPlusTl { .. } => "ramplus_tl",
+            MethodOp::ModelStock { .. } => "model_stock",
+            MethodOp::Nearswap { .. } => "nearswap",
+            MethodOp::ArceeFusion => "arcee_fusion",
+        }
+    }
+}
+
+/// The key of one model's random stream for one tensor: FNV-1a over the tensor name, mixed
+/// with the script's seed and the model's position in the call. The stream then depends on
+/// nothing else (not on threads, schedule or backend).
+pub fn rng_key(seed: u64, model_position: u32, tensor: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tensor.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut x = h ^ seed.rotate_left(17) ^ ((model_position as u64) << 48 | model_position as u64);
+    // splitmix64 finaliser, so nearby seeds give unrelated keys
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
