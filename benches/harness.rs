@@ -33,6 +33,9 @@ struct Args {
     /// Do not rebuild `mergec` first, even when launched by cargo.
     #[arg(long)]
     no_build: bool,
+    /// Run only the scenarios with these names (default: all).
+    #[arg(long = "only")]
+    only: Vec<String>,
 }
 
 /// Merge time must stay under this multiple of the I/O floor.
@@ -48,7 +51,7 @@ const SEED: u64 = 42;
 /// Bump when `mergec synth` changes its output, so stale inputs get regenerated.
 const SYNTH_FORMAT: u32 = 2;
 /// Input models as (folder name under `models/`, synth variant).
-const MODELS: &[(&str, u32)] = &[("ft1", 1), ("ft2", 2), ("ft3", 3)];
+const MODELS: &[(&str, u32)] = &[("base", 0), ("ft1", 1), ("ft2", 2), ("ft3", 3)];
 
 /// One benchmarked merge. Paths in `script` are relative to the workdir (where the script
 /// is written); `inputs` and `output` name the same folders for the floor and byte counts.
@@ -59,16 +62,30 @@ struct Scenario {
     output: &'static str,
 }
 
-const SCENARIOS: &[Scenario] = &[Scenario {
-    name: "linear3",
-    script: r#"model a = "models/ft1"
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "linear3",
+        script: r#"model a = "models/ft1"
 model b = "models/ft2"
 model c = "models/ft3"
 save linear(a { weight: 0.5 }, b { weight: 0.3 }, c { weight: 0.2 }) to "out/linear3" { dtype: bf16 }
 "#,
-    inputs: &["models/ft1", "models/ft2", "models/ft3"],
-    output: "out/linear3",
-}];
+        inputs: &["models/ft1", "models/ft2", "models/ft3"],
+        output: "out/linear3",
+    },
+    Scenario {
+        name: "ties4",
+        script: r#"model base = "models/base"
+model a = "models/ft1"
+model b = "models/ft2"
+model c = "models/ft3"
+save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }, c { weight: 0.2, density: 0.5 })
+    to "out/ties4" { dtype: bf16 }
+"#,
+        inputs: &["models/base", "models/ft1", "models/ft2", "models/ft3"],
+        output: "out/ties4",
+    },
+];
 
 /// One floor + merge measurement.
 struct Sample {
@@ -105,7 +122,10 @@ fn run() -> Result<()> {
     ensure_models(&mergec, &workdir)?;
 
     let mut failed = false;
-    for scenario in SCENARIOS {
+    for scenario in SCENARIOS
+        .iter()
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
+    {
         failed |= !run_scenario(&mergec, &workdir, scenario, &args)?;
     }
     if failed {

@@ -43,6 +43,7 @@ codes! {
     E0206 => "wrong number of arguments",
     E0207 => "argument given twice",
     E0208 => "unknown save option",
+    E0209 => "unknown or misplaced setting",
     E0301 => "type mismatch",
     E0302 => "tensor sets differ",
     E0303 => "shape mismatch",

@@ -31,13 +31,27 @@ impl CpuExecutor {
         let in_dtypes: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
         let out_size = step.dtype.size_bytes();
         let mut out = vec![0u8; step.out_bytes() as usize];
-        let Kernel::Fused(program) = &step.kernel else {
-            // Copies never reach the executor; the bytes go straight to the writer.
-            if let Some(first) = inputs.first() {
-                let n = out.len().min(first.len());
-                out[..n].copy_from_slice(&first[..n]);
+        let program = match &step.kernel {
+            Kernel::Fused(program) => program,
+            Kernel::Whole(program) => {
+                let values = self
+                    .pool
+                    .install(|| whole::run(program, inputs, &in_dtypes, &step.shape));
+                self.pool.install(|| {
+                    out.par_chunks_mut(self.chunk * out_size)
+                        .zip(values.par_chunks(self.chunk))
+                        .for_each(|(o, v)| encode(v, step.dtype, o));
+                });
+                return out;
             }
-            return out;
+            Kernel::Copy => {
+                // Copies normally go straight to the writer; this keeps the executor total.
+                if let Some(first) = inputs.first() {
+                    let n = out.len().min(first.len());
+                    out[..n].copy_from_slice(&first[..n]);
+                }
+                return out;
+            }
         };
         let chunk = self.chunk;
         self.pool.install(|| {
@@ -108,6 +122,8 @@ impl Scratch {
                 Instr::Add => self.binary(|a, b| a + b),
                 Instr::Sub => self.binary(|a, b| a - b),
                 Instr::WeightedSum { weights, divisor } => self.weighted_sum(weights, *divisor),
+                // Fused kernels hold no methods (plan::kernel puts those in Whole kernels).
+                Instr::Method { .. } => {}
             }
         }
         self.stack.last().copied().unwrap_or(0)
@@ -164,6 +180,115 @@ fn two_mut(bufs: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &Vec<f3
     } else {
         let (lo, hi) = bufs.split_at_mut(a);
         (&mut hi[0], &lo[b])
+    }
+}
+
+/// Kernels with whole-tensor methods: a stack machine over whole tensors. Inputs stay in
+/// their stored bytes until an operation needs them decoded; methods read them directly.
+mod whole {
+    use rayon::prelude::*;
+
+    use super::decode;
+    use crate::exec::methods::{self, Inputs, MethodInput};
+    use crate::io::DType;
+    use crate::plan::Instr;
+
+    enum Item {
+        Slot(usize),
+        Values(Vec<f32>),
+    }
+
+    pub(super) fn run(program: &[Instr], inputs: &[&[u8]], dtypes: &[DType], shape: &[usize]) -> Vec<f32> {
+        let numel: usize = shape.iter().product();
+        let values = |item: Item| -> Vec<f32> {
+            match item {
+                Item::Values(v) => v,
+                Item::Slot(s) => {
+                    let mut v = vec![0f32; numel];
+                    let size = dtypes[s].size_bytes();
+                    v.par_chunks_mut(methods::CHUNK)
+                        .zip(inputs[s].par_chunks(methods::CHUNK * size))
+                        .for_each(|(o, b)| decode(b, dtypes[s], o));
+                    v
+                }
+            }
+        };
+        let mut stack: Vec<Item> = Vec::new();
+        for instr in program {
+            let (pops, _) = instr.stack_effect();
+            if stack.len() < pops {
+                break; // plan::check rules this out
+            }
+            let mut args: Vec<Item> = stack.split_off(stack.len() - pops);
+            let result = match instr {
+                Instr::Load(slot) => Item::Slot(*slot),
+                Instr::Method { op, .. } => {
+                    // Computed operands are handed over as little-endian f32 bytes.
+                    let owned: Vec<Option<Vec<u8>>> = args
+                        .iter()
+                        .map(|a| match a {
+                            Item::Values(v) => Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                            Item::Slot(_) => None,
+                        })
+                        .collect();
+                    let tensors: Vec<MethodInput> = args
+                        .iter()
+                        .zip(&owned)
+                        .map(|(a, o)| match (a, o) {
+                            (Item::Slot(s), _) => MethodInput {
+                                bytes: inputs[*s],
+                                dtype: dtypes[*s],
+                            },
+                            (_, Some(bytes)) => MethodInput {
+                                bytes,
+                                dtype: DType::F32,
+                            },
+                            (_, None) => MethodInput {
+                                bytes: &[],
+                                dtype: DType::F32,
+                            },
+                        })
+                        .collect();
+                    Item::Values(methods::apply(
+                        op,
+                        &Inputs {
+                            tensors: &tensors,
+                            shape,
+                        },
+                    ))
+                }
+                elementwise => {
+                    let mut bufs: Vec<Vec<f32>> = args.drain(..).map(&values).collect();
+                    let mut acc = bufs.remove(0);
+                    apply_elementwise(elementwise, &mut acc, &bufs);
+                    Item::Values(acc)
+                }
+            };
+            stack.push(result);
+        }
+        stack.pop().map(values).unwrap_or_default()
+    }
+
+    /// The element-wise instructions on whole buffers, with the chunked executor's order of
+    /// operations (so both kernels give the same bits).
+    fn apply_elementwise(instr: &Instr, acc: &mut [f32], rest: &[Vec<f32>]) {
+        match instr {
+            Instr::Neg => acc.par_iter_mut().for_each(|x| *x = -*x),
+            Instr::Scale(f) => acc.par_iter_mut().for_each(|x| *x *= *f),
+            Instr::Divide(d) => acc.par_iter_mut().for_each(|x| *x /= *d),
+            Instr::Add => acc.par_iter_mut().zip(&rest[0]).for_each(|(a, b)| *a += *b),
+            Instr::Sub => acc.par_iter_mut().zip(&rest[0]).for_each(|(a, b)| *a -= *b),
+            Instr::WeightedSum { weights, divisor } => {
+                acc.par_iter_mut().for_each(|x| *x *= weights[0]);
+                for (b, w) in rest.iter().zip(&weights[1..]) {
+                    acc.par_iter_mut().zip(b).for_each(|(a, x)| *a += *w * *x);
+                }
+                if let Some(d) = divisor {
+                    acc.par_iter_mut().for_each(|x| *x /= *d);
+                }
+            }
+            Instr::Load(_) | Instr::Method { .. } => {}
+        }
     }
 }
 

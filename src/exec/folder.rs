@@ -118,6 +118,10 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
         let model = program.model(*m);
         card.push_str(&format!("- `{}`: `{}`\n", model.name, model.info.reference));
     }
+    card.push_str(&format!(
+        "\nSeed of the random masks (`set seed`): {}.\n",
+        program.seed
+    ));
     card.push_str("\n## Script\n\nThe output was produced by this script:\n\n```merge\n");
     card.push_str(program.script_text.trim_end());
     card.push_str("\n```\n");

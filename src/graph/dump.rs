@@ -19,6 +19,7 @@ pub fn dump(g: &Graph) -> String {
                 tensor,
                 dtype,
             } => format!(" out{output}:{tensor} {dtype}"),
+            Op::Method { op, .. } => format!(" {op:?}"),
             Op::Neg | Op::Add | Op::Sub => String::new(),
         };
         let _ = writeln!(

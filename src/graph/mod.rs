@@ -12,6 +12,7 @@ use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::Direction;
 
 use crate::io::DType;
+use crate::ops::MethodOp;
 use crate::sema::hir::{self, ModelId, TensorExpr};
 
 pub use dump::dump;
@@ -36,6 +37,11 @@ pub enum Op {
         weights: Vec<f32>,
         divisor: Option<f32>,
     },
+    /// A whole-tensor merge method over `inputs` operands (not element-wise).
+    Method {
+        op: MethodOp,
+        inputs: usize,
+    },
     Store {
         output: usize,
         tensor: String,
@@ -54,6 +60,7 @@ impl Op {
             Op::Scale(_) => "scale",
             Op::Divide(_) => "divide",
             Op::WeightedSum { .. } => "weighted_sum",
+            Op::Method { op, .. } => op.name(),
             Op::Store { .. } => "store",
         }
     }
@@ -65,6 +72,7 @@ impl Op {
             Op::Neg | Op::Scale(_) | Op::Divide(_) | Op::Store { .. } => Some(1),
             Op::Add | Op::Sub => Some(2),
             Op::WeightedSum { weights, .. } => Some(weights.len()),
+            Op::Method { inputs, .. } => Some(*inputs),
         }
     }
 }
@@ -190,6 +198,17 @@ fn lower_expr(
         TensorExpr::Divide(x, d) => {
             let x = lower(g, x);
             g.add(Op::Divide(*d as f32), shape, &[x])
+        }
+        TensorExpr::Method { op, inputs } => {
+            let operands: Vec<NodeIndex> = inputs.iter().map(|x| lower(g, x)).collect();
+            g.add(
+                Op::Method {
+                    op: op.clone(),
+                    inputs: operands.len(),
+                },
+                shape,
+                &operands,
+            )
         }
         TensorExpr::WeightedSum { terms, divisor } => {
             let operands: Vec<NodeIndex> = terms.iter().map(|(x, _)| lower(g, x)).collect();

@@ -31,20 +31,15 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
                     ));
                 }
             }
-            Kernel::Fused(program) => {
+            Kernel::Fused(program) | Kernel::Whole(program) => {
                 let mut depth: usize = 0;
                 for instr in program {
-                    let (pops, pushes) = match instr {
-                        Instr::Load(slot) => {
-                            if *slot >= step.inputs.len() {
-                                return Err(bug(format!("loads slot {slot} of {}", step.inputs.len())));
-                            }
-                            (0, 1)
+                    if let Instr::Load(slot) = instr {
+                        if *slot >= step.inputs.len() {
+                            return Err(bug(format!("loads slot {slot} of {}", step.inputs.len())));
                         }
-                        Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => (1, 1),
-                        Instr::Add | Instr::Sub => (2, 1),
-                        Instr::WeightedSum { weights, .. } => (weights.len(), 1),
-                    };
+                    }
+                    let (pops, pushes) = instr.stack_effect();
                     depth = depth
                         .checked_sub(pops)
                         .ok_or_else(|| bug("pops an empty stack".into()))?
@@ -52,6 +47,10 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
                 }
                 if depth != 1 {
                     return Err(bug(format!("leaves {depth} values on the stack")));
+                }
+                let whole = program.iter().any(|i| matches!(i, Instr::Method { .. }));
+                if whole != matches!(step.kernel, Kernel::Whole(_)) {
+                    return Err(bug("kernel kind does not match its program".into()));
                 }
             }
         }
@@ -72,7 +71,7 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
     let mut peak = 0;
     let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     for step in &plan.steps {
-        let held = step.in_bytes() + step.out_bytes() + queued.iter().sum::<u64>();
+        let held = step.in_bytes() + step.out_bytes() + whole_tensor_bytes(step) + queued.iter().sum::<u64>();
         peak = peak.max(held);
         queued.push_back(step.out_bytes());
         if queued.len() > plan.write_queue {
@@ -84,3 +83,12 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
 
 /// The writer's buffered-I/O buffer (io::writer).
 pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Whole-tensor kernels hold f32 copies: one per stack slot, the result, and a method's own
+/// working arrays (at most four f32/u32 arrays of the tensor's size).
+pub(crate) fn whole_tensor_bytes(step: &super::Step) -> u64 {
+    match &step.kernel {
+        Kernel::Whole(_) => step.numel() * 4 * (step.kernel.stack_depth() as u64 + 5),
+        _ => 0,
+    }
+}

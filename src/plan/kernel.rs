@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Graph, Op};
+use crate::ops::MethodOp;
 
 /// One instruction of a fused kernel; operands are popped from a stack of chunk buffers.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,30 +23,53 @@ pub enum Instr {
         weights: Vec<f32>,
         divisor: Option<f32>,
     },
+    /// Pops `arity` whole tensors (first operand deepest), pushes the method's result.
+    Method {
+        op: MethodOp,
+        arity: usize,
+    },
+}
+
+impl Instr {
+    /// Values popped and pushed.
+    pub fn stack_effect(&self) -> (usize, usize) {
+        match self {
+            Instr::Load(_) => (0, 1),
+            Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => (1, 1),
+            Instr::Add | Instr::Sub => (2, 1),
+            Instr::WeightedSum { weights, .. } => (weights.len(), 1),
+            Instr::Method { arity, .. } => (*arity, 1),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kernel {
     /// The input's bytes are written unchanged (same dtype, no arithmetic).
     Copy,
+    /// Element-wise only: runs chunk by chunk.
     Fused(Vec<Instr>),
+    /// Contains a whole-tensor method: runs on whole tensors.
+    Whole(Vec<Instr>),
 }
 
 impl Kernel {
     /// Deepest stack the program reaches (buffers of scratch per chunk).
     pub fn stack_depth(&self) -> usize {
-        let Kernel::Fused(program) = self else { return 0 };
         let (mut depth, mut max) = (0usize, 0usize);
-        for i in program {
-            match i {
-                Instr::Load(_) => depth += 1,
-                Instr::Add | Instr::Sub => depth = depth.saturating_sub(1),
-                Instr::WeightedSum { weights, .. } => depth = depth.saturating_sub(weights.len()) + 1,
-                Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => {}
-            }
+        for i in self.program() {
+            let (pops, pushes) = i.stack_effect();
+            depth = depth.saturating_sub(pops) + pushes;
             max = max.max(depth);
         }
         max
+    }
+
+    pub fn program(&self) -> &[Instr] {
+        match self {
+            Kernel::Copy => &[],
+            Kernel::Fused(p) | Kernel::Whole(p) => p,
+        }
     }
 }
 
@@ -64,6 +88,7 @@ pub(crate) fn compile(g: &Graph, store: NodeIndex) -> (Kernel, Vec<NodeIndex>) {
     };
     let kernel = match (&g.nodes[value].op, store_dtype) {
         (Op::Load { dtype, .. }, Some(out)) if *dtype == out => Kernel::Copy,
+        _ if program.iter().any(|i| matches!(i, Instr::Method { .. })) => Kernel::Whole(program),
         _ => Kernel::Fused(program),
     };
     (kernel, slots)
@@ -95,6 +120,10 @@ fn emit(
         Op::WeightedSum { weights, divisor } => Instr::WeightedSum {
             weights: weights.clone(),
             divisor: *divisor,
+        },
+        Op::Method { op, inputs } => Instr::Method {
+            op: op.clone(),
+            arity: *inputs,
         },
         // A store never feeds another node (graph::verify).
         Op::Store { .. } => return,

@@ -162,6 +162,7 @@ pub fn dump(plan: &Plan, program: &hir::Program) -> String {
         let kernel = match &s.kernel {
             Kernel::Copy => "copy".to_string(),
             Kernel::Fused(p) => format!("fused[{}]", p.len()),
+            Kernel::Whole(p) => format!("whole[{}]", p.len()),
         };
         let inputs: Vec<String> = s
             .inputs

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::io::{DType, ModelInfo};
+use crate::ops::MethodOp;
 use crate::source::Span;
 
 /// Index of an input model in [`Program::models`].
@@ -23,6 +24,8 @@ pub struct Program {
     pub outputs: Vec<Output>,
     /// The script's text, recorded in each output's model card.
     pub script_text: String,
+    /// The seed of every random mask (`set seed = N`, default 0).
+    pub seed: u64,
 }
 
 impl Program {
@@ -94,5 +97,10 @@ pub enum TensorExpr {
     WeightedSum {
         terms: Vec<(TensorExpr, f64)>,
         divisor: Option<f64>,
+    },
+    /// A whole-tensor merge method over `inputs`, in the order the op documents.
+    Method {
+        op: MethodOp,
+        inputs: Vec<TensorExpr>,
     },
 }

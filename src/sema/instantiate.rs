@@ -9,6 +9,7 @@ use super::names;
 use super::params::Param;
 use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal};
 use crate::diag::{Code, Diagnostic, Diagnostics};
+use crate::ops::{GtaKind, MethodOp};
 use crate::source::Span;
 
 /// Problems found while resolving tensors, reported once per place with a count.
@@ -30,11 +31,13 @@ impl Problems {
 struct Ctx<'a> {
     models: &'a [InputModel],
     problems: Problems,
+    seed: u64,
 }
 
 /// Fills `out.tensors` from `model`, in natural name order (layers in numeric order).
 pub(super) fn output(
     models: &[InputModel],
+    seed: u64,
     mut out: hir::Output,
     model: &ModelVal,
     diags: &mut Diagnostics,
@@ -42,6 +45,7 @@ pub(super) fn output(
     let mut ctx = Ctx {
         models,
         problems: Problems::default(),
+        seed,
     };
     let mut names: Vec<&String> = model.tensors.keys().collect();
     names.sort_by(|a, b| natural_cmp(a, b));
@@ -73,15 +77,17 @@ pub(super) fn output(
             format!("{what}: {count} tensors, e.g. `{tensor}`")
         };
         let mut d = Diagnostic::error(code, message).at(span, label);
-        d = match code {
-            Code::E0306 => {
-                d.with_help("add a `_ => value` arm, or give the parameter a value for the whole call")
+        let help = match code {
+            Code::E0306 => "add a `_ => value` arm, or give the parameter a value for the whole call",
+            Code::E0307 => "merges compute on f32, f16 and bf16 tensors; other dtypes can only be saved unchanged",
+            _ if what.starts_with("density") => {
+                "DELLA keeps elements with probabilities density ± epsilon: lower epsilon or move the density away from 0 and 1"
             }
-            Code::E0307 => d.with_help(
-                "merges compute on f32, f16 and bf16 tensors; other dtypes can only be saved unchanged",
-            ),
-            _ => d.with_help("pass `normalize: false`, or choose weights that do not sum to zero"),
+            _ if what.starts_with("the weights sum") => "pass `normalize: false`, or choose weights that do not sum to zero",
+            _ if what.contains("too large") => "computation is in f32: use a number below 3.4e38 in magnitude",
+            _ => "a model can only be divided by a non-zero number",
         };
+        d = d.with_help(help);
         diags.push(d);
     }
     out
@@ -174,20 +180,28 @@ impl Ctx<'_> {
 
     /// A per-model number: the model's own setting, then the call's, then the default.
     /// Per-model settings match the model's input tensor name, call settings the output name.
+    /// A per-model number: the model's own setting, then the call's, then the default.
+    /// Per-model settings match the model's input tensor name, call settings the output name.
     fn number(&mut self, m: &CallModel, call: &MethodCall, key: &str, name: &str, t: f64) -> Option<f64> {
         let source = source_name(&m.expr, name);
-        if let Some(ArgValue::Param(p, _)) = m.params.get(key) {
-            if let Some(v) = p.eval(&source, t) {
-                return Some(v);
+        let own = match m.params.get(key) {
+            Some(ArgValue::Param(p, _)) => p.eval(&source, t),
+            _ => None,
+        };
+        let value = own.or_else(|| self.global(call, key, name, t));
+        match value {
+            Some(v) if !(v as f32).is_finite() => {
+                self.problems.add(
+                    m.span,
+                    Code::E0305,
+                    &format!("`{key}` is too large for f32"),
+                    "this model",
+                    name,
+                );
+                None
             }
-        }
-        if let Some(ArgValue::Param(p, _)) = call.globals.get(key) {
-            if let Some(v) = p.eval(name, t) {
-                return Some(v);
-            }
-        }
-        {
-            {
+            Some(v) => Some(v),
+            None => {
                 let span = match (m.params.get(key), call.globals.get(key)) {
                     (Some(ArgValue::Param(_, s)), _) | (None, Some(ArgValue::Param(_, s))) => *s,
                     _ => m.span,
@@ -202,6 +216,71 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+
+    /// A call-wide number for tensor `name`, or the method's default; `None` if neither.
+    fn global(&mut self, call: &MethodCall, key: &str, name: &str, t: f64) -> Option<f64> {
+        if let Some(ArgValue::Param(p, _)) = call.globals.get(key) {
+            if let Some(v) = p.eval(name, t) {
+                return Some(v);
+            }
+        }
+        match call.sig.param(key).map(|s| s.default) {
+            Some(methods::Default::Number(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A required call-wide number (checked by sema to be present).
+    fn required(&mut self, call: &MethodCall, key: &str, name: &str, t: f64) -> Option<f64> {
+        let v = self.global(call, key, name, t);
+        match v {
+            None => {
+                let span = match call.globals.get(key) {
+                    Some(ArgValue::Param(_, s)) => *s,
+                    _ => call.span,
+                };
+                self.problems.add(
+                    span,
+                    Code::E0306,
+                    &format!("no value of `{key}` matches"),
+                    "no arm matches them",
+                    name,
+                );
+                None
+            }
+            Some(x) if !(x as f32).is_finite() => {
+                self.problems.add(
+                    call.span,
+                    Code::E0305,
+                    &format!("`{key}` is too large for f32"),
+                    "here",
+                    name,
+                );
+                None
+            }
+            Some(x) => Some(x),
+        }
+    }
+
+    /// The per-model values of `key` for every model of the call (the default where the
+    /// method does not take `key`).
+    fn per_model(
+        &mut self,
+        call: &MethodCall,
+        key: &str,
+        fallback: f64,
+        name: &str,
+        t: f64,
+    ) -> Option<Vec<f64>> {
+        if call.sig.param(key).is_none() {
+            return Some(vec![fallback; call.models.len()]);
+        }
+        let mut out = Vec::with_capacity(call.models.len());
+        for m in &call.models {
+            out.push(self.number(m, call, key, name, t));
+        }
+        out.into_iter().collect()
     }
 
     fn flag(sig: &MethodSig, call: &MethodCall, key: &str) -> bool {
@@ -253,18 +332,127 @@ impl Ctx<'_> {
                 };
                 Some(TensorExpr::WeightedSum { terms, divisor })
             }
-            other => {
-                self.problems.add(
-                    call.span,
-                    Code::E0001,
-                    &format!("internal compiler error: method `{other}` has no lowering"),
-                    "",
-                    name,
-                );
-                None
-            }
+            _ => self.whole_tensor_method(call, name, t),
         }
     }
+
+    /// Every method but `linear`: a [`MethodOp`] over the base (first) and the models.
+    fn whole_tensor_method(&mut self, call: &MethodCall, name: &str, t: f64) -> Option<TensorExpr> {
+        let sig = call.sig;
+        let base = match &call.base {
+            Some(b) => Some(self.tensor(b, name, t, true)?),
+            None => None,
+        };
+        let mut models = Vec::with_capacity(call.models.len());
+        for m in &call.models {
+            models.push(self.tensor(&m.expr, name, t, true));
+        }
+        let models: Vec<TensorExpr> = models.into_iter().collect::<Option<_>>()?;
+        let with_base = base.is_some();
+        let flag = |key: &str| Self::flag(sig, call, key);
+        let op = match sig.name {
+            "passthrough" => {
+                let scale = self.per_model(call, "scale", 1.0, name, t)?;
+                let x = models.into_iter().next()?;
+                // A scale of exactly 1 is the tensor itself (copied as raw bytes when it can be).
+                return Some(if scale[0] == 1.0 {
+                    x
+                } else {
+                    TensorExpr::Scale(Box::new(x), scale[0])
+                });
+            }
+            "slerp" => MethodOp::Slerp {
+                t: self.required(call, "t", name, t)?,
+            },
+            "nuslerp" => {
+                let w = self.per_model(call, "weight", 1.0, name, t)?;
+                MethodOp::Nuslerp {
+                    weights: [w[0], w[1]],
+                    flatten: flag("nuslerp_flatten"),
+                    row_wise: flag("nuslerp_row_wise"),
+                    with_base,
+                }
+            }
+            "multislerp" => MethodOp::Multislerp {
+                weights: self.per_model(call, "weight", 1.0, name, t)?,
+                normalize_weights: flag("normalize_weights"),
+                eps: self.required(call, "eps", name, t)?,
+                with_base,
+            },
+            "karcher" => MethodOp::Karcher {
+                max_iter: self.required(call, "max_iter", name, t)? as u32,
+                tol: self.required(call, "tol", name, t)?,
+            },
+            "sce" => MethodOp::Sce {
+                select_topk: self.required(call, "select_topk", name, t)?,
+            },
+            "ram" => MethodOp::Ram {
+                epsilon: self.required(call, "epsilon", name, t)?,
+            },
+            "ramplus_tl" => MethodOp::RamPlusTl {
+                r: self.required(call, "r", name, t)?,
+                alpha: self.required(call, "alpha", name, t)?,
+                epsilon: self.required(call, "epsilon", name, t)?,
+            },
+            "model_stock" => MethodOp::ModelStock {
+                filter_wise: flag("filter_wise"),
+            },
+            "nearswap" => MethodOp::Nearswap {
+                t: self.required(call, "t", name, t)?,
+            },
+            "arcee_fusion" => MethodOp::ArceeFusion,
+            other => {
+                let kind = gta_kind(other)?;
+                let densities = self.per_model(call, "density", 1.0, name, t)?;
+                let epsilons = self.per_model(call, "epsilon", 0.15, name, t)?;
+                if matches!(kind, GtaKind::Della | GtaKind::DellaLinear) {
+                    for ((d, e), m) in densities.iter().zip(&epsilons).zip(&call.models) {
+                        if *d < 1.0 && (d - e <= 0.0 || d + e >= 1.0) {
+                            self.problems.add(
+                                m.span,
+                                Code::E0305,
+                                "density ± epsilon must stay inside (0, 1)",
+                                "this model's density and epsilon",
+                                name,
+                            );
+                            return None;
+                        }
+                    }
+                }
+                let seed = self.seed;
+                MethodOp::Gta {
+                    kind,
+                    weights: self.per_model(call, "weight", 1.0, name, t)?,
+                    gammas: self.per_model(call, "gamma", 0.01, name, t)?,
+                    densities,
+                    epsilons,
+                    lambda: self.required(call, "lambda", name, t)?,
+                    normalize: flag("normalize"),
+                    rescale: flag("rescale"),
+                    keys: (0..call.models.len() as u32)
+                        .map(|i| crate::ops::rng_key(seed, i, name))
+                        .collect(),
+                }
+            }
+        };
+        let mut inputs: Vec<TensorExpr> = base.into_iter().collect();
+        inputs.extend(models);
+        Some(TensorExpr::Method { op, inputs })
+    }
+}
+
+fn gta_kind(name: &str) -> Option<GtaKind> {
+    Some(match name {
+        "task_arithmetic" => GtaKind::TaskArithmetic,
+        "ties" => GtaKind::Ties,
+        "dare_ties" => GtaKind::DareTies,
+        "dare_linear" => GtaKind::DareLinear,
+        "breadcrumbs" => GtaKind::Breadcrumbs,
+        "breadcrumbs_ties" => GtaKind::BreadcrumbsTies,
+        "della" => GtaKind::Della,
+        "della_linear" => GtaKind::DellaLinear,
+        _ => return None,
+    })
 }
 
 /// The tensor name `expr` reads for output name `name` (following layer renumbering).
@@ -336,6 +524,7 @@ fn collect_loads<'a>(e: &'a TensorExpr, out: &mut BTreeSet<(ModelId, &'a str)>) 
             collect_loads(b, out);
         }
         TensorExpr::WeightedSum { terms, .. } => terms.iter().for_each(|(x, _)| collect_loads(x, out)),
+        TensorExpr::Method { inputs, .. } => inputs.iter().for_each(|x| collect_loads(x, out)),
     }
 }
 

@@ -6,7 +6,7 @@
 
 pub mod hir;
 mod instantiate;
-pub(crate) mod methods;
+pub mod methods;
 pub(crate) mod names;
 pub(crate) mod params;
 mod value;
@@ -69,7 +69,15 @@ pub fn check(
         env: HashMap::new(),
         diags: Diagnostics::new(),
         outputs: Vec::new(),
+        seed: 0,
+        seed_span: None,
     };
+    // Settings apply to the whole script, wherever they are written.
+    for stmt in &script.stmts {
+        if let StmtKind::Set { name, value } = &stmt.kind {
+            checker.setting(name, value);
+        }
+    }
     for stmt in &script.stmts {
         checker.stmt(stmt);
     }
@@ -79,6 +87,7 @@ pub fn check(
         models: checker.models,
         outputs: checker.outputs,
         script_text: script_text.to_string(),
+        seed: checker.seed,
     };
     if !diags.has_errors() {
         instantiate::warn_unread_inputs(&program, &mut diags);
@@ -108,6 +117,8 @@ struct Checker<'a> {
     env: HashMap<String, Binding>,
     diags: Diagnostics,
     outputs: Vec<hir::Output>,
+    seed: u64,
+    seed_span: Option<Span>,
 }
 
 impl Checker<'_> {
@@ -127,6 +138,42 @@ impl Checker<'_> {
                 self.bind(name, value, false);
             }
             StmtKind::Save { value, dir, options } => self.save(stmt.span, value, dir, options),
+            StmtKind::Set { .. } => {}
+        }
+    }
+
+    /// `set seed = N`: the seed of every random mask (a whole number below 2^53).
+    fn setting(&mut self, name: &ast::Ident, value: &Expr) {
+        match name.name.as_str() {
+            "seed" if self.seed_span.is_some() => {
+                let mut d =
+                    Diagnostic::error(Code::E0209, "`seed` is set twice").at(name.span, "set again here");
+                if let Some(first) = self.seed_span {
+                    d = d.with_label(first, "first set here");
+                }
+                self.diags
+                    .push(d.with_help("a script has one seed: keep one `set seed`"));
+            }
+            "seed" => match &value.kind {
+                ExprKind::Number(v) if v.fract() == 0.0 && *v >= 0.0 && *v < 9_007_199_254_740_992.0 => {
+                    self.seed = *v as u64;
+                    self.seed_span = Some(name.span);
+                }
+                _ => self.diags.push(
+                    Diagnostic::error(Code::E0305, "`seed` must be a whole number, at least 0")
+                        .at(value.span, "not a valid seed")
+                        .with_help("for example `set seed = 42`"),
+                ),
+            },
+            other => {
+                let mut d = Diagnostic::error(Code::E0209, format!("unknown setting `{other}`"))
+                    .at(name.span, "no such setting");
+                d = match names::did_you_mean(other, ["seed"]) {
+                    Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                    None => d.with_help("the settings are: seed"),
+                };
+                self.diags.push(d);
+            }
         }
     }
 
@@ -684,6 +731,7 @@ impl Checker<'_> {
             return self.error(d);
         };
         let mut models: Vec<ModelVal> = Vec::new();
+        let mut base: Option<ModelVal> = None;
         let mut globals: BTreeMap<&'static str, ArgValue> = BTreeMap::new();
         let mut seen: HashMap<&str, Span> = HashMap::new();
         let mut failed = false;
@@ -722,6 +770,13 @@ impl Checker<'_> {
                         continue;
                     }
                     let value = self.expr(&n.value);
+                    if n.name.name == "base" {
+                        match self.base_argument(sig, &n.name, value, n.value.span) {
+                            Some(m) => base = Some(m),
+                            None => failed = true,
+                        }
+                        continue;
+                    }
                     match self.arg_value(sig, &n.name, value, n.value.span, false) {
                         Some((name, v)) => {
                             globals.insert(name, v);
@@ -731,43 +786,46 @@ impl Checker<'_> {
                 }
             }
         }
-        if models.len() < sig.min_models || sig.max_models.is_some_and(|max| models.len() > max) {
-            let wanted = match sig.max_models {
-                Some(max) if max == sig.min_models => format!("exactly {max}"),
-                Some(max) => format!("{}..={max}", sig.min_models),
-                None => format!("at least {}", sig.min_models),
-            };
-            let plural = if sig.max_models.unwrap_or(sig.min_models) == 1 {
-                "model"
-            } else {
-                "models"
-            };
-            return self.error(
-                Diagnostic::error(
-                    Code::E0206,
-                    format!(
-                        "`{}` takes {wanted} {plural}, but {} {} given",
-                        sig.name,
-                        models.len(),
-                        if models.len() == 1 { "was" } else { "were" }
-                    ),
-                )
-                .at(span, format!("{} models here", models.len()))
-                .with_help(format!("for example: `{}`", example_call(sig))),
-            );
+        if sig.base == methods::Base::Required && !models.is_empty() {
+            base = Some(models.remove(0));
         }
-        for m in models.iter().skip(1) {
-            if !self.same_tensors(&models[0], models[0].span, m, m.span, sig.name) {
+        if let Some(b) = base.take() {
+            if let Some(first) = b.params.first() {
+                let span = b.params.iter().fold(first.span, |s, p| s.join(p.span));
+                self.diags.push(
+                    Diagnostic::error(Code::W0003, "per-model parameters are ignored here")
+                        .at(
+                            span,
+                            format!("the base model of `{}` takes no parameters", sig.name),
+                        )
+                        .with_help("the base is the reference the other models are merged against"),
+                );
+            }
+            base = Some(ModelVal {
+                params: Vec::new(),
+                ..b
+            });
+        }
+        if (sig.base == methods::Base::Required && base.is_none())
+            || models.len() < sig.min_models
+            || sig.max_models.is_some_and(|max| models.len() > max)
+        {
+            return self.error(self.arity_error(sig, base.is_some(), models.len(), span));
+        }
+        let mut all: Vec<&ModelVal> = base.iter().collect();
+        all.extend(models.iter());
+        for m in all.iter().skip(1) {
+            if !self.same_tensors(all[0], all[0].span, m, m.span, sig.name) {
                 failed = true;
             }
         }
-        let Some(first) = models.first() else {
+        let Some(first) = all.first() else {
             return Value::Error;
         };
         let tensors = Rc::clone(&first.tensors);
         let layers = first.layers;
         let mut inputs: Vec<ModelId> = Vec::new();
-        for i in models.iter().flat_map(|m| m.inputs.iter()) {
+        for i in all.iter().flat_map(|m| m.inputs.iter()) {
             if !inputs.contains(i) {
                 inputs.push(*i);
             }
@@ -857,6 +915,7 @@ impl Checker<'_> {
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Method(MethodCall {
                 sig,
+                base: base.map(|b| b.expr),
                 models: call_models,
                 globals,
                 span,
@@ -867,6 +926,72 @@ impl Checker<'_> {
             inputs,
             params: Vec::new(),
         })
+    }
+
+    fn arity_error(&self, sig: &MethodSig, has_base: bool, given: usize, span: Span) -> Diagnostic {
+        let wanted = match sig.max_models {
+            Some(max) if max == sig.min_models => format!("exactly {max}"),
+            Some(max) => format!("{} to {max}", sig.min_models),
+            None => format!("at least {}", sig.min_models),
+        };
+        let noun = if sig.max_models.unwrap_or(sig.min_models) == 1 {
+            "model"
+        } else {
+            "models"
+        };
+        let what = match sig.base {
+            methods::Base::Required => format!("a base model, then {wanted} {noun}"),
+            _ => format!("{wanted} {noun}"),
+        };
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let got = match (sig.base, has_base) {
+            (methods::Base::Required, true) => format!("a base and {given} model{}", plural(given)),
+            (methods::Base::Required, false) => "no models".to_string(),
+            _ => format!("{given} model{}", plural(given)),
+        };
+        Diagnostic::error(Code::E0206, format!("`{}` takes {what}, but got {got}", sig.name))
+            .at(span, format!("{got} here"))
+            .with_help(format!("for example: `{}`", example_call(sig)))
+    }
+
+    /// `base: m` for methods whose base is optional.
+    fn base_argument(
+        &mut self,
+        sig: &MethodSig,
+        name: &ast::Ident,
+        value: Value,
+        span: Span,
+    ) -> Option<ModelVal> {
+        if sig.base != methods::Base::Optional {
+            let help = match sig.base {
+                methods::Base::Required => format!(
+                    "the base of `{}` is its first model: `{}`",
+                    sig.name,
+                    example_call(sig)
+                ),
+                _ => format!("`{}` does not use a base model", sig.name),
+            };
+            self.diags.push(
+                Diagnostic::error(Code::E0204, format!("`{}` has no parameter `base`", sig.name))
+                    .at(name.span, "not a parameter here")
+                    .with_help(help),
+            );
+            return None;
+        }
+        match value {
+            Value::Model(m) => Some(self.no_params(m)),
+            Value::Error => None,
+            other => {
+                self.diags.push(
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`base` needs a model, found {}", other.describe()),
+                    )
+                    .at(span, format!("this is {}", other.describe())),
+                );
+                None
+            }
+        }
     }
 
     /// Checks a named argument or per-model parameter against the method's registry entry.
@@ -921,11 +1046,36 @@ impl Checker<'_> {
         }
         match (spec.kind, value) {
             (_, Value::Error) => None,
-            (ParamKind::Number, Value::Param(p)) => Some((spec.name, ArgValue::Param(p, value_span))),
+            (ParamKind::Number | ParamKind::Integer, Value::Param(p)) => {
+                let bad = p.literals().into_iter().find(|v| {
+                    !spec.range.contains(*v) || (spec.kind == ParamKind::Integer && v.fract() != 0.0)
+                });
+                if let Some(v) = bad {
+                    let whole = if spec.kind == ParamKind::Integer {
+                        "a whole number "
+                    } else {
+                        ""
+                    };
+                    self.diags.push(
+                        Diagnostic::error(
+                            Code::E0305,
+                            format!(
+                                "`{}` must be {whole}{}, found {v}",
+                                spec.name,
+                                spec.range.describe()
+                            ),
+                        )
+                        .at(value_span, "out of range")
+                        .with_help(format!("`{}` of `{}`: {}", spec.name, sig.name, spec.doc)),
+                    );
+                    return None;
+                }
+                Some((spec.name, ArgValue::Param(p, value_span)))
+            }
             (ParamKind::Bool, Value::Bool(b)) => Some((spec.name, ArgValue::Bool(b))),
             (kind, other) => {
                 let expected = match kind {
-                    ParamKind::Number => "a number, a layer gradient or a tensor table",
+                    ParamKind::Number | ParamKind::Integer => "a number, a layer gradient or a tensor table",
                     ParamKind::Bool => "`true` or `false`",
                 };
                 self.diags.push(
@@ -1029,7 +1179,7 @@ impl Checker<'_> {
             inputs: model.inputs.clone(),
         };
         let _ = stmt_span;
-        let output = instantiate::output(&self.models, output, &model, &mut self.diags);
+        let output = instantiate::output(&self.models, self.seed, output, &model, &mut self.diags);
         self.outputs.push(output);
     }
 
@@ -1157,6 +1307,7 @@ impl Checker<'_> {
     }
 }
 
+/// A call of `sig` that would check, for help lines.
 fn example_call(sig: &MethodSig) -> String {
     let per_model: Vec<String> = sig
         .params
@@ -1169,7 +1320,22 @@ fn example_call(sig: &MethodSig) -> String {
     } else {
         format!(" {{ {} }}", per_model.join(", "))
     };
-    format!("{}(a{block}, b{block})", sig.name)
+    let mut args: Vec<String> = Vec::new();
+    if sig.base == methods::Base::Required {
+        args.push("base".to_string());
+    }
+    let count = sig.min_models.max(if sig.max_models == Some(1) { 1 } else { 2 });
+    for name in ["a", "b", "c", "d"].iter().take(count) {
+        args.push(format!("{name}{block}"));
+    }
+    for p in sig
+        .params
+        .iter()
+        .filter(|p| !p.per_model && p.default == methods::Default::Required)
+    {
+        args.push(format!("{}: 0.5", p.name));
+    }
+    format!("{}({})", sig.name, args.join(", "))
 }
 
 fn resolve_dir(base: &Path, dir: &str) -> PathBuf {

@@ -87,6 +87,8 @@ pub(crate) enum MExpr {
 #[derive(Debug)]
 pub(crate) struct MethodCall {
     pub sig: &'static MethodSig,
+    /// The base model (first positional model, or `base:` where optional).
+    pub base: Option<Rc<MExpr>>,
     pub models: Vec<CallModel>,
     /// Parameters given once for the whole call (named arguments).
     pub globals: BTreeMap<&'static str, ArgValue>,

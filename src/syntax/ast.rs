@@ -31,6 +31,8 @@ pub enum StmtKind {
     Model { name: Ident, path: StrLit },
     /// `let name = value`
     Let { name: Ident, value: Expr },
+    /// `set name = value`
+    Set { name: Ident, value: Expr },
     /// `save value to "dir" { options }`
     Save {
         value: Expr,

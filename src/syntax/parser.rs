@@ -92,7 +92,9 @@ impl Builder {
         let mut stmts = Vec::new();
         for p in pair.into_inner() {
             match p.as_rule() {
-                Rule::model_decl | Rule::let_decl | Rule::save_stmt => stmts.push(self.stmt(p)),
+                Rule::model_decl | Rule::let_decl | Rule::save_stmt | Rule::set_stmt => {
+                    stmts.push(self.stmt(p))
+                }
                 _ => {}
             }
         }
@@ -117,6 +119,11 @@ impl Builder {
                 let name = self.ident(inner.next());
                 let value = self.expr_opt(inner.next(), span);
                 StmtKind::Let { name, value }
+            }
+            Rule::set_stmt => {
+                let name = self.ident(inner.next());
+                let value = self.expr_opt(inner.next(), span);
+                StmtKind::Set { name, value }
             }
             _ => {
                 let value = self.expr_opt(inner.next(), span);
@@ -387,6 +394,7 @@ fn is_keyword(rule: Rule) -> bool {
         Rule::kw_model
             | Rule::kw_let
             | Rule::kw_save
+            | Rule::kw_set
             | Rule::kw_to
             | Rule::kw_match
             | Rule::kw_tensor

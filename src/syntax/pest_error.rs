@@ -74,10 +74,12 @@ fn describe_expected(rules: &[Rule]) -> String {
 fn rule_names(rule: Rule) -> &'static [&'static str] {
     match rule {
         Rule::EOI => &["the end of the file"],
-        Rule::stmt | Rule::model_decl | Rule::let_decl | Rule::save_stmt => {
-            &["a statement (`model`, `let` or `save`)"]
+        Rule::stmt | Rule::model_decl | Rule::let_decl | Rule::save_stmt | Rule::set_stmt => {
+            &["a statement (`model`, `let`, `set` or `save`)"]
         }
-        Rule::kw_model | Rule::kw_let | Rule::kw_save => &["a statement (`model`, `let` or `save`)"],
+        Rule::kw_model | Rule::kw_let | Rule::kw_save | Rule::kw_set => {
+            &["a statement (`model`, `let`, `set` or `save`)"]
+        }
         Rule::expr | Rule::primary | Rule::call | Rule::list | Rule::number | Rule::size | Rule::paren => {
             &["a model or a number"]
         }
