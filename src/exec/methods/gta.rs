@@ -75,13 +75,6 @@ impl Kept {
             scale: 1.0,
         }
     }
-
-    fn keeps(&self, j: usize) -> bool {
-        match &self.bits {
-            None => true,
-            Some(bits) => bits[j / 64] >> (j % 64) & 1 == 1,
-        }
-    }
 }
 
 /// The parameters of one non-base model.
@@ -408,13 +401,24 @@ fn combine(
             for (i, (kept, &w)) in kept.iter().zip(weights).enumerate() {
                 let wd = &mut wd[i * CHUNK..i * CHUNK + len];
                 inputs.decode(i + 1, start..start + len, wd);
-                for (j, (v, b)) in wd.iter_mut().zip(base.iter()).enumerate() {
-                    let d = if kept.keeps(start + j) {
-                        (*v - *b) * kept.scale
-                    } else {
-                        0.0
-                    };
-                    *v = d * w;
+                // Branch-free: the kept bit selects between the delta and 0 (a branch on
+                // random mask bits mispredicts half the time).
+                let scale = kept.scale;
+                match &kept.bits {
+                    None => {
+                        for (v, b) in wd.iter_mut().zip(base.iter()) {
+                            *v = ((*v - *b) * scale) * w;
+                        }
+                    }
+                    Some(bits) => {
+                        // CHUNK is a multiple of 64, so chunk `c` starts on a word boundary.
+                        let words = &bits[start / 64..];
+                        for (j, (v, b)) in wd.iter_mut().zip(base.iter()).enumerate() {
+                            let keep = (words[j / 64] >> (j % 64)) & 1 == 1;
+                            let d = (*v - *b) * scale;
+                            *v = if keep { d } else { 0.0 } * w;
+                        }
+                    }
                 }
             }
             for j in 0..len {
@@ -427,10 +431,9 @@ fn combine(
                     let (mut mixed, mut div) = (0f32, 0f32);
                     for (i, &w) in weights.iter().enumerate() {
                         let v = wd[i * CHUNK + j];
-                        if (plus && v > 0.0) || (!plus && v < 0.0) {
-                            mixed += v;
-                            div += w;
-                        }
+                        let agrees = if plus { v > 0.0 } else { v < 0.0 };
+                        mixed += if agrees { v } else { 0.0 };
+                        div += if agrees { w } else { 0.0 };
                     }
                     (mixed, if div == 0.0 { 1.0 } else { div })
                 } else {

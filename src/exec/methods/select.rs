@@ -3,6 +3,8 @@
 //! Keys are `u32`s; for magnitudes use [`abs_key`], whose order is the order of `|x|`
 //! (non-negative f32 bit patterns sort like the values). NaN magnitudes sort above +inf.
 
+use rayon::prelude::*;
+
 /// Which elements are the `k` largest keys: every key above `threshold`, plus the first
 /// `take_equal` elements (lowest index first) whose key equals `threshold`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,18 +53,10 @@ pub fn select_top_k(keys: &[u32], k: usize) -> Selection {
         };
     }
     // Pass 1: the high 16 bits of the k-th largest key.
-    let mut hist = vec![0usize; 1 << 16];
-    for &key in keys {
-        hist[(key >> 16) as usize] += 1;
-    }
+    let hist = histogram(keys, |key| Some(key >> 16));
     let (high, above_high) = bucket_of_kth(&hist, k);
     // Pass 2: the low 16 bits, among keys in that high bucket.
-    hist.iter_mut().for_each(|h| *h = 0);
-    for &key in keys {
-        if key >> 16 == high {
-            hist[(key & 0xffff) as usize] += 1;
-        }
-    }
+    let hist = histogram(keys, |key| (key >> 16 == high).then_some(key & 0xffff));
     let (low, above_low) = bucket_of_kth(&hist, k - above_high);
     let threshold = (high << 16) | low;
     let greater = above_high + above_low;
@@ -71,6 +65,36 @@ pub fn select_top_k(keys: &[u32], k: usize) -> Selection {
         take_equal: k - greater,
         any: true,
     }
+}
+
+/// Counts of `bucket(key)` over 16-bit buckets, in parallel over chunks (counts are sums,
+/// so the order of combining does not matter).
+fn histogram(keys: &[u32], bucket: impl Fn(u32) -> Option<u32> + Sync) -> Vec<usize> {
+    const PART: usize = 1 << 20;
+    keys.par_chunks(PART)
+        .map(|part| {
+            let mut hist = vec![0u32; 1 << 16];
+            for &key in part {
+                if let Some(b) = bucket(key) {
+                    hist[b as usize] += 1;
+                }
+            }
+            hist
+        })
+        .fold(
+            || vec![0usize; 1 << 16],
+            |mut acc, h| {
+                acc.iter_mut().zip(&h).for_each(|(a, c)| *a += *c as usize);
+                acc
+            },
+        )
+        .reduce(
+            || vec![0usize; 1 << 16],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                a
+            },
+        )
 }
 
 /// The bucket holding the `k`-th largest element (1-based) and how many lie above it.
