@@ -254,6 +254,20 @@ fn selection_bits(keys: &[u32], sel: &Selection) -> Vec<u64> {
         return bits;
     }
     let t = sel.threshold;
+    if sel.take_equal == sel.equal_total {
+        // Every key equal to the threshold is taken: a plain comparison, word by word.
+        bits.par_chunks_mut(WORDS)
+            .zip(keys.par_chunks(CHUNK))
+            .for_each(|(ws, ks)| {
+                for (w, group) in ws.iter_mut().zip(ks.chunks(64)) {
+                    *w = group
+                        .iter()
+                        .enumerate()
+                        .fold(0u64, |acc, (b, &k)| acc | (((k >= t) as u64) << b));
+                }
+            });
+        return bits;
+    }
     // how many threshold-equal keys each chunk takes: the first take_equal overall
     let equal: Vec<usize> = keys
         .par_chunks(CHUNK)
@@ -392,8 +406,15 @@ fn combine(
     };
     let mut out = vec![0f32; n];
     out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-        || (vec![0f32; CHUNK], vec![0f32; m * CHUNK]),
-        |(base, wd), (c, out)| {
+        || {
+            (
+                vec![0f32; CHUNK],
+                vec![0f32; m * CHUNK],
+                vec![0f32; CHUNK],
+                vec![0f32; CHUNK],
+            )
+        },
+        |(base, wd, sum, div), (c, out)| {
             let start = c * CHUNK;
             let len = out.len();
             let base = &mut base[..len];
@@ -421,36 +442,48 @@ fn combine(
                     }
                 }
             }
-            for j in 0..len {
-                let (mut mixed, div) = if consensus {
-                    let mut sum = 0f32;
-                    for i in 0..m {
-                        sum += wd[i * CHUNK + j];
+            // Model by model over the whole chunk, so each loop is straight-line and
+            // vectorises; per element, the models are still added in model order.
+            let mixed = out;
+            let wd_of = |i: usize| &wd[i * CHUNK..i * CHUNK + len];
+            mixed.fill(0.0);
+            if consensus {
+                let sum = &mut sum[..len];
+                sum.fill(0.0);
+                for i in 0..m {
+                    sum.iter_mut().zip(wd_of(i)).for_each(|(s, v)| *s += *v);
+                }
+                let div = &mut div[..len];
+                div.fill(0.0);
+                for (i, &w) in weights.iter().enumerate() {
+                    for ((x, d), (v, s)) in mixed
+                        .iter_mut()
+                        .zip(div.iter_mut())
+                        .zip(wd_of(i).iter().zip(sum.iter()))
+                    {
+                        let agrees = if *s >= 0.0 { *v > 0.0 } else { *v < 0.0 };
+                        *x += if agrees { *v } else { 0.0 };
+                        *d += if agrees { w } else { 0.0 };
                     }
-                    let plus = sum >= 0.0;
-                    let (mut mixed, mut div) = (0f32, 0f32);
-                    for (i, &w) in weights.iter().enumerate() {
-                        let v = wd[i * CHUNK + j];
-                        let agrees = if plus { v > 0.0 } else { v < 0.0 };
-                        mixed += if agrees { v } else { 0.0 };
-                        div += if agrees { w } else { 0.0 };
-                    }
-                    (mixed, if div == 0.0 { 1.0 } else { div })
-                } else {
-                    let mut mixed = 0f32;
-                    for i in 0..m {
-                        mixed += wd[i * CHUNK + j];
-                    }
-                    (mixed, linear_div)
-                };
+                }
                 if normalize {
-                    mixed /= div;
+                    mixed
+                        .iter_mut()
+                        .zip(div.iter())
+                        .for_each(|(x, d)| *x /= if *d == 0.0 { 1.0 } else { *d });
                 }
-                if lambda != 1.0 {
-                    mixed *= lambda;
+            } else {
+                for i in 0..m {
+                    mixed.iter_mut().zip(wd_of(i)).for_each(|(x, v)| *x += *v);
                 }
-                out[j] = base[j] + mixed;
+                if normalize {
+                    mixed.iter_mut().for_each(|x| *x /= linear_div);
+                }
             }
+            if lambda != 1.0 {
+                mixed.iter_mut().for_each(|x| *x *= lambda);
+            }
+            mixed.iter_mut().zip(base.iter()).for_each(|(x, b)| *x = *b + *x);
         },
     );
     out

@@ -117,6 +117,8 @@ impl ChunkedSelection {
         let local = Selection {
             threshold: self.sel.threshold,
             take_equal: self.sel.take_equal.saturating_sub(before),
+            // `mask` does not use the total; it walks the chunk in index order.
+            equal_total: 0,
             any: self.sel.any,
         };
         local.mask(&self.keys[range])

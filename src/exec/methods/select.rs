@@ -11,6 +11,9 @@ use rayon::prelude::*;
 pub struct Selection {
     pub threshold: u32,
     pub take_equal: usize,
+    /// How many keys equal `threshold` in all (when it is `take_equal`, every key at or
+    /// above the threshold is selected and no index order is needed).
+    pub equal_total: usize,
     /// False when `k == 0`: nothing is selected.
     pub any: bool,
 }
@@ -49,6 +52,7 @@ pub fn select_top_k(keys: &[u32], k: usize) -> Selection {
         return Selection {
             threshold: u32::MAX,
             take_equal: 0,
+            equal_total: 0,
             any: false,
         };
     }
@@ -63,6 +67,7 @@ pub fn select_top_k(keys: &[u32], k: usize) -> Selection {
     Selection {
         threshold,
         take_equal: k - greater,
+        equal_total: hist[low as usize],
         any: true,
     }
 }
