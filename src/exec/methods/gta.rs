@@ -483,7 +483,7 @@ fn combine(
             if lambda != 1.0 {
                 mixed.iter_mut().for_each(|x| *x *= lambda);
             }
-            mixed.iter_mut().zip(base.iter()).for_each(|(x, b)| *x = *b + *x);
+            mixed.iter_mut().zip(base.iter()).for_each(|(x, b)| *x += *b);
         },
     );
     out
