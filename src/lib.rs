@@ -16,6 +16,7 @@ pub mod diag;
 pub mod driver;
 pub mod exec;
 pub mod graph;
+pub mod import;
 pub mod io;
 pub mod ops;
 pub mod opt;

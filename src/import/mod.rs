@@ -1,0 +1,1 @@
+//! mergekit YAML recipes: translated into `.merge` scripts, then compiled like any script.
