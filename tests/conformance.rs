@@ -312,6 +312,7 @@ conformance! {
     sce_f32, ram_f32, ramplus_tl_f32,
     model_stock_2_f32, model_stock_3_f32, nearswap_f32, arcee_fusion_f32,
     vlm_linear_f32, vlm_slerp_f32,
+    passthrough_stack_f32, passthrough_stack_bf16, passthrough_scale_f32, slices_blend_f32,
 }
 
 #[test]
@@ -368,15 +369,6 @@ fn every_fixture_has_a_script() {
             .unwrap()
             .to_string_lossy()
             .to_string();
-        let slices = [
-            "passthrough_scale_f32",
-            "passthrough_stack_f32",
-            "passthrough_stack_bf16",
-            "slices_blend_f32",
-        ];
-        if slices.contains(&name.as_str()) {
-            continue; // layer surgery: its own issue
-        }
         assert!(
             repo().join(format!("tests/conformance/{name}.merge")).exists(),
             "no script for {name}"

@@ -19,8 +19,9 @@ pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
     let config = out
         .config_from
         .and_then(|m| program.model(m).info.config.clone())
-        .map(|c| updated_config(c, out, steps));
-    let copied_files = out
+        .zip(out.config_from)
+        .map(|(c, donor)| updated_config(program, donor, c, out, steps));
+    let mut copied_files: Vec<(String, PathBuf)> = out
         .tokenizer_from
         .map(|m| {
             program
@@ -37,15 +38,44 @@ pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
     for m in &program.models {
         protected.extend(m.info.protected_paths());
     }
+    let mut generated_files = vec![("README.md".to_string(), model_card(program, out).into_bytes())];
+    if let Some(template) = &out.chat_template {
+        // The template goes where transformers reads it (chat_template.jinja) and replaces
+        // any the donor's tokenizer_config.json or chat_template.json carried.
+        copied_files.retain(|(name, _)| name != "chat_template.jinja" && name != "chat_template.json");
+        generated_files.push(("chat_template.jinja".to_string(), template.clone().into_bytes()));
+        if let Some(i) = copied_files.iter().position(|(name, _)| name == "tokenizer_config.json") {
+            // Unreadable now: leave it to the copy, which reports the error with its path.
+            if let Some(bytes) = with_chat_template(&copied_files[i].1, template) {
+                copied_files.remove(i);
+                generated_files.push(("tokenizer_config.json".to_string(), bytes));
+            }
+        }
+    }
     OutputSpec {
         dir: out.dir.clone(),
         max_shard_bytes: out.max_shard_bytes,
         tensors,
         config,
         copied_files,
-        generated_files: vec![("README.md".to_string(), model_card(program, out).into_bytes())],
+        generated_files,
         force,
         protected,
+    }
+}
+
+/// The donor's tokenizer_config.json with `chat_template` set (the file as it was when it is
+/// not a JSON object, so nothing of the donor's is lost).
+fn with_chat_template(path: &std::path::Path, template: &str) -> Option<Vec<u8>> {
+    let original = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Value>(&original) {
+        Ok(Value::Object(mut map)) => {
+            map.insert("chat_template".to_string(), Value::String(template.to_string()));
+            let mut text = serde_json::to_string_pretty(&Value::Object(map)).ok()?;
+            text.push('\n');
+            Some(text.into_bytes())
+        }
+        _ => Some(original),
     }
 }
 
@@ -55,7 +85,16 @@ fn config_dtype(out: &hir::Output, steps: &[&Step]) -> Option<DType> {
         .or_else(|| steps.iter().map(|s| s.dtype).find(|d| d.is_mergeable()))
 }
 
-fn updated_config(mut config: Map<String, Value>, out: &hir::Output, steps: &[&Step]) -> Map<String, Value> {
+/// The donor's config.json, made true of the output: dtype, layer count (also under
+/// `text_config`), every per-layer list rebuilt layer by layer from the layers' sources,
+/// vocab_size from the embeddings, and tie_word_embeddings from whether lm_head is written.
+fn updated_config(
+    program: &hir::Program,
+    donor: hir::ModelId,
+    mut config: Map<String, Value>,
+    out: &hir::Output,
+    steps: &[&Step],
+) -> Map<String, Value> {
     if let Some(dtype) = config_dtype(out, steps) {
         let name = Value::String(dtype.torch_name().to_string());
         let mut set_any = false;
@@ -70,20 +109,85 @@ fn updated_config(mut config: Map<String, Value>, out: &hir::Output, steps: &[&S
         }
     }
     if let Some(layers) = out.layer_count {
-        for key in ["num_hidden_layers", "n_layer", "num_layers"] {
-            if let Some(v) = config.get_mut(key) {
-                if v.is_u64() {
-                    *v = Value::from(layers as u64);
-                }
-            }
+        let donor_layers = program.model(donor).info.num_layers();
+        follow_layers(program, &mut config, None, layers, donor_layers, &out.layer_sources);
+        if let Some(Value::Object(mut text)) = config.remove("text_config") {
+            let donor_text_layers = text.get("num_hidden_layers").and_then(Value::as_u64).map(|n| n as usize);
+            follow_layers(program, &mut text, Some("text_config"), layers, donor_text_layers, &out.layer_sources);
+            config.insert("text_config".to_string(), Value::Object(text));
         }
-        if let Some(Value::Object(text)) = config.get_mut("text_config") {
-            if let Some(v) = text.get_mut("num_hidden_layers") {
+    }
+    if let Some(embed) = steps.iter().find(|s| s.tensor.ends_with("embed_tokens.weight") || s.tensor.ends_with("wte.weight")) {
+        if let (Some(rows), Some(v)) = (embed.shape.first(), config.get_mut("vocab_size")) {
+            *v = Value::from(*rows as u64);
+        }
+    }
+    let has_lm_head = steps.iter().any(|s| s.tensor == "lm_head.weight");
+    let has_embed = steps.iter().any(|s| s.tensor.contains("embed_tokens"));
+    if has_embed && (config.contains_key("tie_word_embeddings") || !has_lm_head) {
+        // An output without lm_head only works with tied embeddings; one with it must not tie.
+        config.insert("tie_word_embeddings".to_string(), Value::Bool(!has_lm_head));
+    }
+    config
+}
+
+/// Sets the layer count and rebuilds every list whose length is the donor's layer count
+/// (`layer_types`, sliding-window patterns, ...) from each output layer's source: that
+/// model's own list where it has one, else the donor's entry.
+fn follow_layers(
+    program: &hir::Program,
+    config: &mut Map<String, Value>,
+    section: Option<&str>,
+    layers: usize,
+    donor_layers: Option<usize>,
+    sources: &[(hir::ModelId, usize)],
+) {
+    for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+        if let Some(v) = config.get_mut(key) {
+            if v.is_u64() {
                 *v = Value::from(layers as u64);
             }
         }
     }
-    config
+    let Some(donor_layers) = donor_layers else { return };
+    if sources.len() != layers {
+        return;
+    }
+    let list_keys: Vec<String> = config
+        .iter()
+        .filter(|(_, v)| v.as_array().is_some_and(|a| a.len() == donor_layers && donor_layers > 1))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in list_keys {
+        let donor_list = config.get(&key).and_then(Value::as_array).cloned().unwrap_or_default();
+        let rebuilt: Vec<Value> = sources
+            .iter()
+            .map(|(model, layer)| {
+                source_list(program, *model, section, &key)
+                    .and_then(|list| list.get(*layer).cloned())
+                    .or_else(|| donor_list.get(*layer).cloned())
+                    .unwrap_or(Value::Null)
+            })
+            .collect();
+        config.insert(key, Value::Array(rebuilt));
+    }
+}
+
+/// Model `model`'s per-layer list `key` (in `section` when given), if it has one of its own
+/// layer count.
+fn source_list(program: &hir::Program, model: hir::ModelId, section: Option<&str>, key: &str) -> Option<Vec<Value>> {
+    let info = &program.model(model).info;
+    let config = info.config.as_ref()?;
+    let config = match section {
+        Some(s) => config.get(s)?.as_object()?,
+        None => config,
+    };
+    let list = config.get(key)?.as_array()?;
+    let layers = match section {
+        Some(_) => config.get("num_hidden_layers")?.as_u64()? as usize,
+        None => info.num_layers()?,
+    };
+    (list.len() == layers).then(|| list.clone())
 }
 
 /// A Hugging Face model card: YAML front matter, the inputs, and the script itself.
@@ -113,6 +217,19 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
     card.push_str(&format!(
         "# {title}\n\nThis model is a merge of pre-trained language models, made with mergec.\n\n"
     ));
+    if !out.methods.is_empty() {
+        card.push_str("## Method\n\n");
+        for m in &out.methods {
+            let words = match m.as_str() {
+                "stack" => "the layers of several ranges one after another (depth up-scaling)",
+                "layer selection" => "a range of layers",
+                "arithmetic" => "arithmetic on the models' tensors",
+                name => crate::sema::methods::lookup(name).map_or("", |s| s.summary),
+            };
+            card.push_str(&format!("- `{m}`: {words}\n"));
+        }
+        card.push('\n');
+    }
     card.push_str("## Inputs\n\n");
     for m in &out.inputs {
         let model = program.model(*m);

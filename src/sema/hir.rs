@@ -57,8 +57,15 @@ pub struct Output {
     pub dtype: Option<DType>,
     /// Number of transformer layers in the output, when it has any.
     pub layer_count: Option<usize>,
+    /// Where each output layer comes from: (input model, its layer index). Per-layer lists
+    /// in config.json (layer_types, ...) follow this.
+    pub layer_sources: Vec<(ModelId, usize)>,
     /// The input models this output reads, in script order.
     pub inputs: Vec<ModelId>,
+    /// A chat template to write (chat_template.jinja and tokenizer_config.json).
+    pub chat_template: Option<String>,
+    /// The methods the model is made with, outermost first (for the model card).
+    pub methods: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -126,8 +126,23 @@ impl Ctx<'_> {
                 }
             }
             MExpr::Layers { inner, start } => {
-                let (i, _) = names::layer_of(name)?;
-                return self.tensor(inner, &names::with_layer(name, i + start), t, under_op);
+                let inner_name = match names::layer_of(name) {
+                    Some((i, _)) => names::with_layer(name, i + start),
+                    None => name.to_string(),
+                };
+                return self.tensor(inner, &inner_name, t, under_op);
+            }
+            MExpr::Stack { segments, pre, post } => {
+                let Some((i, _)) = names::layer_of(name) else {
+                    // Outside the layers: mergekit plans these at t = 0.
+                    let from = if names::is_pre_layer(name) { pre } else { post };
+                    return self.tensor(from, name, 0.0, under_op);
+                };
+                let seg = segments.iter().find(|s| (s.offset..s.offset + s.len).contains(&i))?;
+                let local = i - seg.offset;
+                // Each segment is a slice: gradients run over its own layers.
+                let t = if seg.len > 1 { local as f64 / (seg.len - 1) as f64 } else { 1.0 };
+                return self.tensor(&seg.expr, &names::with_layer(name, local), t, under_op);
             }
             MExpr::Neg(inner) => TensorExpr::Neg(Box::new(self.tensor(inner, name, t, true)?)),
             MExpr::Add(a, b) => TensorExpr::Add(
@@ -467,6 +482,14 @@ fn source_name(expr: &MExpr, name: &str) -> String {
         | MExpr::Divide(inner, ..)
         | MExpr::Add(inner, _)
         | MExpr::Sub(inner, _) => source_name(inner, name),
+        MExpr::Stack { segments, pre, post } => match names::layer_of(name) {
+            None if names::is_pre_layer(name) => source_name(pre, name),
+            None => source_name(post, name),
+            Some((i, _)) => match segments.iter().find(|s| (s.offset..s.offset + s.len).contains(&i)) {
+                Some(seg) => source_name(&seg.expr, &names::with_layer(name, i - seg.offset)),
+                None => name.to_string(),
+            },
+        },
         MExpr::Input(_) | MExpr::Method(_) => name.to_string(),
     }
 }

@@ -9,6 +9,7 @@ mod instantiate;
 pub mod methods;
 pub(crate) mod names;
 pub(crate) mod params;
+mod templates;
 mod value;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -238,7 +239,7 @@ impl Checker<'_> {
                 )
             })
             .collect();
-        let layers = names::layer_count(tensors.keys()).or_else(|| info.num_layers());
+        let layers = names::layer_count(tensors.keys()).or_else(|| info.num_layers()).unwrap_or(0);
         self.models.push(hir::InputModel {
             name: name.name.clone(),
             info,
@@ -247,7 +248,7 @@ impl Checker<'_> {
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Input(id)),
             tensors: Rc::new(tensors),
-            layers,
+            layer_sources: (0..layers).map(|i| (id, i)).collect(),
             span: name.span,
             inputs: vec![id],
             params: Vec::new(),
@@ -428,7 +429,7 @@ impl Checker<'_> {
         Value::Model(ModelVal {
             expr: Rc::new(expr),
             tensors: Rc::clone(&from.tensors),
-            layers: from.layers,
+            layer_sources: Rc::clone(&from.layer_sources),
             span,
             inputs: from.inputs.clone(),
             params: Vec::new(),
@@ -492,7 +493,7 @@ impl Checker<'_> {
                 Value::Model(ModelVal {
                     expr: Rc::new(expr),
                     tensors: Rc::clone(&a.tensors),
-                    layers: a.layers,
+                    layer_sources: Rc::clone(&a.layer_sources),
                     span,
                     inputs,
                     params: Vec::new(),
@@ -570,6 +571,13 @@ impl Checker<'_> {
             )
             .at(b_span, format!("this model has {} tensors", b_names.len()))
             .with_label(a_span, format!("this model has {} tensors", a_names.len()));
+            if let (Some(la), Some(lb)) = (a.layers(), b.layers()) {
+                if la != lb {
+                    d = d.with_note(format!(
+                        "the left model has {la} layers, the right one {lb}: blended layer ranges must be of equal length"
+                    ));
+                }
+            }
             if !only_a.is_empty() {
                 d = d.with_note(format!(
                     "{} tensors of the left model are missing from the right one:\n{}",
@@ -671,7 +679,7 @@ impl Checker<'_> {
                 )
             }
         };
-        let count = m.layers.unwrap_or(0);
+        let count = m.layers().unwrap_or(0);
         if start >= end || end > count as u64 {
             let why = if start >= end {
                 format!("the range {start}..{end} is empty (the end is exclusive)")
@@ -692,11 +700,12 @@ impl Checker<'_> {
         let tensors: BTreeMap<String, TensorSig> = m
             .tensors
             .iter()
-            .filter_map(|(name, sig)| {
-                let (i, _) = names::layer_of(name)?;
-                (start..end)
+            .filter_map(|(name, sig)| match names::layer_of(name) {
+                // Tensors outside the layers (embeddings, final norm, lm_head) stay.
+                None => Some((name.clone(), sig.clone())),
+                Some((i, _)) => (start..end)
                     .contains(&i)
-                    .then(|| (names::with_layer(name, i - start), sig.clone()))
+                    .then(|| (names::with_layer(name, i - start), sig.clone())),
             })
             .collect();
         Value::Model(ModelVal {
@@ -705,7 +714,7 @@ impl Checker<'_> {
                 start,
             }),
             tensors: Rc::new(tensors),
-            layers: Some(end - start),
+            layer_sources: m.layer_sources[start..end].into(),
             span,
             inputs: m.inputs.clone(),
             params: Vec::new(),
@@ -713,6 +722,9 @@ impl Checker<'_> {
     }
 
     fn call(&mut self, func: &ast::Ident, args: &[Arg], span: Span) -> Value {
+        if func.name == "stack" {
+            return self.stack(args, span);
+        }
         let Some(sig) = methods::lookup(&func.name) else {
             let mut d = Diagnostic::error(Code::E0203, format!("unknown function `{}`", func.name))
                 .at(func.span, "no such method");
@@ -823,7 +835,7 @@ impl Checker<'_> {
             return Value::Error;
         };
         let tensors = Rc::clone(&first.tensors);
-        let layers = first.layers;
+        let layer_sources = Rc::clone(&first.layer_sources);
         let mut inputs: Vec<ModelId> = Vec::new();
         for i in all.iter().flat_map(|m| m.inputs.iter()) {
             if !inputs.contains(i) {
@@ -921,7 +933,147 @@ impl Checker<'_> {
                 span,
             })),
             tensors,
-            layers,
+            layer_sources,
+            span,
+            inputs,
+            params: Vec::new(),
+        })
+    }
+
+    /// `stack(seg, ...; embed: m, head: m)`: the segments' layers one after another,
+    /// renumbered; embeddings from the first segment (or `embed:`), the final norm and
+    /// lm_head from the last (or `head:`).
+    fn stack(&mut self, args: &[Arg], span: Span) -> Value {
+        let mut segments: Vec<ModelVal> = Vec::new();
+        let (mut embed, mut head): (Option<ModelVal>, Option<ModelVal>) = (None, None);
+        let mut failed = false;
+        for arg in args {
+            let (name, e) = match arg {
+                Arg::Positional(e) => (None, e),
+                Arg::Named(n) => (Some(&n.name), &n.value),
+            };
+            let value = self.expr(e);
+            let model = match value {
+                Value::Model(m) => self.no_params(m),
+                Value::Models(ms) if name.is_none() => {
+                    segments.extend(ms.into_iter().map(|m| ModelVal { params: Vec::new(), ..m }));
+                    continue;
+                }
+                Value::Error => {
+                    failed = true;
+                    continue;
+                }
+                other => {
+                    failed = true;
+                    self.diags.push(
+                        Diagnostic::error(Code::E0301, format!("`stack` takes models, found {}", other.describe()))
+                            .at(e.span, format!("this is {}", other.describe()))
+                            .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
+                    );
+                    continue;
+                }
+            };
+            match name.map(|n| n.name.as_str()) {
+                None => segments.push(model),
+                Some("embed") => embed = Some(model),
+                Some("head") => head = Some(model),
+                Some(other) => {
+                    failed = true;
+                    let mut d = Diagnostic::error(Code::E0204, format!("`stack` has no parameter `{other}`"))
+                        .at(name.map_or(e.span, |n| n.span), "unknown parameter");
+                    d = match names::did_you_mean(other, ["embed", "head"]) {
+                        Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                        None => d.with_help("`stack` takes `embed: m` and `head: m` to choose where the tensors outside the layers come from"),
+                    };
+                    self.diags.push(d);
+                }
+            }
+        }
+        if segments.is_empty() {
+            if !failed {
+                self.diags.push(
+                    Diagnostic::error(Code::E0206, "`stack` takes at least 1 model, but got 0 models")
+                        .at(span, "nothing to stack")
+                        .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
+                );
+            }
+            return Value::Error;
+        }
+        // Every segment must have layers of one structure (names and shapes of layer 0).
+        let layer_zero = |m: &ModelVal| -> BTreeMap<String, TensorSig> {
+            m.tensors
+                .iter()
+                .filter(|(n, _)| names::layer_of(n).is_some_and(|(i, _)| i == 0))
+                .map(|(n, s)| (n.clone(), s.clone()))
+                .collect()
+        };
+        let first_layer = layer_zero(&segments[0]);
+        for seg in &segments {
+            if seg.layers().is_none() {
+                failed = true;
+                self.diags.push(
+                    Diagnostic::error(Code::E0302, "this model has no layers to stack")
+                        .at(seg.span, "no `layers.N` tensors")
+                        .with_help("stack layer ranges of transformer models: `a.layers[0..8]`"),
+                );
+            }
+        }
+        if failed {
+            return Value::Error;
+        }
+        for seg in segments.iter().skip(1) {
+            let a = ModelVal {
+                tensors: Rc::new(first_layer.clone()),
+                ..segments[0].clone()
+            };
+            let b = ModelVal {
+                tensors: Rc::new(layer_zero(seg)),
+                ..seg.clone()
+            };
+            if !self.same_tensors(&a, segments[0].span, &b, seg.span, "stack") {
+                return Value::Error;
+            }
+        }
+        let pre_from = embed.unwrap_or_else(|| segments[0].clone());
+        let post_from = head.unwrap_or_else(|| segments[segments.len() - 1].clone());
+        let mut tensors: BTreeMap<String, TensorSig> = BTreeMap::new();
+        for (name, sig) in pre_from.tensors.iter().filter(|(n, _)| names::layer_of(n).is_none() && names::is_pre_layer(n)) {
+            tensors.insert(name.clone(), sig.clone());
+        }
+        for (name, sig) in post_from.tensors.iter().filter(|(n, _)| names::layer_of(n).is_none() && !names::is_pre_layer(n)) {
+            tensors.insert(name.clone(), sig.clone());
+        }
+        let mut layer_sources: Vec<(ModelId, usize)> = Vec::new();
+        let mut parts = Vec::with_capacity(segments.len());
+        let mut inputs: Vec<ModelId> = Vec::new();
+        for seg in &segments {
+            let offset = layer_sources.len();
+            let len = seg.layers().unwrap_or(0);
+            for (name, sig) in &*seg.tensors {
+                if let Some((i, _)) = names::layer_of(name) {
+                    tensors.insert(names::with_layer(name, i + offset), sig.clone());
+                }
+            }
+            layer_sources.extend(seg.layer_sources.iter().copied());
+            parts.push(value::Segment {
+                expr: Rc::clone(&seg.expr),
+                offset,
+                len,
+            });
+        }
+        for i in pre_from.inputs.iter().chain(segments.iter().flat_map(|s| s.inputs.iter())).chain(post_from.inputs.iter()) {
+            if !inputs.contains(i) {
+                inputs.push(*i);
+            }
+        }
+        Value::Model(ModelVal {
+            expr: Rc::new(MExpr::Stack {
+                segments: parts,
+                pre: Rc::clone(&pre_from.expr),
+                post: Rc::clone(&post_from.expr),
+            }),
+            tensors: Rc::new(tensors),
+            layer_sources: layer_sources.into(),
             span,
             inputs,
             params: Vec::new(),
@@ -1108,6 +1260,7 @@ impl Checker<'_> {
         let mut dtype = None;
         let mut max_shard_bytes = DEFAULT_SHARD_BYTES;
         let mut config_from = None;
+        let mut chat_template = None;
         let mut tokenizer_from = None;
         let mut seen: HashMap<&str, Span> = HashMap::new();
         for opt in options {
@@ -1128,6 +1281,7 @@ impl Checker<'_> {
                 }
                 "config" => config_from = self.donor_option(&opt.value, "config"),
                 "tokenizer" => tokenizer_from = self.donor_option(&opt.value, "tokenizer"),
+                "chat_template" => chat_template = self.chat_template_option(&opt.value),
                 other => {
                     let mut d = Diagnostic::error(Code::E0208, format!("unknown save option `{other}`"))
                         .at(opt.name.span, "unknown option");
@@ -1175,8 +1329,11 @@ impl Checker<'_> {
             config_from,
             tokenizer_from,
             dtype,
-            layer_count: model.layers,
+            layer_count: model.layers(),
+            layer_sources: model.layer_sources.to_vec(),
             inputs: model.inputs.clone(),
+            chat_template,
+            methods: describe(&model.expr),
         };
         let _ = stmt_span;
         let output = instantiate::output(&self.models, self.seed, output, &model, &mut self.diags);
@@ -1256,6 +1413,36 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    /// `chat_template: "chatml"` (a built-in name) or a literal Jinja template.
+    fn chat_template_option(&mut self, value: &Expr) -> Option<String> {
+        let ExprKind::Str(text) = &value.kind else {
+            let v = self.expr(value);
+            if !matches!(v, Value::Error) {
+                self.diags.push(
+                    Diagnostic::error(Code::E0301, format!("`chat_template` expects a string, found {}", v.describe()))
+                        .at(value.span, format!("this is {}", v.describe()))
+                        .with_help("a built-in name such as \"chatml\", or a Jinja template in quotes"),
+                );
+            }
+            return None;
+        };
+        if let Some(t) = templates::built_in(text) {
+            return Some(t.to_string());
+        }
+        if templates::looks_like_jinja(text) {
+            return Some(text.clone());
+        }
+        let names: Vec<&str> = templates::BUILT_IN.iter().map(|(n, _)| *n).collect();
+        let mut d = Diagnostic::error(Code::E0305, format!("unknown chat template `{text}`"))
+            .at(value.span, "neither a built-in name nor a Jinja template");
+        d = match names::did_you_mean(text, names.iter().copied()) {
+            Some(s) => d.with_help(format!("did you mean `{s}`? the built-in templates are: {}", names.join(", "))),
+            None => d.with_help(format!("the built-in templates are: {}; or write the template itself", names.join(", "))),
+        };
+        self.diags.push(d);
+        None
     }
 
     /// `config: m` / `tokenizer: m`: must name an input model.
@@ -1348,4 +1535,47 @@ fn resolve_dir(base: &Path, dir: &str) -> PathBuf {
 }
 
 /// The options `save ... to "dir" { ... }` takes.
-const SAVE_OPTIONS: &[&str] = &["dtype", "shard", "config", "tokenizer"];
+const SAVE_OPTIONS: &[&str] = &["dtype", "shard", "config", "tokenizer", "chat_template"];
+
+/// The methods a saved model is made with, outermost first, for its model card.
+fn describe(expr: &MExpr) -> Vec<String> {
+    fn walk(e: &MExpr, out: &mut Vec<String>) {
+        let mut push = |s: &str| {
+            if !out.iter().any(|o| o == s) {
+                out.push(s.to_string());
+            }
+        };
+        match e {
+            MExpr::Input(_) => {}
+            MExpr::Layers { inner, .. } => {
+                push("layer selection");
+                walk(inner, out);
+            }
+            MExpr::Stack { segments, pre, post } => {
+                push("stack");
+                segments.iter().for_each(|s| walk(&s.expr, out));
+                walk(pre, out);
+                walk(post, out);
+            }
+            MExpr::Neg(x) | MExpr::Scale(x, ..) | MExpr::Divide(x, ..) => {
+                push("arithmetic");
+                walk(x, out);
+            }
+            MExpr::Add(a, b) | MExpr::Sub(a, b) => {
+                push("arithmetic");
+                walk(a, out);
+                walk(b, out);
+            }
+            MExpr::Method(call) => {
+                push(call.sig.name);
+                if let Some(b) = &call.base {
+                    walk(b, out);
+                }
+                call.models.iter().for_each(|m| walk(&m.expr, out));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(expr, &mut out);
+    out
+}

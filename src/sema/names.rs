@@ -26,6 +26,13 @@ pub(crate) fn layer_of(name: &str) -> Option<(usize, std::ops::Range<usize>)> {
     None
 }
 
+/// Whether a tensor outside the layers comes before them (embeddings), as opposed to after
+/// them (final norm, lm_head). Stacks take the former from their first segment and the
+/// latter from their last, as mergekit does.
+pub(crate) fn is_pre_layer(name: &str) -> bool {
+    name.contains("embed") || name.split('.').any(|s| matches!(s, "wte" | "wpe" | "word_embeddings"))
+}
+
 /// `name` with its layer index replaced by `index`.
 pub(crate) fn with_layer(name: &str, index: usize) -> String {
     match layer_of(name) {

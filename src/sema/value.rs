@@ -52,12 +52,20 @@ pub(crate) struct TensorSig {
 pub(crate) struct ModelVal {
     pub expr: Rc<MExpr>,
     pub tensors: Rc<BTreeMap<String, TensorSig>>,
-    pub layers: Option<usize>,
+    /// Where each layer comes from: (input model, its layer index), in output order.
+    pub layer_sources: Rc<[(ModelId, usize)]>,
     pub span: Span,
     /// Input models read, in script order; the first donates config and tokenizer by default.
     pub inputs: Vec<ModelId>,
     /// Per-model parameters from a `{ ... }` block, consumed by the enclosing method call.
     pub params: Vec<ParamEntry>,
+}
+
+impl ModelVal {
+    /// Number of transformer layers, if the model has any.
+    pub fn layers(&self) -> Option<usize> {
+        (!self.layer_sources.is_empty()).then_some(self.layer_sources.len())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -71,10 +79,17 @@ pub(crate) struct ParamEntry {
 #[derive(Debug)]
 pub(crate) enum MExpr {
     Input(ModelId),
-    /// Layers `start..` of `inner`, renumbered from 0.
+    /// Layers `start..` of `inner`, renumbered from 0 (tensors outside the layers pass through).
     Layers {
         inner: Rc<MExpr>,
         start: usize,
+    },
+    /// Segments' layers one after another; embeddings from `pre`, the other non-layer
+    /// tensors from `post`. Each segment is its own layer-position domain (mergekit's slices).
+    Stack {
+        segments: Vec<Segment>,
+        pre: Rc<MExpr>,
+        post: Rc<MExpr>,
     },
     Neg(Rc<MExpr>),
     Add(Rc<MExpr>, Rc<MExpr>),
@@ -82,6 +97,14 @@ pub(crate) enum MExpr {
     Scale(Rc<MExpr>, Param, Span),
     Divide(Rc<MExpr>, Param, Span),
     Method(MethodCall),
+}
+
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub expr: Rc<MExpr>,
+    /// First output layer of this segment.
+    pub offset: usize,
+    pub len: usize,
 }
 
 #[derive(Debug)]
