@@ -239,7 +239,9 @@ impl Checker<'_> {
                 )
             })
             .collect();
-        let layers = names::layer_count(tensors.keys()).or_else(|| info.num_layers()).unwrap_or(0);
+        let layers = names::layer_count(tensors.keys())
+            .or_else(|| info.num_layers())
+            .unwrap_or(0);
         self.models.push(hir::InputModel {
             name: name.name.clone(),
             info,
@@ -574,7 +576,7 @@ impl Checker<'_> {
             if let (Some(la), Some(lb)) = (a.layers(), b.layers()) {
                 if la != lb {
                     d = d.with_note(format!(
-                        "the left model has {la} layers, the right one {lb}: blended layer ranges must be of equal length"
+                        "the left model has {la} layers and the right one {lb}: models combined layer by layer need as many layers (ranges of equal length)"
                     ));
                 }
             }
@@ -956,7 +958,10 @@ impl Checker<'_> {
             let model = match value {
                 Value::Model(m) => self.no_params(m),
                 Value::Models(ms) if name.is_none() => {
-                    segments.extend(ms.into_iter().map(|m| ModelVal { params: Vec::new(), ..m }));
+                    segments.extend(ms.into_iter().map(|m| ModelVal {
+                        params: Vec::new(),
+                        ..m
+                    }));
                     continue;
                 }
                 Value::Error => {
@@ -966,9 +971,12 @@ impl Checker<'_> {
                 other => {
                     failed = true;
                     self.diags.push(
-                        Diagnostic::error(Code::E0301, format!("`stack` takes models, found {}", other.describe()))
-                            .at(e.span, format!("this is {}", other.describe()))
-                            .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
+                        Diagnostic::error(
+                            Code::E0301,
+                            format!("`stack` takes models, found {}", other.describe()),
+                        )
+                        .at(e.span, format!("this is {}", other.describe()))
+                        .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
                     );
                     continue;
                 }
@@ -1037,10 +1045,18 @@ impl Checker<'_> {
         let pre_from = embed.unwrap_or_else(|| segments[0].clone());
         let post_from = head.unwrap_or_else(|| segments[segments.len() - 1].clone());
         let mut tensors: BTreeMap<String, TensorSig> = BTreeMap::new();
-        for (name, sig) in pre_from.tensors.iter().filter(|(n, _)| names::layer_of(n).is_none() && names::is_pre_layer(n)) {
+        for (name, sig) in pre_from
+            .tensors
+            .iter()
+            .filter(|(n, _)| names::layer_of(n).is_none() && names::is_pre_layer(n))
+        {
             tensors.insert(name.clone(), sig.clone());
         }
-        for (name, sig) in post_from.tensors.iter().filter(|(n, _)| names::layer_of(n).is_none() && !names::is_pre_layer(n)) {
+        for (name, sig) in post_from
+            .tensors
+            .iter()
+            .filter(|(n, _)| names::layer_of(n).is_none() && !names::is_pre_layer(n))
+        {
             tensors.insert(name.clone(), sig.clone());
         }
         let mut layer_sources: Vec<(ModelId, usize)> = Vec::new();
@@ -1061,7 +1077,12 @@ impl Checker<'_> {
                 len,
             });
         }
-        for i in pre_from.inputs.iter().chain(segments.iter().flat_map(|s| s.inputs.iter())).chain(post_from.inputs.iter()) {
+        for i in pre_from
+            .inputs
+            .iter()
+            .chain(segments.iter().flat_map(|s| s.inputs.iter()))
+            .chain(post_from.inputs.iter())
+        {
             if !inputs.contains(i) {
                 inputs.push(*i);
             }
@@ -1421,9 +1442,12 @@ impl Checker<'_> {
             let v = self.expr(value);
             if !matches!(v, Value::Error) {
                 self.diags.push(
-                    Diagnostic::error(Code::E0301, format!("`chat_template` expects a string, found {}", v.describe()))
-                        .at(value.span, format!("this is {}", v.describe()))
-                        .with_help("a built-in name such as \"chatml\", or a Jinja template in quotes"),
+                    Diagnostic::error(
+                        Code::E0301,
+                        format!("`chat_template` expects a string, found {}", v.describe()),
+                    )
+                    .at(value.span, format!("this is {}", v.describe()))
+                    .with_help("a built-in name such as \"chatml\", or a Jinja template in quotes"),
                 );
             }
             return None;
@@ -1438,8 +1462,14 @@ impl Checker<'_> {
         let mut d = Diagnostic::error(Code::E0305, format!("unknown chat template `{text}`"))
             .at(value.span, "neither a built-in name nor a Jinja template");
         d = match names::did_you_mean(text, names.iter().copied()) {
-            Some(s) => d.with_help(format!("did you mean `{s}`? the built-in templates are: {}", names.join(", "))),
-            None => d.with_help(format!("the built-in templates are: {}; or write the template itself", names.join(", "))),
+            Some(s) => d.with_help(format!(
+                "did you mean `{s}`? the built-in templates are: {}",
+                names.join(", ")
+            )),
+            None => d.with_help(format!(
+                "the built-in templates are: {}; or write the template itself",
+                names.join(", ")
+            )),
         };
         self.diags.push(d);
         None
