@@ -44,7 +44,10 @@ pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
         // any the donor's tokenizer_config.json or chat_template.json carried.
         copied_files.retain(|(name, _)| name != "chat_template.jinja" && name != "chat_template.json");
         generated_files.push(("chat_template.jinja".to_string(), template.clone().into_bytes()));
-        if let Some(i) = copied_files.iter().position(|(name, _)| name == "tokenizer_config.json") {
+        if let Some(i) = copied_files
+            .iter()
+            .position(|(name, _)| name == "tokenizer_config.json")
+        {
             // Unreadable now: leave it to the copy, which reports the error with its path.
             if let Some(bytes) = with_chat_template(&copied_files[i].1, template) {
                 copied_files.remove(i);
@@ -110,14 +113,34 @@ fn updated_config(
     }
     if let Some(layers) = out.layer_count {
         let donor_layers = program.model(donor).info.num_layers();
-        follow_layers(program, &mut config, None, layers, donor_layers, &out.layer_sources);
+        follow_layers(
+            program,
+            &mut config,
+            None,
+            layers,
+            donor_layers,
+            &out.layer_sources,
+        );
         if let Some(Value::Object(mut text)) = config.remove("text_config") {
-            let donor_text_layers = text.get("num_hidden_layers").and_then(Value::as_u64).map(|n| n as usize);
-            follow_layers(program, &mut text, Some("text_config"), layers, donor_text_layers, &out.layer_sources);
+            let donor_text_layers = text
+                .get("num_hidden_layers")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize);
+            follow_layers(
+                program,
+                &mut text,
+                Some("text_config"),
+                layers,
+                donor_text_layers,
+                &out.layer_sources,
+            );
             config.insert("text_config".to_string(), Value::Object(text));
         }
     }
-    if let Some(embed) = steps.iter().find(|s| s.tensor.ends_with("embed_tokens.weight") || s.tensor.ends_with("wte.weight")) {
+    if let Some(embed) = steps
+        .iter()
+        .find(|s| s.tensor.ends_with("embed_tokens.weight") || s.tensor.ends_with("wte.weight"))
+    {
         if let (Some(rows), Some(v)) = (embed.shape.first(), config.get_mut("vocab_size")) {
             *v = Value::from(*rows as u64);
         }
@@ -155,11 +178,18 @@ fn follow_layers(
     }
     let list_keys: Vec<String> = config
         .iter()
-        .filter(|(_, v)| v.as_array().is_some_and(|a| a.len() == donor_layers && donor_layers > 1))
+        .filter(|(_, v)| {
+            v.as_array()
+                .is_some_and(|a| a.len() == donor_layers && donor_layers > 1)
+        })
         .map(|(k, _)| k.clone())
         .collect();
     for key in list_keys {
-        let donor_list = config.get(&key).and_then(Value::as_array).cloned().unwrap_or_default();
+        let donor_list = config
+            .get(&key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let rebuilt: Vec<Value> = sources
             .iter()
             .map(|(model, layer)| {
@@ -175,7 +205,12 @@ fn follow_layers(
 
 /// Model `model`'s per-layer list `key` (in `section` when given), if it has one of its own
 /// layer count.
-fn source_list(program: &hir::Program, model: hir::ModelId, section: Option<&str>, key: &str) -> Option<Vec<Value>> {
+fn source_list(
+    program: &hir::Program,
+    model: hir::ModelId,
+    section: Option<&str>,
+    key: &str,
+) -> Option<Vec<Value>> {
     let info = &program.model(model).info;
     let config = info.config.as_ref()?;
     let config = match section {

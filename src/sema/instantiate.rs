@@ -138,10 +138,16 @@ impl Ctx<'_> {
                     let from = if names::is_pre_layer(name) { pre } else { post };
                     return self.tensor(from, name, 0.0, under_op);
                 };
-                let seg = segments.iter().find(|s| (s.offset..s.offset + s.len).contains(&i))?;
+                let seg = segments
+                    .iter()
+                    .find(|s| (s.offset..s.offset + s.len).contains(&i))?;
                 let local = i - seg.offset;
                 // Each segment is a slice: gradients run over its own layers.
-                let t = if seg.len > 1 { local as f64 / (seg.len - 1) as f64 } else { 1.0 };
+                let t = if seg.len > 1 {
+                    local as f64 / (seg.len - 1) as f64
+                } else {
+                    1.0
+                };
                 return self.tensor(&seg.expr, &names::with_layer(name, local), t, under_op);
             }
             MExpr::Neg(inner) => TensorExpr::Neg(Box::new(self.tensor(inner, name, t, true)?)),
@@ -485,7 +491,10 @@ fn source_name(expr: &MExpr, name: &str) -> String {
         MExpr::Stack { segments, pre, post } => match names::layer_of(name) {
             None if names::is_pre_layer(name) => source_name(pre, name),
             None => source_name(post, name),
-            Some((i, _)) => match segments.iter().find(|s| (s.offset..s.offset + s.len).contains(&i)) {
+            Some((i, _)) => match segments
+                .iter()
+                .find(|s| (s.offset..s.offset + s.len).contains(&i))
+            {
                 Some(seg) => source_name(&seg.expr, &names::with_layer(name, i - seg.offset)),
                 None => name.to_string(),
             },

@@ -30,7 +30,10 @@ pub(crate) fn layer_of(name: &str) -> Option<(usize, std::ops::Range<usize>)> {
 /// them (final norm, lm_head). Stacks take the former from their first segment and the
 /// latter from their last, as mergekit does.
 pub(crate) fn is_pre_layer(name: &str) -> bool {
-    name.contains("embed") || name.split('.').any(|s| matches!(s, "wte" | "wpe" | "word_embeddings"))
+    name.contains("embed")
+        || name
+            .split('.')
+            .any(|s| matches!(s, "wte" | "wpe" | "word_embeddings"))
 }
 
 /// `name` with its layer index replaced by `index`.
