@@ -47,13 +47,14 @@ pub(super) fn output(
         problems: Problems::default(),
         seed,
     };
+    let modules = names::module_layers(model.tensors.keys());
     let mut names: Vec<&String> = model.tensors.keys().collect();
     names.sort_by(|a, b| natural_cmp(a, b));
     for name in names {
         let Some(sig) = model.tensors.get(name) else {
             continue;
         };
-        let t = layer_position(name, out.layer_count);
+        let t = layer_position(name, &modules);
         let Some(expr) = ctx.tensor(&model.expr, name, t, false) else {
             continue;
         };
@@ -93,13 +94,16 @@ pub(super) fn output(
     out
 }
 
-/// mergekit's layer position: `i/(n-1)` for layer `i` of `n` (1 for a single layer), and 0
-/// for tensors outside the layers (embeddings, final norm, lm_head).
-fn layer_position(name: &str, layer_count: Option<usize>) -> f64 {
-    match (names::layer_of(name), layer_count) {
-        (Some((i, _)), Some(n)) if n > 1 => i as f64 / (n - 1) as f64,
-        (Some(_), _) => 1.0,
-        (None, _) => 0.0,
+/// mergekit's layer position: `i/(n-1)` for layer `i` of the `n` layers of its module (1 for
+/// a single layer), and 0 for tensors outside the layers (embeddings, final norm, lm_head).
+/// Each module of a multi-modal model has its own depth.
+fn layer_position(name: &str, modules: &BTreeMap<String, usize>) -> f64 {
+    let Some((i, range)) = names::layer_of(name) else {
+        return 0.0;
+    };
+    match modules.get(&name[..range.start]) {
+        Some(&n) if n > 1 => i as f64 / (n - 1) as f64,
+        _ => 1.0,
     }
 }
 
@@ -125,17 +129,22 @@ impl Ctx<'_> {
                     name: name.to_string(),
                 }
             }
-            MExpr::Layers { inner, start } => {
-                let inner_name = match names::layer_of(name) {
+            MExpr::Layers { inner, start, module } => {
+                let inner_name = match names::layer_in(name, module) {
                     Some((i, _)) => names::with_layer(name, i + start),
                     None => name.to_string(),
                 };
                 return self.tensor(inner, &inner_name, t, under_op);
             }
-            MExpr::Stack { segments, pre, post } => {
-                let Some((i, _)) = names::layer_of(name) else {
+            MExpr::Stack {
+                segments,
+                pre,
+                post,
+                module,
+            } => {
+                let Some((i, _)) = names::layer_in(name, module) else {
                     // Outside the layers: mergekit plans these at t = 0.
-                    let from = if names::is_pre_layer(name) { pre } else { post };
+                    let from = if names::stacks_before(name) { pre } else { post };
                     return self.tensor(from, name, 0.0, under_op);
                 };
                 let seg = segments
@@ -149,6 +158,18 @@ impl Ctx<'_> {
                     1.0
                 };
                 return self.tensor(&seg.expr, &names::with_layer(name, local), t, under_op);
+            }
+            MExpr::Graft {
+                onto,
+                part,
+                part_names,
+            } => {
+                let from = if part_names.contains(name) { part } else { onto };
+                return self.tensor(from, name, t, under_op);
+            }
+            MExpr::Rename { inner, map } => {
+                let inner_name = map.get(name).map_or(name, String::as_str);
+                return self.tensor(inner, inner_name, t, under_op);
             }
             MExpr::Neg(inner) => TensorExpr::Neg(Box::new(self.tensor(inner, name, t, true)?)),
             MExpr::Add(a, b) => TensorExpr::Add(
@@ -479,7 +500,7 @@ fn gta_kind(name: &str) -> Option<GtaKind> {
 /// The tensor name `expr` reads for output name `name` (following layer renumbering).
 fn source_name(expr: &MExpr, name: &str) -> String {
     match expr {
-        MExpr::Layers { inner, start } => match names::layer_of(name) {
+        MExpr::Layers { inner, start, module } => match names::layer_in(name, module) {
             Some((i, _)) => source_name(inner, &names::with_layer(name, i + start)),
             None => name.to_string(),
         },
@@ -488,8 +509,13 @@ fn source_name(expr: &MExpr, name: &str) -> String {
         | MExpr::Divide(inner, ..)
         | MExpr::Add(inner, _)
         | MExpr::Sub(inner, _) => source_name(inner, name),
-        MExpr::Stack { segments, pre, post } => match names::layer_of(name) {
-            None if names::is_pre_layer(name) => source_name(pre, name),
+        MExpr::Stack {
+            segments,
+            pre,
+            post,
+            module,
+        } => match names::layer_in(name, module) {
+            None if names::stacks_before(name) => source_name(pre, name),
             None => source_name(post, name),
             Some((i, _)) => match segments
                 .iter()
@@ -499,6 +525,12 @@ fn source_name(expr: &MExpr, name: &str) -> String {
                 None => name.to_string(),
             },
         },
+        MExpr::Graft {
+            onto,
+            part,
+            part_names,
+        } => source_name(if part_names.contains(name) { part } else { onto }, name),
+        MExpr::Rename { inner, map } => source_name(inner, map.get(name).map_or(name, String::as_str)),
         MExpr::Input(_) | MExpr::Method(_) => name.to_string(),
     }
 }

@@ -26,6 +26,52 @@ pub(crate) fn layer_of(name: &str) -> Option<(usize, std::ops::Range<usize>)> {
     None
 }
 
+/// The layer modules of a set of names: each prefix before a layer index (such as
+/// `model.language_model.layers.` or `model.visual.blocks.`) with its layer count, so each
+/// module of a multi-modal model has its own depth.
+pub(crate) fn module_layers<'a>(names: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, usize> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    for name in names {
+        if let Some((i, range)) = layer_of(name) {
+            let count = out.entry(name[..range.start].to_string()).or_insert(0);
+            *count = (*count).max(i + 1);
+        }
+    }
+    out
+}
+
+/// The decoder stack that `.layers[..]` and `stack` work on: the module with the most
+/// layers, preferring one that is not a vision tower, then the first by name.
+pub(crate) fn main_module<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<String> {
+    let modules = module_layers(names);
+    modules
+        .iter()
+        .max_by(|(a, na), (b, nb)| {
+            let vision = |m: &str| m.contains("vision") || m.contains("visual");
+            na.cmp(nb)
+                .then_with(|| vision(b).cmp(&vision(a)))
+                .then_with(|| b.cmp(a))
+        })
+        .map(|(m, _)| m.clone())
+}
+
+/// Layer count of the main module.
+pub(crate) fn main_layer_count<'a>(names: impl IntoIterator<Item = &'a String> + Clone) -> Option<usize> {
+    let main = main_module(names.clone())?;
+    module_layers(names).get(&main).copied()
+}
+
+/// Whether a tensor outside the main layer module goes with the embeddings when stacking:
+/// embeddings themselves and other layered modules (vision towers) come first.
+pub(crate) fn stacks_before(name: &str) -> bool {
+    is_pre_layer(name) || layer_of(name).is_some()
+}
+
+/// The layer index of `name` when it belongs to layer module `module`.
+pub(crate) fn layer_in(name: &str, module: &str) -> Option<(usize, std::ops::Range<usize>)> {
+    layer_of(name).filter(|(_, range)| &name[..range.start] == module)
+}
+
 /// Whether a tensor outside the layers comes before them (embeddings), as opposed to after
 /// them (final norm, lm_head). Stacks take the former from their first segment and the
 /// latter from their last, as mergekit does.
@@ -42,15 +88,6 @@ pub(crate) fn with_layer(name: &str, index: usize) -> String {
         Some((_, range)) => format!("{}{}{}", &name[..range.start], index, &name[range.end..]),
         None => name.to_string(),
     }
-}
-
-/// Number of layers implied by tensor names (largest index + 1), if any name has one.
-pub(crate) fn layer_count<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<usize> {
-    names
-        .into_iter()
-        .filter_map(|n| layer_of(n))
-        .map(|(i, _)| i + 1)
-        .max()
 }
 
 /// Groups names that differ only in their layer index, so 300 missing tensors read as a

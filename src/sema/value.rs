@@ -83,6 +83,8 @@ pub(crate) enum MExpr {
     Layers {
         inner: Rc<MExpr>,
         start: usize,
+        /// The layer module ranged over (`model.layers.`); other tensors pass through.
+        module: Rc<str>,
     },
     /// Segments' layers one after another; embeddings from `pre`, the other non-layer
     /// tensors from `post`. Each segment is its own layer-position domain (mergekit's slices).
@@ -90,6 +92,19 @@ pub(crate) enum MExpr {
         segments: Vec<Segment>,
         pre: Rc<MExpr>,
         post: Rc<MExpr>,
+        /// The layer module stacked; everything else comes from `pre` or `post`.
+        module: Rc<str>,
+    },
+    /// `onto`'s tensors, those named in `part_names` taken from `part` instead.
+    Graft {
+        onto: Rc<MExpr>,
+        part: Rc<MExpr>,
+        part_names: Rc<std::collections::BTreeSet<String>>,
+    },
+    /// Tensors renamed: output name -> the name `inner` has for it.
+    Rename {
+        inner: Rc<MExpr>,
+        map: Rc<BTreeMap<String, String>>,
     },
     Neg(Rc<MExpr>),
     Add(Rc<MExpr>, Rc<MExpr>),
