@@ -10,8 +10,10 @@ use mergec::diag::render;
 use mergec::diag::Diagnostics;
 use mergec::driver::{self, Compiled, Script};
 use mergec::exec::CpuExecutor;
+use mergec::import::{self, Import};
 use mergec::io::{DType, TensorReader};
 use mergec::plan::Limits;
+use mergec::source::SourceMap;
 use mergec::synth::{self, SynthSpec};
 
 #[derive(Parser)]
@@ -29,18 +31,28 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check a script against the models' headers; print what a run would read, write and hold.
+    /// Check a script (or a mergekit YAML config) against the models' headers; print what a
+    /// run would read, write and hold.
     Check {
+        /// A `.merge` script, or a mergekit config (`.yml` / `.yaml`).
         script: PathBuf,
+        /// For a mergekit config: the output folder a run would write.
+        out: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
         /// Accept output folders that exist and are not empty (run would replace them).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        yaml: YamlArgs,
     },
-    /// Check a script, then run it and write every saved model.
+    /// Check a script, then run it and write every saved model. A mergekit config runs as
+    /// `mergekit-yaml` does: `mergec run config.yml OUT_DIR`.
     Run {
+        /// A `.merge` script, or a mergekit config (`.yml` / `.yaml`).
         script: PathBuf,
+        /// For a mergekit config: the output folder (mergekit's OUT_PATH).
+        out: Option<PathBuf>,
         /// Replace output folders that exist and are not empty.
         #[arg(long)]
         force: bool,
@@ -49,14 +61,42 @@ enum Command {
         threads: Option<usize>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
+        #[command(flatten)]
+        yaml: YamlArgs,
     },
     /// Print the execution plan: the order of steps, bytes moved and peak memory.
-    Plan { script: PathBuf },
+    Plan {
+        script: PathBuf,
+        /// For a mergekit config: the output folder.
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        yaml: YamlArgs,
+    },
     /// Print one stage's output in a stable text form.
     Debug {
         #[arg(value_enum)]
         stage: Stage,
         script: PathBuf,
+        /// For a mergekit config: the output folder.
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        yaml: YamlArgs,
+    },
+    /// Translate a mergekit YAML config into a `.merge` script that does the same merge.
+    Import {
+        /// The mergekit config (`.yml` / `.yaml`); several `---` documents for mergekit-multi.
+        config: PathBuf,
+        /// The output folder the script saves to (default: `out/NAME`, NAME the config's).
+        out: Option<PathBuf>,
+        /// Write the script here (default: standard output). Its relative paths are
+        /// rewritten to be relative to this file's folder.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Replace the script file if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        yaml: YamlArgs,
     },
     /// Write a synthetic Llama-shaped model (for examples, tests and benchmarks).
     Synth(SynthArgs),
@@ -66,6 +106,36 @@ enum Command {
         #[arg(default_value = "demo")]
         dir: PathBuf,
     },
+}
+
+/// mergekit's options, for YAML configs only.
+#[derive(clap::Args, Clone, Default)]
+pub struct YamlArgs {
+    /// The seed of the random methods (mergekit's `--random-seed`): `set seed = N`.
+    #[arg(long, alias = "random-seed")]
+    seed: Option<u64>,
+    /// The largest output shard, as mergekit writes it: bytes with an optional K, M or B
+    /// suffix (thousands, millions, billions).
+    #[arg(long)]
+    out_shard_size: Option<String>,
+    /// mergekit-multi: also write every named merge, in a folder of its name beside the
+    /// output folder (by default only the final merge is written).
+    #[arg(long)]
+    save_intermediates: bool,
+}
+
+impl YamlArgs {
+    fn given(&self) -> Option<&'static str> {
+        if self.seed.is_some() {
+            Some("--seed")
+        } else if self.out_shard_size.is_some() {
+            Some("--out-shard-size")
+        } else if self.save_intermediates {
+            Some("--save-intermediates")
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,19 +174,190 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check {
             script,
+            out,
             format,
             force,
-        } => check(&script, format, force),
+            yaml,
+        } => check(&Input::new(script, out, yaml, false), format, force),
         Command::Run {
             script,
+            out,
             force,
             threads,
             format,
-        } => run_script(&script, force, threads, format),
-        Command::Plan { script } => debug(&script, Stage::Plan),
-        Command::Debug { stage, script } => debug(&script, stage),
+            yaml,
+        } => run_script(&Input::new(script, out, yaml, true), force, threads, format),
+        Command::Plan { script, out, yaml } => debug(&Input::new(script, out, yaml, false), Stage::Plan),
+        Command::Debug {
+            stage,
+            script,
+            out,
+            yaml,
+        } => debug(&Input::new(script, out, yaml, false), stage),
+        Command::Import {
+            config,
+            out,
+            output,
+            force,
+            yaml,
+        } => import_cmd(&config, out, output.as_deref(), force, &yaml),
         Command::Synth(args) => synth_cmd(args),
         Command::Demo { dir } => demo(&dir),
+    }
+}
+
+/// What a command reads: a script, or a mergekit config with mergekit's options.
+struct Input {
+    path: PathBuf,
+    out: Option<PathBuf>,
+    yaml: YamlArgs,
+    /// The command writes (run): a config needs its output folder.
+    writes: bool,
+}
+
+impl Input {
+    fn new(path: PathBuf, out: Option<PathBuf>, yaml: YamlArgs, writes: bool) -> Input {
+        Input {
+            path,
+            out,
+            yaml,
+            writes,
+        }
+    }
+}
+
+/// A loaded input: the script to compile, and for a config the translation that moves
+/// diagnostics back onto the YAML.
+struct Loaded {
+    script: Script,
+    import: Option<Import>,
+    /// For a config checked without an output folder: output-folder checks are relaxed.
+    placeholder_out: bool,
+}
+
+fn load_input(input: &Input) -> Result<Loaded, ExitCode> {
+    if !import::is_yaml(&input.path) {
+        if let Some(out) = &input.out {
+            eprintln!(
+                "error: `{}` is a script: its `save` statements name the output folders, so `{}` is not needed",
+                input.path.display(),
+                out.display()
+            );
+            return Err(ExitCode::from(2));
+        }
+        if let Some(flag) = input.yaml.given() {
+            eprintln!("error: `{flag}` is a mergekit option, for YAML configs only; in a script use `set seed = N` or `save ... {{ shard: SIZE }}`");
+            return Err(ExitCode::from(2));
+        }
+        return Ok(Loaded {
+            script: load(&input.path)?,
+            import: None,
+            placeholder_out: false,
+        });
+    }
+    let (out, placeholder_out) = match &input.out {
+        Some(o) => (o.clone(), false),
+        None if input.writes => {
+            eprintln!(
+                "error: a mergekit config needs an output folder: `mergec run {} OUT_DIR`",
+                input.path.display()
+            );
+            return Err(ExitCode::from(2));
+        }
+        None => (default_out(&input.path), true),
+    };
+    let opts = yaml_options(&input.path, out, Path::new("."), &input.yaml)?;
+    let imported = translate_or_report(&input.path, &opts)?;
+    Ok(Loaded {
+        script: imported.script(),
+        import: Some(imported),
+        placeholder_out,
+    })
+}
+
+/// `out/NAME` for `NAME.yml`.
+fn default_out(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map_or("merged".into(), |s| s.to_string_lossy().to_string());
+    Path::new("out").join(stem)
+}
+
+fn yaml_options(
+    config: &Path,
+    out: PathBuf,
+    script_dir: &Path,
+    args: &YamlArgs,
+) -> Result<import::Options, ExitCode> {
+    let mut opts = import::Options::new(&config.display().to_string(), Path::new("."), &out);
+    opts.script_dir = script_dir.to_path_buf();
+    opts.seed = args.seed;
+    opts.save_intermediates = args.save_intermediates;
+    if let Some(s) = &args.out_shard_size {
+        match import::parse_shard_size(s) {
+            Ok(b) => opts.shard_bytes = Some(b),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    Ok(opts)
+}
+
+fn translate_or_report(config: &Path, opts: &import::Options) -> Result<Import, ExitCode> {
+    import::translate_file(config, opts).map_err(|f| {
+        report(&f.diagnostics, &f.sources, Format::Human);
+        let errors = f.diagnostics.iter().filter(|d| d.is_error()).count();
+        eprintln!(
+            "{errors} error{} found; nothing was read or written",
+            plural(errors)
+        );
+        ExitCode::from(1)
+    })
+}
+
+fn import_cmd(
+    config: &Path,
+    out: Option<PathBuf>,
+    output: Option<&Path>,
+    force: bool,
+    args: &YamlArgs,
+) -> ExitCode {
+    let out = out.unwrap_or_else(|| default_out(config));
+    let script_dir = match output.and_then(Path::parent) {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let opts = match yaml_options(config, out, &script_dir, args) {
+        Ok(o) => o,
+        Err(code) => return code,
+    };
+    let imported = match translate_or_report(config, &opts) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
+    match output {
+        None => {
+            print!("{}", imported.text());
+            ExitCode::SUCCESS
+        }
+        Some(path) => {
+            if path.exists() && !force {
+                eprintln!("error: `{}` exists; pass --force to replace it", path.display());
+                return ExitCode::from(1);
+            }
+            if let Err(e) = std::fs::write(path, imported.text()) {
+                eprintln!("error: cannot write `{}`: {e}", path.display());
+                return ExitCode::from(1);
+            }
+            eprintln!(
+                "wrote {}; check it with `mergec check {}`",
+                path.display(),
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -135,32 +376,38 @@ fn limits(threads: Option<usize>) -> Limits {
     limits
 }
 
-fn report(diags: &Diagnostics, script: &Script, format: Format) {
+fn report(diags: &Diagnostics, sources: &SourceMap, format: Format) {
     if diags.is_empty() {
         return;
     }
     match format {
         Format::Human => {
-            let text = render::render_text(&diags.0, &script.sources, render::stderr_wants_colour());
+            let text = render::render_text(&diags.0, sources, render::stderr_wants_colour());
             eprint!("{text}");
         }
         Format::Json => {
-            let json = serde_json::json!({ "diagnostics": render::to_json(&diags.0, &script.sources) });
+            let json = serde_json::json!({ "diagnostics": render::to_json(&diags.0, sources) });
             println!("{json}");
         }
     }
 }
 
-fn compile(script: &Script, force: bool, limits: &Limits, format: Format) -> Result<Compiled, ExitCode> {
-    match driver::compile(script, force, limits) {
+fn compile(loaded: &Loaded, force: bool, limits: &Limits, format: Format) -> Result<Compiled, ExitCode> {
+    let script = &loaded.script;
+    let force = force || loaded.placeholder_out;
+    let result = match &loaded.import {
+        Some(i) => i.compile(force, limits).map(|(_, c)| c).map_err(|(_, d)| d),
+        None => driver::compile(script, force, limits),
+    };
+    match result {
         Ok(c) => {
             if format == Format::Human {
-                report(&c.warnings, script, format);
+                report(&c.warnings, &script.sources, format);
             }
             Ok(c)
         }
         Err(diags) => {
-            report(&diags, script, format);
+            report(&diags, &script.sources, format);
             let errors = diags.iter().filter(|d| d.is_error()).count();
             if format == Format::Human {
                 eprintln!(
@@ -173,12 +420,13 @@ fn compile(script: &Script, force: bool, limits: &Limits, format: Format) -> Res
     }
 }
 
-fn check(path: &Path, format: Format, force: bool) -> ExitCode {
-    let script = match load(path) {
+fn check(input: &Input, format: Format, force: bool) -> ExitCode {
+    let loaded = match load_input(input) {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let compiled = match compile(&script, force, &Limits::default(), format) {
+    let script = &loaded.script;
+    let compiled = match compile(&loaded, force, &Limits::default(), format) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -249,13 +497,14 @@ fn summary(c: &Compiled) -> String {
     out
 }
 
-fn run_script(path: &Path, force: bool, threads: Option<usize>, format: Format) -> ExitCode {
-    let script = match load(path) {
+fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format) -> ExitCode {
+    let loaded = match load_input(input) {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let script = &loaded.script;
     let limits = limits(threads);
-    let compiled = match compile(&script, force, &limits, format) {
+    let compiled = match compile(&loaded, force, &limits, format) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -321,11 +570,12 @@ fn run_script(path: &Path, force: bool, threads: Option<usize>, format: Format) 
     }
 }
 
-fn debug(path: &Path, stage: Stage) -> ExitCode {
-    let script = match load(path) {
+fn debug(input: &Input, stage: Stage) -> ExitCode {
+    let loaded = match load_input(input) {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let script = &loaded.script;
     if let Stage::Ast = stage {
         return match mergec::syntax::parse(&script.sources, script.id) {
             Ok(ast) => {
@@ -333,12 +583,16 @@ fn debug(path: &Path, stage: Stage) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(d) => {
-                report(&d, &script, Format::Human);
+                let d = match &loaded.import {
+                    Some(i) => i.remap(d),
+                    None => d,
+                };
+                report(&d, &script.sources, Format::Human);
                 ExitCode::from(1)
             }
         };
     }
-    let compiled = match compile(&script, true, &Limits::default(), Format::Human) {
+    let compiled = match compile(&loaded, true, &Limits::default(), Format::Human) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -415,11 +669,12 @@ fn demo(dir: &Path) -> ExitCode {
     }
     println!("generated three tiny models in {}", dir.join("models").display());
     println!("running {}:\n", script_path.display());
-    let code = check(&script_path, Format::Human, true);
+    let input = Input::new(script_path, None, YamlArgs::default(), true);
+    let code = check(&input, Format::Human, true);
     if code != ExitCode::SUCCESS {
         return code;
     }
-    run_script(&script_path, true, None, Format::Human)
+    run_script(&input, true, None, Format::Human)
 }
 
 fn plural(n: usize) -> &'static str {

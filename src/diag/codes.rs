@@ -6,7 +6,8 @@ use super::Severity;
 macro_rules! codes {
     ($($code:ident => $summary:literal,)*) => {
         /// A stable diagnostic code: E01xx syntax, E02xx names and calls, E03xx types and
-        /// tensors, E04xx models and files, E05xx plan and memory, W0xxx warnings.
+        /// tensors, E04xx models and files, E05xx plan and memory, E06xx mergekit YAML
+        /// import, W0xxx warnings.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Code {
             $($code,)*
@@ -56,6 +57,12 @@ codes! {
     E0403 => "model not in the Hugging Face cache",
     E0404 => "invalid config.json",
     E0405 => "output folder conflict",
+    E0601 => "YAML syntax error",
+    E0602 => "unknown key in a mergekit config",
+    E0603 => "invalid value in a mergekit config",
+    E0604 => "unknown merge method",
+    E0605 => "parameter not taken by the merge method",
+    E0606 => "mergekit feature not supported yet",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",

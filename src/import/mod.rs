@@ -1,1 +1,235 @@
 //! mergekit YAML recipes: translated into `.merge` scripts, then compiled like any script.
+//!
+//! ```text
+//!  config.yml ──yaml──▶ Node tree (byte spans) ──translate──▶ script text + places
+//!             ──driver::compile──▶ Compiled   (diagnostics moved back onto the YAML)
+//! ```
+//!
+//! The YAML and the generated script share one [`SourceMap`]: problems found in the YAML
+//! itself (E06xx) point at it, and so do the script's own diagnostics wherever the piece
+//! of script they point at came from a YAML place (a model reference, a parameter value,
+//! `merge_method`). The rest are shown against the script, named `NAME (as .merge)`.
+//! spec/import.md describes the translation.
+
+mod pretty;
+mod translate;
+mod yaml;
+
+use std::path::{Path, PathBuf};
+
+use crate::diag::{Code, Diagnostics};
+use crate::driver::{self, Compiled, Script};
+use crate::plan::Limits;
+use crate::source::{SourceId, SourceMap, Span};
+
+/// How to translate a config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The name the header comment gives the config.
+    pub yaml_name: String,
+    /// The folder relative model paths of the YAML resolve against: mergekit's working
+    /// directory (the CLI passes the current folder).
+    pub base_dir: PathBuf,
+    /// The folder the script is compiled from (its relative paths resolve against it).
+    pub script_dir: PathBuf,
+    /// The output folder (mergekit's `OUT_PATH`), relative to `base_dir` unless absolute.
+    pub out: PathBuf,
+    /// mergekit's `--random-seed`: `set seed = N`.
+    pub seed: Option<u64>,
+    /// mergekit's `--out-shard-size`, in bytes.
+    pub shard_bytes: Option<u64>,
+    /// mergekit-multi: also save every named intermediate merge (beside `out`).
+    pub save_intermediates: bool,
+}
+
+impl Options {
+    /// Options for a config run from `base_dir`, writing to `out`, with the script compiled
+    /// from the same folder.
+    pub fn new(yaml_name: &str, base_dir: &Path, out: &Path) -> Options {
+        Options {
+            yaml_name: yaml_name.to_string(),
+            base_dir: base_dir.to_path_buf(),
+            script_dir: base_dir.to_path_buf(),
+            out: out.to_path_buf(),
+            seed: None,
+            shard_bytes: None,
+            save_intermediates: false,
+        }
+    }
+}
+
+/// A translated config: the YAML and the script in one source map.
+#[derive(Clone, Debug)]
+pub struct Import {
+    pub sources: SourceMap,
+    pub yaml: SourceId,
+    pub script: SourceId,
+    script_dir: PathBuf,
+    /// `(start, end, YAML place)` for pieces of the script.
+    places: Vec<(usize, usize, Span)>,
+}
+
+/// The YAML could not be translated: its diagnostics, against `sources`.
+#[derive(Debug)]
+pub struct Failure {
+    pub sources: SourceMap,
+    pub diagnostics: Diagnostics,
+}
+
+/// Whether `path` names a YAML file (`.yml` / `.yaml`).
+pub fn is_yaml(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yml") || e.eq_ignore_ascii_case("yaml"))
+}
+
+/// Translates the YAML text `text`, shown in diagnostics as `name`.
+pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Failure> {
+    let mut sources = SourceMap::new();
+    let yaml_id = sources.add(name, None, text);
+    let yaml_text = sources.get(yaml_id).text.clone();
+    let docs = match yaml::load(&yaml_text, yaml_id) {
+        Ok(d) => d,
+        Err(d) => {
+            return Err(Failure {
+                sources,
+                diagnostics: Diagnostics::from(*d),
+            })
+        }
+    };
+    match translate::translate(&docs, &yaml_text, opts) {
+        Ok(t) => {
+            let script = sources.add(format!("{name} (as .merge)"), None, t.out.text);
+            Ok(Import {
+                sources,
+                yaml: yaml_id,
+                script,
+                script_dir: opts.script_dir.clone(),
+                places: t.out.frags,
+            })
+        }
+        Err(mut diagnostics) => {
+            diagnostics.sort();
+            Err(Failure { sources, diagnostics })
+        }
+    }
+}
+
+/// Reads and translates a YAML file.
+pub fn translate_file(path: &Path, opts: &Options) -> Result<Import, Failure> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => translate(&path.display().to_string(), text, opts),
+        Err(e) => Err(Failure {
+            sources: SourceMap::new(),
+            diagnostics: Diagnostics::from(crate::diag::Diagnostic::error(
+                Code::E0401,
+                format!("cannot read `{}`: {e}", path.display()),
+            )),
+        }),
+    }
+}
+
+impl Import {
+    /// The generated script.
+    pub fn text(&self) -> &str {
+        &self.sources.get(self.script).text
+    }
+
+    /// The generated script, ready for [`driver::compile`] (the YAML stays in its sources).
+    pub fn script(&self) -> Script {
+        Script {
+            sources: self.sources.clone(),
+            id: self.script,
+            base_dir: self.script_dir.clone(),
+        }
+    }
+
+    /// Compiles the generated script; its diagnostics point at the YAML where they can.
+    pub fn compile(&self, force: bool, limits: &Limits) -> Result<(Script, Compiled), (Script, Diagnostics)> {
+        let script = self.script();
+        match driver::compile(&script, force, limits) {
+            Ok(mut c) => {
+                c.warnings = self.remap(c.warnings);
+                Ok((script, c))
+            }
+            Err(d) => {
+                let d = self.remap(d);
+                Err((script, d))
+            }
+        }
+    }
+
+    /// Moves diagnostics on pieces of the script that came from the YAML onto the YAML.
+    pub fn remap(&self, diags: Diagnostics) -> Diagnostics {
+        let mut out = Diagnostics::new();
+        for mut d in diags {
+            let mut moved = false;
+            if let Some(s) = d.span {
+                if let Some(y) = self.place(s) {
+                    d.span = Some(y);
+                    moved = true;
+                }
+            }
+            for l in &mut d.labels {
+                if let Some(y) = self.place(l.span) {
+                    l.span = y;
+                }
+            }
+            if moved && d.code == Code::E0401 {
+                for h in &mut d.help {
+                    *h = h.replace(
+                        "relative model paths are resolved against the script's folder",
+                        "relative model paths in a mergekit config are resolved against the current folder, as mergekit does",
+                    );
+                }
+            }
+            out.push(d);
+        }
+        out
+    }
+
+    /// The YAML place of the smallest piece of script that holds `s`.
+    fn place(&self, s: Span) -> Option<Span> {
+        if s.source != self.script {
+            return None;
+        }
+        let (start, end) = (s.start as usize, s.end as usize);
+        self.places
+            .iter()
+            .filter(|(a, b, _)| *a <= start && end <= *b)
+            .min_by_key(|(a, b, _)| b - a)
+            .map(|(_, _, y)| *y)
+    }
+}
+
+/// mergekit's `--out-shard-size`: a number with an optional `K`, `M` or `B` suffix
+/// (thousands, millions, billions of bytes).
+pub fn parse_shard_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('B') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && (v * mult).is_finite() && (v * mult) >= 1.0 => Ok((v * mult).round() as u64),
+        _ => Err(format!(
+            "`{s}` is not a shard size: write a number of bytes with an optional K, M or B suffix (as mergekit: 5B is 5 billion bytes)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_sizes_as_mergekit() {
+        assert_eq!(parse_shard_size("12K"), Ok(12_000));
+        assert_eq!(parse_shard_size("5B"), Ok(5_000_000_000));
+        assert_eq!(parse_shard_size("1.5M"), Ok(1_500_000));
+        assert_eq!(parse_shard_size("4096"), Ok(4096));
+        assert!(parse_shard_size("lots").is_err());
+    }
+}

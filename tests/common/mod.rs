@@ -102,3 +102,266 @@ pub fn run_compiled(c: &Compiled, threads: usize) -> RunReport {
 pub fn render(script: &Script, diags: &mergec::diag::Diagnostics) -> String {
     mergec::diag::render::render_text(&diags.0, &script.sources, false)
 }
+
+fn ulp_bf16(x: f32) -> f64 {
+    if x == 0.0 || !x.is_finite() {
+        2f64.powi(-133)
+    } else {
+        2f64.powf((x.abs() as f64).log2().floor() - 7.0)
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += *x as f64 * *y as f64;
+        aa += *x as f64 * *x as f64;
+        bb += *y as f64 * *y as f64;
+    }
+    match (aa == 0.0, bb == 0.0) {
+        (true, true) => 1.0,
+        (true, false) | (false, true) => 0.0,
+        _ => ab / (aa.sqrt() * bb.sqrt()),
+    }
+}
+
+fn config_without_version(dir: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("transformers_version");
+    v
+}
+
+type Folder = BTreeMap<String, Tensor>;
+
+/// `|a - b|`, with NaN against a number (or infinities of opposite sign) as infinitely far
+/// and NaN against NaN as equal, as compare.py does.
+fn diff(a: f32, b: f32) -> f64 {
+    if a.is_nan() && b.is_nan() {
+        return 0.0;
+    }
+    let d = (a as f64 - b as f64).abs();
+    if d.is_nan() {
+        f64::INFINITY
+    } else {
+        d
+    }
+}
+
+fn deterministic(
+    name: &str,
+    method: &str,
+    mode: &str,
+    reference: &Folder,
+    ours: &Folder,
+    base: Option<&Folder>,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (tensor, r) in reference {
+        let c = &ours[tensor];
+        let n = r.values.len();
+        let over = if mode == "f32" {
+            let max_ref = r.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let limit = 1e-5 * max_ref.max(1.0) as f64;
+            r.values
+                .iter()
+                .zip(&c.values)
+                .filter(|(a, b)| diff(**a, **b) > limit)
+                .count()
+        } else {
+            let d = base
+                .and_then(|b| b.get(tensor))
+                .map(|b| {
+                    r.values
+                        .iter()
+                        .zip(&b.values)
+                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+                })
+                .unwrap_or(0.0);
+            let extra = 2.0 * if d == 0.0 { 0.0 } else { ulp_bf16(d) };
+            r.values
+                .iter()
+                .zip(&c.values)
+                .filter(|(a, b)| diff(**a, **b) > 2.0 * ulp_bf16(**a) + extra)
+                .count()
+        };
+        let allowed = if method == "arcee_fusion" {
+            (n / 100).max(4)
+        } else if mode == "bf16" && ["ties", "breadcrumbs", "breadcrumbs_ties", "sce"].contains(&method) {
+            (n / 20).max(4)
+        } else {
+            0
+        };
+        let cos = cosine(&r.values, &c.values);
+        let cos_ok = cos >= 0.999; // false for NaN
+        if over > allowed || (over > 0 && !cos_ok) {
+            failures.push(format!(
+                "{name}: {tensor}: {over}/{n} elements out of tolerance (allowed {allowed}), cos {cos:.6}"
+            ));
+        }
+    }
+    failures
+}
+
+/// The README's stats rules; `ours2` is a second run of ours with another seed.
+fn statistical(
+    name: &str,
+    reference: &Folder,
+    reference2: &Folder,
+    ours: &Folder,
+    ours2: &Folder,
+    base: &Folder,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let (mut n_all, mut kept_r, mut kept_c, mut l1_r, mut l1_c) = (0usize, 0usize, 0usize, 0f64, 0f64);
+    let (mut cos_rc, mut cos_rr, mut cos_cc) = (Vec::new(), Vec::new(), Vec::new());
+    for (tensor, r) in reference {
+        let b = &base[tensor].values;
+        let delta = |v: &[f32]| -> Vec<f32> { v.iter().zip(b).map(|(x, y)| x - y).collect() };
+        let (dr, dc) = (delta(&r.values), delta(&ours[tensor].values));
+        let (dr2, dc2) = (delta(&reference2[tensor].values), delta(&ours2[tensor].values));
+        let n = dr.len();
+        let (kr, kc) = (
+            dr.iter().filter(|x| **x != 0.0).count(),
+            dc.iter().filter(|x| **x != 0.0).count(),
+        );
+        let (lr, lc): (f64, f64) = (
+            dr.iter().map(|x| x.abs() as f64).sum(),
+            dc.iter().map(|x| x.abs() as f64).sum(),
+        );
+        n_all += n;
+        kept_r += kr;
+        kept_c += kc;
+        l1_r += lr;
+        l1_c += lc;
+        if n >= 256 {
+            let (pr, pc) = (kr as f64 / n as f64, kc as f64 / n as f64);
+            let p = (pr + pc) / 2.0;
+            let ktol = 0.02f64.max(6.0 * (2.0 * p * (1.0 - p) / n as f64).sqrt());
+            if (pr - pc).abs() > ktol {
+                failures.push(format!(
+                    "{name}: {tensor}: kept {pr:.4} vs {pc:.4} (tol {ktol:.4})"
+                ));
+            }
+            let abs: Vec<f64> = dr.iter().map(|x| x.abs() as f64).collect();
+            let mean = abs.iter().sum::<f64>() / n as f64;
+            let var = abs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64;
+            let rel_sd = if mean > 0.0 {
+                (var / n as f64).sqrt() / mean
+            } else {
+                0.0
+            };
+            let ltol = 0.05f64.max(6.0 * 2f64.sqrt() * rel_sd);
+            let rel = if lr > 0.0 { (lc - lr).abs() / lr } else { 0.0 };
+            if rel > ltol {
+                failures.push(format!(
+                    "{name}: {tensor}: L1 of delta differs by {rel:.4} (tol {ltol:.4})"
+                ));
+            }
+            let nonzero = |v: &[f32]| v.iter().any(|x| *x != 0.0);
+            if nonzero(&dr) && nonzero(&dc) {
+                cos_rc.push(cosine(&dr, &dc));
+            }
+            if nonzero(&dr) && nonzero(&dr2) {
+                cos_rr.push(cosine(&dr, &dr2));
+            }
+            if nonzero(&dc) && nonzero(&dc2) {
+                cos_cc.push(cosine(&dc, &dc2));
+            }
+        }
+    }
+    let (pr, pc) = (kept_r as f64 / n_all as f64, kept_c as f64 / n_all as f64);
+    if (pr - pc).abs() > 0.02 {
+        failures.push(format!("{name}: pooled kept fraction {pr:.4} vs {pc:.4}"));
+    }
+    if (l1_c - l1_r).abs() / l1_r > 0.05 {
+        failures.push(format!("{name}: pooled L1 of delta {l1_r:.4e} vs {l1_c:.4e}"));
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (rc, rr, cc) = (mean(&cos_rc), mean(&cos_rr), mean(&cos_cc));
+    assert!(
+        !cos_rr.is_empty(),
+        "{name}: no tensor large enough for the cosine check"
+    );
+    if (rc - rr).abs() > 0.02 {
+        failures.push(format!(
+            "{name}: mean cos(d_ref, d_ours) {rc:.4} vs cos(d_ref, d_ref2) {rr:.4}"
+        ));
+    }
+    if (cc - rr).abs() > 0.02 {
+        failures.push(format!(
+            "{name}: mean cos(d_ours, d_ours2) {cc:.4} vs cos(d_ref, d_ref2) {rr:.4}"
+        ));
+    }
+    failures
+}
+
+/// Compares the output folder `ours_dir` (compiled as `compiled`) with
+/// `expected/NAME` as its fixture.json says; `seed8` runs the same merge with seed 8
+/// (for the random methods) and returns its output folder.
+pub fn compare_with_expected(
+    name: &str,
+    ours_dir: &Path,
+    compiled: &Compiled,
+    seed8: impl FnOnce() -> (tempfile::TempDir, PathBuf),
+) {
+    let expected = conformance_dir().join("expected").join(name);
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(expected.join("fixture.json")).unwrap()).unwrap();
+    let method = fixture["merge_method"].as_str().unwrap();
+    let mode = fixture["tol_mode"].as_str().unwrap();
+    let base = fixture["base_model"]
+        .as_str()
+        .map(|b| load_folder(&conformance_dir().join(b)));
+    let ours = load_folder(ours_dir);
+    let reference = load_folder(&expected);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>(),
+        "{name}: tensor names"
+    );
+    for (tensor, r) in &reference {
+        assert_eq!(
+            (&ours[tensor].dtype, &ours[tensor].shape),
+            (&r.dtype, &r.shape),
+            "{name}: {tensor}"
+        );
+    }
+    let failures = if mode == "stats" {
+        let (_tmp2, dir2) = seed8();
+        let ours2 = load_folder(&dir2);
+        let reference2 = load_folder(&conformance_dir().join("expected").join(format!("{name}.seed8")));
+        statistical(
+            name,
+            &reference,
+            &reference2,
+            &ours,
+            &ours2,
+            base.as_ref().unwrap(),
+        )
+    } else {
+        deterministic(name, method, mode, &reference, &ours, base.as_ref())
+    };
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        config_without_version(ours_dir),
+        config_without_version(&expected),
+        "{name}: config.json"
+    );
+    // Tokenizer and generation files are byte copies of the donor's (the first input).
+    let donor = compiled.program.models[compiled.program.outputs[0].tokenizer_from.unwrap().0 as usize]
+        .info
+        .root
+        .clone();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(ours_dir.join(f)).unwrap(),
+            std::fs::read(donor.join(f)).unwrap(),
+            "{name}: {f}"
+        );
+    }
+}

@@ -1,0 +1,396 @@
+//! mergekit YAML configs: every conformance config runs from its YAML and matches
+//! mergekit's output; `mergec import`'s script gives bit-identical output and is
+//! snapshotted; bad YAML gets diagnostics on the YAML's own lines.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use mergec::diag::Diagnostics;
+use mergec::driver::{self, Compiled, Script};
+use mergec::import::{self, Import, Options};
+use mergec::plan::Limits;
+
+fn config_text(name: &str) -> String {
+    std::fs::read_to_string(conformance_dir().join(format!("configs/{name}.yml"))).unwrap()
+}
+
+/// mergekit's `--out-shard-size` from a config's `# mergekit-args:` line.
+fn shard_arg(text: &str) -> Option<u64> {
+    let line = text.lines().find_map(|l| l.strip_prefix("# mergekit-args:"))?;
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "--out-shard-size" {
+            return words.next().map(|s| import::parse_shard_size(s).unwrap());
+        }
+    }
+    None
+}
+
+/// Options as `make_expected.py` ran mergekit: from the conformance folder, seed 7.
+fn options(name: &str, base_dir: &Path, out: &Path, seed: u64) -> Options {
+    let mut o = Options::new(&format!("configs/{name}.yml"), base_dir, out);
+    o.seed = Some(seed);
+    o.shard_bytes = shard_arg(&config_text(name));
+    o
+}
+
+fn translate(name: &str, opts: &Options) -> Import {
+    match import::translate(&format!("configs/{name}.yml"), config_text(name), opts) {
+        Ok(i) => i,
+        Err(f) => panic!(
+            "{name}:\n{}",
+            mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false)
+        ),
+    }
+}
+
+fn render_diags(script: &Script, d: &Diagnostics) -> String {
+    mergec::diag::render::render_text(&d.0, &script.sources, false)
+}
+
+/// Translates `name` with output under `root`, compiles and runs it.
+fn run_yaml(name: &str, root: &Path, seed: u64) -> Compiled {
+    let imp = translate(name, &options(name, &conformance_dir(), &root.join(name), seed));
+    let (_, compiled) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{name}:\n{}\n{}", imp.text(), render_diags(&s, &d)));
+    run_compiled(&compiled, 2);
+    compiled
+}
+
+/// Every file of two output folders is byte-identical, except the model card (it holds the
+/// script, whose paths differ).
+fn assert_same_files(a: &Path, b: &Path, what: &str) {
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n != "README.md")
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b), "{what}: files");
+    for n in names(a) {
+        assert!(
+            std::fs::read(a.join(&n)).unwrap() == std::fs::read(b.join(&n)).unwrap(),
+            "{what}: {n} differs"
+        );
+    }
+}
+
+/// The YAML runs and matches mergekit; the imported script, written to another folder
+/// (so its paths are rewritten), gives the same bytes; the script is snapshotted.
+fn yaml_conforms(name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let compiled = run_yaml(name, tmp.path(), 7);
+    let ours = tmp.path().join(name);
+    compare_with_expected(name, &ours, &compiled, || {
+        let tmp2 = tempfile::tempdir().unwrap();
+        run_yaml(name, tmp2.path(), 8);
+        let dir = tmp2.path().join(name);
+        (tmp2, dir)
+    });
+
+    let scripts = tempfile::tempdir().unwrap();
+    let out2 = tempfile::tempdir().unwrap();
+    let mut opts = options(name, &conformance_dir(), &out2.path().join(name), 7);
+    opts.script_dir = scripts.path().join("sub");
+    std::fs::create_dir_all(&opts.script_dir).unwrap();
+    let imp = translate(name, &opts);
+    let file = opts.script_dir.join(format!("{name}.merge"));
+    std::fs::write(&file, imp.text()).unwrap();
+    let script = Script::from_file(&file).unwrap();
+    let c = driver::compile(&script, false, &Limits::default())
+        .unwrap_or_else(|d| panic!("{name}:\n{}\n{}", script.text(), render_diags(&script, &d)));
+    run_compiled(&c, 2);
+    assert_same_files(&ours, &out2.path().join(name), name);
+
+    // As `mergec import configs/NAME.yml --seed 7` prints it from the conformance folder.
+    let shown = translate(
+        name,
+        &options(
+            name,
+            Path::new("tests/fixtures/conformance"),
+            Path::new(&format!("out/{name}")),
+            7,
+        ),
+    );
+    insta::assert_snapshot!(format!("import_{name}"), shown.text());
+}
+
+macro_rules! yaml_conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                yaml_conforms(stringify!($name));
+            }
+        )*
+
+        #[test]
+        fn every_config_is_tested() {
+            let tested = [$(stringify!($name)),*];
+            for entry in std::fs::read_dir(conformance_dir().join("configs")).unwrap() {
+                let path = entry.unwrap().path();
+                let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+                assert!(tested.contains(&stem.as_str()), "no YAML test for {stem}");
+            }
+        }
+    };
+}
+
+yaml_conformance! {
+    linear_f32, linear_nonorm_f32, linear_bf16, linear_sharded_f32,
+    slerp_f32, slerp_bf16, nuslerp_flat_f32, nuslerp_rowwise_base_f32,
+    multislerp_f32, multislerp_base_f32, karcher_f32,
+    task_arithmetic_f32, task_arithmetic_bf16, task_arithmetic_f32compute_bf16out,
+    ties_f32, ties_bf16, ties_gradient_f32,
+    dare_ties_f32, dare_linear_f32, della_f32, della_linear_f32,
+    breadcrumbs_f32, breadcrumbs_bf16, breadcrumbs_ties_f32,
+    sce_f32, ram_f32, ramplus_tl_f32,
+    model_stock_2_f32, model_stock_3_f32, nearswap_f32, arcee_fusion_f32,
+    vlm_linear_f32, vlm_slerp_f32,
+    passthrough_stack_f32, passthrough_stack_bf16, passthrough_scale_f32, slices_blend_f32,
+}
+
+fn set_fake_hf_cache() {
+    // An empty cache, so hub ids resolve the same way everywhere.
+    std::env::set_var("HF_HUB_CACHE", "tests/fixtures/hf-cache");
+}
+
+/// The diagnostics of a YAML file (errors, or the warnings of a config that compiles).
+fn yaml_diagnostics(path: &Path) -> String {
+    let name = format!(
+        "tests/fixtures/yaml/bad/{}",
+        path.file_name().unwrap().to_string_lossy()
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let opts = Options::new(&name, Path::new("tests/fixtures/conformance"), Path::new("out/x"));
+    match import::translate(&name, text, &opts) {
+        Err(f) => mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false),
+        Ok(imp) => match imp.compile(false, &Limits::default()) {
+            Ok((s, c)) => render_diags(&s, &c.warnings),
+            Err((s, d)) => render_diags(&s, &d),
+        },
+    }
+}
+
+#[test]
+fn bad_yaml_snapshots() {
+    set_fake_hf_cache();
+    insta::glob!("fixtures/yaml/bad/*.yml", |path| {
+        let source = std::fs::read_to_string(path).unwrap();
+        let rendered = yaml_diagnostics(path);
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let code = stem.split('_').next().unwrap().to_uppercase();
+        assert!(
+            rendered.contains(&format!("[{code}]")),
+            "{stem} should report {code}, got:\n{rendered}"
+        );
+        // Every error points into the YAML itself, with its line and column.
+        let yaml_name = format!("tests/fixtures/yaml/bad/{stem}.yml:");
+        assert!(
+            rendered.contains(&yaml_name),
+            "{stem}: not on the YAML:\n{rendered}"
+        );
+        assert!(
+            !rendered.contains("internal compiler error"),
+            "{stem}:\n{rendered}"
+        );
+        insta::assert_snapshot!(format!(
+            "--- source ---\n{source}\n--- diagnostics ---\n{rendered}"
+        ));
+    });
+}
+
+const MULTI: &str = "tests/fixtures/yaml/multi.yml";
+
+/// mergekit-multi: one graph, the intermediate never written; the same bits as the
+/// script written by hand.
+#[test]
+fn multi_document_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(MULTI).unwrap();
+    let out = tmp.path().join("final");
+    let opts = Options::new("multi.yml", &conformance_dir(), &out);
+    let imp = import::translate("multi.yml", text.clone(), &opts).unwrap();
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}", render_diags(&s, &d)));
+    assert_eq!(c.program.outputs.len(), 1, "{}", imp.text());
+    run_compiled(&c, 2);
+    assert!(!tmp.path().join("smooth").exists());
+
+    let by_hand = r#"
+model base = "models/micro-llama-base-f32"
+model ft1 = "models/micro-llama-ft1-f32"
+model ft2 = "models/micro-llama-ft2-f32"
+model ft3 = "models/micro-llama-ft3-f32"
+let smooth = slerp(ft1, ft2, t: 0.5)
+save ties(base, smooth { weight: 1, density: 0.6 }, ft3 { weight: 0.5, density: 0.4 }) to "out/final" { dtype: f32 }
+"#;
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (_, c2) = compile_text(by_hand, &conformance_dir(), tmp2.path())
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    run_compiled(&c2, 2);
+    assert_same_files(&out, &tmp2.path().join("final"), "multi");
+
+    // --save-intermediates also writes `smooth`, beside the final merge.
+    let tmp3 = tempfile::tempdir().unwrap();
+    let mut opts = Options::new("multi.yml", &conformance_dir(), &tmp3.path().join("final"));
+    opts.save_intermediates = true;
+    let imp = import::translate("multi.yml", text, &opts).unwrap();
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}", render_diags(&s, &d)));
+    assert_eq!(c.program.outputs.len(), 2);
+    run_compiled(&c, 2);
+    assert!(tmp3.path().join("smooth/model.safetensors").exists());
+    assert_same_files(&out, &tmp3.path().join("final"), "multi, intermediates saved");
+
+    let shown = import::translate(
+        "tests/fixtures/yaml/multi.yml",
+        std::fs::read_to_string(MULTI).unwrap(),
+        &Options::new(
+            "tests/fixtures/yaml/multi.yml",
+            Path::new("tests/fixtures/conformance"),
+            Path::new("out/final"),
+        ),
+    )
+    .unwrap();
+    insta::assert_snapshot!("import_multi", shown.text());
+}
+
+/// Diagnostics of the generated script that have no YAML place are shown against the
+/// script, named after the YAML.
+#[test]
+fn unmapped_errors_show_the_generated_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep"), "not empty").unwrap();
+    let opts = Options::new("configs/ties_f32.yml", &conformance_dir(), &out);
+    let imp = import::translate("configs/ties_f32.yml", config_text("ties_f32"), &opts).unwrap();
+    let Err((script, d)) = imp.compile(false, &Limits::default()) else {
+        panic!("an existing output folder should be refused");
+    };
+    let text = render_diags(&script, &d);
+    assert!(text.contains("[E0405]"), "{text}");
+    assert!(text.contains("configs/ties_f32.yml (as .merge)"), "{text}");
+}
+
+// ---- the command line ----
+
+fn mergec() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mergec"))
+}
+
+fn in_conformance(args: &[&str]) -> std::process::Output {
+    let out = mergec()
+        .args(args)
+        .current_dir(conformance_dir())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+#[test]
+fn cli_run_import_and_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let direct = tmp.path().join("direct");
+    let run = in_conformance(&[
+        "run",
+        "configs/ties_f32.yml",
+        direct.to_str().unwrap(),
+        "--seed",
+        "7",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+
+    // import -o: paths made relative to the script's folder; running it gives the same bytes.
+    let script = tmp.path().join("scripts/ties.merge");
+    std::fs::create_dir_all(script.parent().unwrap()).unwrap();
+    let via = tmp.path().join("via-script");
+    let imp = in_conformance(&[
+        "import",
+        "configs/ties_f32.yml",
+        via.to_str().unwrap(),
+        "-o",
+        script.to_str().unwrap(),
+        "--seed",
+        "7",
+    ]);
+    assert!(imp.status.success(), "{}", text(&imp.stderr));
+    let written = std::fs::read_to_string(&script).unwrap();
+    assert!(written.contains("save ties(\n    base,"), "{written}");
+    let run2 = mergec().args(["run", script.to_str().unwrap()]).output().unwrap();
+    assert!(run2.status.success(), "{}", text(&run2.stderr));
+    assert_same_files(&direct, &via, "cli");
+
+    // Without -o the script goes to standard output; an existing -o file needs --force.
+    let printed = in_conformance(&["import", "configs/ties_f32.yml"]);
+    assert!(text(&printed.stdout).contains("to \"out/ties_f32\""));
+    let again = in_conformance(&["import", "configs/ties_f32.yml", "-o", script.to_str().unwrap()]);
+    assert!(!again.status.success());
+
+    let check = in_conformance(&["check", "configs/ties_f32.yml"]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).starts_with("ok: 1 output"),
+        "{}",
+        text(&check.stdout)
+    );
+    let json = in_conformance(&["check", "configs/ties_f32.yml", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn cli_shard_size_and_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sharded");
+    let run = in_conformance(&[
+        "run",
+        "configs/linear_sharded_f32.yml",
+        out.to_str().unwrap(),
+        "--out-shard-size",
+        "12K",
+    ]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(out.join("model.safetensors.index.json").exists());
+
+    // A config needs an output folder to run; a script takes no mergekit options.
+    let no_out = in_conformance(&["run", "configs/linear_f32.yml"]);
+    assert_eq!(no_out.status.code(), Some(2));
+    assert!(text(&no_out.stderr).contains("OUT_DIR"));
+    let script = mergec()
+        .args(["check", "tests/conformance/linear_f32.merge", "--seed", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(script.status.code(), Some(2));
+}
+
+#[test]
+fn cli_errors_point_at_the_yaml() {
+    let bad =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/e0604_unknown_method.yml");
+    let out = in_conformance(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("[E0604]"), "{err}");
+    assert!(err.contains("e0604_unknown_method.yml:6:15"), "{err}");
+    assert!(err.contains("did you mean `ties`?"), "{err}");
+    assert!(
+        err.contains("1 error found; nothing was read or written"),
+        "{err}"
+    );
+}
