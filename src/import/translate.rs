@@ -147,6 +147,11 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         }
     }
     if t.diags.has_errors() {
+        // A top-level problem is found once per slice: report it once.
+        let mut seen = BTreeSet::new();
+        t.diags
+            .0
+            .retain(|d| seen.insert((d.span, d.code, d.message.clone())));
         return Err(t.diags);
     }
     Ok(Translated { out })
@@ -766,7 +771,26 @@ impl<'o> Translator<'o> {
                 .help
                 .push("list at least one `- model: PATH`".into());
         }
+        self.no_repeats(&out);
         out
+    }
+
+    /// mergekit keys a merge's inputs by model: a model listed twice is merged once, with
+    /// the first entry's parameters. Refused as the surprise it is.
+    fn no_repeats(&mut self, sources: &[Source]) {
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(first) = sources[..i].iter().find(|f| f.model.r == s.model.r) {
+                let d = self.err(
+                    Code::E0603,
+                    "a model is listed twice in one merge",
+                    s.model.span,
+                    "again here",
+                );
+                *d = d.clone().with_label(first.model.span, "first here").with_help(
+                    "mergekit would merge it once, with the first entry's parameters; list each model once",
+                );
+            }
+        }
     }
 
     fn slices_list<'n>(&mut self, v: &'n Node) -> Vec<Slice<'n>> {
@@ -840,6 +864,7 @@ impl<'o> Translator<'o> {
                     "this slice",
                 );
             }
+            self.no_repeats(&slice.sources);
             let lens: Vec<(i64, Span)> = slice
                 .sources
                 .iter()
@@ -1247,19 +1272,18 @@ impl<'o> Translator<'o> {
                         });
                     }
                 }
-                self.call(
-                    sig,
-                    method_span,
-                    args,
-                    doc.base,
-                    &[],
-                    &doc.params,
-                    doc.base.map(|b| b.span),
-                )
+                self.call(sig, method_span, args, doc.base, &[], &doc.params, 0)
             }
             Some(Body::Slices(slices, slices_span)) => {
                 let mut segments = Vec::new();
+                let mut offset = 0;
                 for slice in slices {
+                    let this_offset = offset;
+                    offset += slice
+                        .sources
+                        .first()
+                        .and_then(|s| s.range)
+                        .map_or(0, |(a, b, _)| (b - a).max(0) as usize);
                     let args: Vec<Arg> = slice
                         .sources
                         .iter()
@@ -1313,7 +1337,7 @@ impl<'o> Translator<'o> {
                         base,
                         &slice.params,
                         &doc.params,
-                        base.map(|b| b.span),
+                        this_offset,
                     ));
                 }
                 if segments.len() == 1 {
@@ -1336,7 +1360,7 @@ impl<'o> Translator<'o> {
         base: Option<RefAt>,
         slice_params: &[Param],
         top_params: &[Param],
-        base_span: Option<Span>,
+        offset: usize,
     ) -> Expr {
         // mergekit's slerp needs its base: the t = 0 end.
         let base_first = sig.base == Base::Required || sig.name == "slerp";
@@ -1381,6 +1405,9 @@ impl<'o> Translator<'o> {
             let call_arms = self.chain(&call_levels);
             let hint = format!("{}_{}", sig.name, p.name);
             if !p.per_model {
+                if offset > 0 {
+                    self.no_layer_filters(&call_levels, offset);
+                }
                 if let Some(e) = self.arms_expr(call_arms, &hint) {
                     named.push(placed(Expr::named(p.name, e), call_place));
                 }
@@ -1426,9 +1453,6 @@ impl<'o> Translator<'o> {
             } else {
                 positional.push(e);
             }
-        } else if let (Some(b), Base::Optional) = (base, sig.base) {
-            // The base of nuslerp/multislerp is not among the listed models (slices).
-            let _ = (b, base_span);
         }
         for (a, entries) in args.into_iter().zip(blocks) {
             positional.push(with_block(a.model, entries));
@@ -1438,6 +1462,35 @@ impl<'o> Translator<'o> {
             positional.push(Expr::named("base", b));
         }
         Expr::Call(sig.name.to_string(), positional).at(method_span)
+    }
+
+    /// mergekit matches a whole-merge parameter's filters against the output tensor name,
+    /// mergec against the name inside the slice's call: they differ in the layer number
+    /// after the first slice, so a filter with a digit cannot be translated exactly.
+    fn no_layer_filters(&mut self, levels: &[Option<&Param>], offset: usize) {
+        for p in levels.iter().flatten() {
+            let Value::Seq(items) = &p.value.value else {
+                continue;
+            };
+            for item in items {
+                let Value::Map(entries) = &item.value else {
+                    continue;
+                };
+                let Some((_, f)) = entries.iter().find(|(k, _)| k.as_str() == Some("filter")) else {
+                    continue;
+                };
+                if f.as_str().is_some_and(|s| s.chars().any(|c| c.is_ascii_digit())) {
+                    self.err(
+                        Code::E0606,
+                        format!("a filter with a layer number on `{}` in a slice that starts at output layer {offset} is not supported yet", p.name),
+                        f.span,
+                        "matched against the output name in mergekit",
+                    )
+                    .help
+                    .push("give the value in the slice's own `parameters`, or as a gradient".into());
+                }
+            }
+        }
     }
 
     /// Checks that `sig` takes `p` (per model when `per_model`); reports it otherwise.
