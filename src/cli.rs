@@ -235,7 +235,7 @@ struct Loaded {
     placeholder_out: bool,
 }
 
-fn load_input(input: &Input) -> Result<Loaded, ExitCode> {
+fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
     if !import::is_yaml(&input.path) {
         if let Some(out) = &input.out {
             eprintln!(
@@ -267,7 +267,7 @@ fn load_input(input: &Input) -> Result<Loaded, ExitCode> {
         None => (default_out(&input.path), true),
     };
     let opts = yaml_options(&input.path, out, Path::new("."), &input.yaml)?;
-    let imported = translate_or_report(&input.path, &opts)?;
+    let imported = translate_or_report(&input.path, &opts, format)?;
     Ok(Loaded {
         script: imported.script(),
         import: Some(imported),
@@ -305,14 +305,16 @@ fn yaml_options(
     Ok(opts)
 }
 
-fn translate_or_report(config: &Path, opts: &import::Options) -> Result<Import, ExitCode> {
+fn translate_or_report(config: &Path, opts: &import::Options, format: Format) -> Result<Import, ExitCode> {
     import::translate_file(config, opts).map_err(|f| {
-        report(&f.diagnostics, &f.sources, Format::Human);
-        let errors = f.diagnostics.iter().filter(|d| d.is_error()).count();
-        eprintln!(
-            "{errors} error{} found; nothing was read or written",
-            plural(errors)
-        );
+        report(&f.diagnostics, &f.sources, format);
+        if format == Format::Human {
+            let errors = f.diagnostics.iter().filter(|d| d.is_error()).count();
+            eprintln!(
+                "{errors} error{} found; nothing was read or written",
+                plural(errors)
+            );
+        }
         ExitCode::from(1)
     })
 }
@@ -333,7 +335,7 @@ fn import_cmd(
         Ok(o) => o,
         Err(code) => return code,
     };
-    let imported = match translate_or_report(config, &opts) {
+    let imported = match translate_or_report(config, &opts, Format::Human) {
         Ok(i) => i,
         Err(code) => return code,
     };
@@ -421,7 +423,7 @@ fn compile(loaded: &Loaded, force: bool, limits: &Limits, format: Format) -> Res
 }
 
 fn check(input: &Input, format: Format, force: bool) -> ExitCode {
-    let loaded = match load_input(input) {
+    let loaded = match load_input(input, format) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -498,7 +500,7 @@ fn summary(c: &Compiled) -> String {
 }
 
 fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format) -> ExitCode {
-    let loaded = match load_input(input) {
+    let loaded = match load_input(input, format) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -571,7 +573,7 @@ fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format
 }
 
 fn debug(input: &Input, stage: Stage) -> ExitCode {
-    let loaded = match load_input(input) {
+    let loaded = match load_input(input, Format::Human) {
         Ok(s) => s,
         Err(code) => return code,
     };

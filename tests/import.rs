@@ -394,3 +394,160 @@ fn cli_errors_point_at_the_yaml() {
         "{err}"
     );
 }
+
+#[test]
+fn cli_plan_debug_and_json() {
+    let plan = in_conformance(&["plan", "configs/ties_f32.yml"]);
+    assert!(plan.status.success(), "{}", text(&plan.stderr));
+    assert!(text(&plan.stdout).contains("model.embed_tokens.weight"));
+    let hir = in_conformance(&["debug", "hir", "configs/slices_blend_f32.yml"]);
+    assert!(hir.status.success(), "{}", text(&hir.stderr));
+    let bad = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/e0602_unknown_key.yml");
+    let json = in_conformance(&["check", bad.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let d = &v["diagnostics"][0];
+    assert_eq!(d["code"], "E0602");
+    assert_eq!(
+        (d["span"]["line"].as_u64(), d["span"]["column"].as_u64()),
+        (Some(4), Some(5))
+    );
+}
+
+/// Hub ids resolve in the Hugging Face cache, with `@revision`.
+#[test]
+fn cli_hub_ids_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    for (repo, model, refname) in [
+        ("models--acme--tiny-ft1", "micro-llama-ft1-f32", "main"),
+        ("models--acme--tiny-ft2", "micro-llama-ft2-f32", "v1"),
+    ] {
+        let snap = cache.join(repo).join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(cache.join(repo).join("refs")).unwrap();
+        std::fs::write(cache.join(repo).join("refs").join(refname), "abc123\n").unwrap();
+        for f in std::fs::read_dir(conformance_dir().join("models").join(model)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let hub = "models:\n  - model: acme/tiny-ft1\n    parameters: {weight: 0.3}\n  - model: acme/tiny-ft2@v1\n    parameters: {weight: 0.7}\nmerge_method: linear\n";
+    let local = hub
+        .replace(
+            "acme/tiny-ft1",
+            &conformance_dir()
+                .join("models/micro-llama-ft1-f32")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "acme/tiny-ft2@v1",
+            &conformance_dir()
+                .join("models/micro-llama-ft2-f32")
+                .display()
+                .to_string(),
+        );
+    std::fs::write(tmp.path().join("hub.yml"), hub).unwrap();
+    std::fs::write(tmp.path().join("local.yml"), local).unwrap();
+    for (cfg, out) in [("hub.yml", "out-hub"), ("local.yml", "out-local")] {
+        let r = mergec()
+            .args(["run", cfg, out])
+            .current_dir(tmp.path())
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{cfg}: {}", text(&r.stderr));
+    }
+    assert_same_files(
+        &tmp.path().join("out-hub"),
+        &tmp.path().join("out-local"),
+        "hub ids",
+    );
+    let imported = mergec()
+        .args(["import", "hub.yml"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let script = text(&imported.stdout);
+    assert!(script.contains("model ft1 = \"hf:acme/tiny-ft1\""), "{script}");
+    assert!(script.contains("model ft2 = \"hf:acme/tiny-ft2@v1\""), "{script}");
+}
+
+/// The script a YAML translates to (from the conformance folder, saving to `out/x`).
+fn script_of(yaml: &str) -> Result<String, String> {
+    let opts = Options::new(
+        "test.yml",
+        Path::new("tests/fixtures/conformance"),
+        Path::new("out/x"),
+    );
+    import::translate("test.yml", yaml.to_string(), &opts)
+        .map(|i| i.text().to_string())
+        .map_err(|f| mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false))
+}
+
+const FT1: &str = "models/micro-llama-ft1-f32";
+
+#[test]
+fn translation_rules() {
+    // linear with a base model: mergekit feeds the base in as one more input, and takes
+    // the config and tokenizer from it.
+    let s = script_of(&format!(
+        "models:\n  - model: {FT1}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\nbase_model: models/micro-llama-base-f32\nparameters: {{weight: 0.25}}\n"
+    ))
+    .unwrap();
+    assert!(
+        s.contains("linear(ft1 { weight: 0.5 }, base, weight: 0.25)"),
+        "{s}"
+    );
+    assert!(s.contains("config: base, tokenizer: base"), "{s}");
+
+    // A filtered per-model parameter of the whole config in a slice that does not start
+    // at layer 0 goes into each model's block, after its own value.
+    let s = script_of(&format!(
+        "slices:\n  - sources:\n      - model: {FT1}\n        layer_range: [1, 3]\n        parameters:\n          weight:\n            - filter: mlp\n              value: 2\n      - model: models/micro-llama-ft2-f32\n        layer_range: [0, 2]\nmerge_method: linear\nparameters:\n  weight:\n    - filter: layers.1.\n      value: 0.5\n    - value: 1\n"
+    ))
+    .unwrap();
+    assert!(
+        s.contains("let ft1_weight = match tensor { \"mlp\" => 2, \"layers.1.\" => 0.5, _ => 1 }"),
+        "{s}"
+    );
+    assert!(
+        s.contains("let ft2_weight = match tensor { \"layers.1.\" => 0.5, _ => 1 }"),
+        "{s}"
+    );
+
+    // The base of a slice must be one of its sources.
+    let e = script_of(&format!(
+        "slices:\n  - sources:\n      - model: {FT1}\n        layer_range: [0, 2]\nmerge_method: ties\nbase_model: models/micro-llama-base-f32\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("is not among this slice's sources"), "{e}");
+
+    // mergekit-multi documents that use each other in a cycle.
+    let e = script_of(&format!(
+        "name: a\nmodels:\n  - model: b\n  - model: {FT1}\nmerge_method: karcher\n---\nname: b\nmodels:\n  - model: a\n  - model: {FT1}\nmerge_method: karcher\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("cycle"), "{e}");
+
+    // A filter with `*`, and a duplicate model.
+    let e = script_of(&format!(
+        "models:\n  - model: {FT1}\n    parameters:\n      weight:\n        - filter: layers.*.mlp\n          value: 1\nmerge_method: linear\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("never matches in mergekit"), "{e}");
+    let e = script_of(&format!(
+        "models:\n  - model: {FT1}\n  - model: {FT1}\nmerge_method: karcher\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("listed twice"), "{e}");
+
+    // Model names: unique and valid, from any path.
+    let s = script_of(
+        "models:\n  - model: models/micro-llama-ft1-f32\n  - model: ./models/micro-llama-ft1-f32/model.safetensors\nmerge_method: karcher\n",
+    )
+    .unwrap();
+    assert!(s.contains("model micro_llama_ft1_f32 = "), "{s}");
+    assert!(s.contains("model micro_llama_ft1_f32_2 = "), "{s}");
+}
