@@ -551,3 +551,21 @@ fn translation_rules() {
     assert!(s.contains("model micro_llama_ft1_f32 = "), "{s}");
     assert!(s.contains("model micro_llama_ft1_f32_2 = "), "{s}");
 }
+
+/// No YAML makes the translation panic: every config cut short, and with lines dropped.
+#[test]
+fn broken_yaml_never_panics() {
+    for entry in std::fs::read_dir(conformance_dir().join("configs")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let opts = Options::new("x.yml", &conformance_dir(), Path::new("out/x"));
+        for cut in (0..text.len()).step_by(5).filter(|i| text.is_char_boundary(*i)) {
+            let _ = import::translate("x.yml", text[..cut].to_string(), &opts);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for skip in 0..lines.len() {
+            let mut l = lines.clone();
+            l.remove(skip);
+            let _ = import::translate("x.yml", l.join("\n"), &opts);
+        }
+    }
+}
