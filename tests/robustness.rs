@@ -61,6 +61,21 @@ const PIECES: &[&str] = &[
     "\u{0}",
     "a",
     "b",
+    "stack(",
+    "select(",
+    "graft(",
+    "rename(",
+    "ties(",
+    "slerp(",
+    "set seed = ",
+    "embed:",
+    "head:",
+    "regex:",
+    "chat_template:",
+    "\"chatml\"",
+    "base:",
+    ".layers[2..1]",
+    "[a, b]",
 ];
 
 #[test]
