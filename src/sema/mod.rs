@@ -29,6 +29,13 @@ use value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, ParamEntry, Tensor
 /// Default output shard size, as mergekit's `--out-shard-size` (5e9 bytes).
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 
+/// A built-in's arguments: positional models, positional strings, named strings.
+type BuiltinArgs = (
+    Vec<(ModelVal, Span)>,
+    Vec<(String, Span)>,
+    BTreeMap<String, (String, Span)>,
+);
+
 /// What `check` needs besides the script and the models.
 #[derive(Clone, Debug)]
 pub struct CheckOptions {
@@ -1112,16 +1119,7 @@ impl Checker<'_> {
     }
 
     /// The positional models and strings and the named values of a built-in's call.
-    fn builtin_args(
-        &mut self,
-        func: &str,
-        args: &[Arg],
-        named: &[&str],
-    ) -> Option<(
-        Vec<(ModelVal, Span)>,
-        Vec<(String, Span)>,
-        BTreeMap<String, (String, Span)>,
-    )> {
+    fn builtin_args(&mut self, func: &str, args: &[Arg], named: &[&str]) -> Option<BuiltinArgs> {
         let (mut models, mut strings, mut named_out) = (Vec::new(), Vec::new(), BTreeMap::new());
         let mut failed = false;
         for arg in args {
