@@ -581,7 +581,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
     if let Stage::Ast = stage {
         return match mergec::syntax::parse(&script.sources, script.id) {
             Ok(ast) => {
-                println!("{ast:#?}");
+                emit(&format!("{ast:#?}\n"));
                 ExitCode::SUCCESS
             }
             Err(d) => {
@@ -598,19 +598,27 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match stage {
+    let text = match stage {
         Stage::Hir => {
+            let mut text = String::new();
             for o in &compiled.program.outputs {
-                println!("output {}", o.dir.display());
+                text.push_str(&format!("output {}\n", o.dir.display()));
                 for t in &o.tensors {
-                    println!("  {} {} {:?} = {:?}", t.name, t.dtype, t.shape, t.expr);
+                    text.push_str(&format!("  {} {} {:?} = {:?}\n", t.name, t.dtype, t.shape, t.expr));
                 }
             }
+            text
         }
-        Stage::Graph => print!("{}", mergec::graph::dump(&compiled.graph)),
-        _ => print!("{}", mergec::plan::dump(&compiled.plan, &compiled.program)),
-    }
+        Stage::Graph => mergec::graph::dump(&compiled.graph),
+        _ => mergec::plan::dump(&compiled.plan, &compiled.program),
+    };
+    emit(&text);
     ExitCode::SUCCESS
+}
+
+/// Writes to stdout; a closed pipe (`mergec debug graph x | head`) just ends the output.
+fn emit(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 fn synth_spec(args: &SynthArgs) -> Result<SynthSpec, String> {
