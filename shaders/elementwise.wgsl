@@ -21,9 +21,10 @@ struct Params {
 @group(0) @binding({{ output_binding }}) var<storage, read_write> out: array<u32>;
 @group(0) @binding({{ params_binding }}) var<uniform> params: Params;
 
-// A product or quotient, rounded to f32 before it is used. `params.zero` is 0 at run time
-// but unknown to the shader compiler, which therefore cannot contract `a * b + c` into a
-// fused multiply-add (SPIR-V and the other backends allow that contraction by default).
+// An arithmetic result, rounded to f32 before it is used. `params.zero` is 0 at run time
+// but unknown to the shader compiler, which therefore can neither contract `a * b + c`
+// into a fused multiply-add nor reassociate `(a + b) + c`: SPIR-V and GLSL allow both
+// unless told otherwise, and Mesa's GL compiler does rebalance long chains of additions.
 fn keep(x: f32) -> f32 {
     return bitcast<f32>(bitcast<u32>(x) ^ params.zero);
 }

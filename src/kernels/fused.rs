@@ -1,9 +1,11 @@
 //! `Kernel::Fused` stack programs -> the element-wise kernel (`shaders/elementwise.wgsl`).
 //!
 //! The stack program becomes straight-line WGSL, one `let` per instruction, with the
-//! arithmetic of the CPU executor (`exec::cpu`): every product and quotient is rounded to
-//! f32 before it is added (`keep`, never `fma`), and a weighted sum adds its terms in
-//! order starting from the first product.
+//! arithmetic of the CPU executor (`exec::cpu`): a weighted sum adds its products in order
+//! starting from the first, and every result of `+ - * /` passes through `keep` (see
+//! `shaders/elementwise.wgsl`), so no shader compiler can fuse a product into an add
+//! (`fma`) or reorder a chain of additions. Mesa's GL compiler, for one, rebalances
+//! `(((a + b) + c) + d) + e` into a tree unless stopped.
 
 use std::fmt::Write;
 
@@ -65,16 +67,10 @@ impl ElementwiseKernel {
     /// The `params` uniform's bytes for a slice of `n` elements dispatched in rows of `row`
     /// invocations (layout: `struct Params` in `shaders/elementwise.wgsl`).
     pub fn params(&self, n: u32, row: u32) -> Vec<u8> {
-        let vectors = constant_vectors(self.constants.len());
-        let mut bytes = Vec::with_capacity(16 + vectors * 16);
-        for word in [n, row, 0, 0] {
-            bytes.extend_from_slice(&word.to_le_bytes());
-        }
-        for c in &self.constants {
-            bytes.extend_from_slice(&c.to_le_bytes());
-        }
-        bytes.resize(16 + vectors * 16, 0);
-        bytes
+        let mut words: Vec<u32> = vec![n, row, 0, 0];
+        words.extend(self.constants.iter().map(|c| c.to_bits()));
+        words.resize(4 + 4 * constant_vectors(self.constants.len()), 0);
+        bytemuck::cast_slice(&words).to_vec()
     }
 }
 
@@ -169,7 +165,7 @@ fn body(key: &KernelKey) -> Result<String, KernelError> {
                 let b = pop(&mut stack)?;
                 let a = pop(&mut stack)?;
                 let op = if *instr == KeyInstr::Add { '+' } else { '-' };
-                format!("v{a} {op} v{b}")
+                format!("keep(v{a} {op} v{b})")
             }
             KeyInstr::Scale => format!("keep(v{} * {})", pop(&mut stack)?, constant()),
             KeyInstr::Divide => format!("keep(v{} / {})", pop(&mut stack)?, constant()),
@@ -177,19 +173,21 @@ fn body(key: &KernelKey) -> Result<String, KernelError> {
                 if *terms == 0 || stack.len() < *terms {
                     return Err(KernelError::Underflow(index));
                 }
+                // One `let` per partial sum, in order: `s = w0 * x0; s = s + w1 * x1; ...`.
                 let operands = stack.split_off(stack.len() - terms);
                 let mut sum = String::new();
                 for (k, x) in operands.iter().enumerate() {
                     let product = format!("keep(v{x} * {})", constant());
-                    if k == 0 {
-                        sum = product;
+                    let partial = if k == 0 {
+                        product
                     } else {
-                        sum = format!("{sum} + {product}");
-                    }
+                        format!("keep(v{v}_{} + {product})", k - 1)
+                    };
+                    let _ = writeln!(out, "    let v{v}_{k} = {partial};");
+                    sum = format!("v{v}_{k}");
                 }
                 if *divided {
-                    // `a + b + c` is `(a + b) + c` in WGSL, as in the CPU's running sum.
-                    format!("keep(({sum}) / {})", constant())
+                    format!("keep({sum} / {})", constant())
                 } else {
                     sum
                 }
@@ -333,9 +331,13 @@ mod tests {
         assert_eq!(&params[16..20], &0.25f32.to_le_bytes());
         assert_eq!(&params[32..36], &4.0f32.to_le_bytes());
         let source = a.key.wgsl().unwrap();
-        assert!(source.contains(
-            "let v4 = keep((keep(v2 * params.c[0].y) + keep(v3 * params.c[0].z)) / params.c[0].w);"
-        ));
+        for line in [
+            "let v4_0 = keep(v2 * params.c[0].y);",
+            "let v4_1 = keep(v4_0 + keep(v3 * params.c[0].z));",
+            "let v4 = keep(v4_1 / params.c[0].w);",
+        ] {
+            assert!(source.contains(line), "{line}\n{source}");
+        }
         assert!(source.contains("let v5 = keep(v4 / params.c[1].x);"));
         assert!(!source.contains("fma"));
     }
