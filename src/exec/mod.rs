@@ -6,6 +6,7 @@
 
 pub mod cpu;
 mod folder;
+pub mod gpu;
 pub mod methods;
 
 use std::sync::mpsc;
@@ -17,6 +18,7 @@ use crate::plan::{Kernel, Plan, Step};
 use crate::sema::hir;
 
 pub use cpu::CpuExecutor;
+pub use gpu::{GpuContext, GpuError, GpuExecutor, GpuStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -17,6 +17,7 @@ mod template;
 use std::fmt;
 
 use crate::io::DType;
+use crate::plan::{Kernel, Step};
 
 pub use fused::ElementwiseKernel;
 
@@ -144,6 +145,8 @@ pub enum KernelError {
     Underflow(usize),
     #[error("internal error: kernel program leaves no value")]
     Empty,
+    #[error("a copy has no kernel")]
+    Copy,
     #[error("internal error: template `{template}` has an unknown slot `{slot}`")]
     Template { template: &'static str, slot: String },
 }
@@ -151,4 +154,17 @@ pub enum KernelError {
 /// Whether kernels can load and store `dtype`.
 pub fn computable(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// The kernel of `step`: element-wise ([`Kernel::Fused`]) steps have one; a
+/// [`Kernel::Whole`] step fails with [`KernelError::Method`]. For `mergec debug wgsl`:
+/// `for_step(step)?.key.wgsl()`.
+pub fn for_step(step: &Step) -> Result<ElementwiseKernel, KernelError> {
+    match &step.kernel {
+        Kernel::Fused(program) | Kernel::Whole(program) => {
+            let inputs: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
+            ElementwiseKernel::new(program, &inputs, step.dtype)
+        }
+        Kernel::Copy => Err(KernelError::Copy),
+    }
 }
