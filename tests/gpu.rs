@@ -7,9 +7,13 @@
 //! `MERGEC_REQUIRE_GPU` is set (CI sets it after installing lavapipe): then they fail.
 //! `MERGEC_GPU_ADAPTER=<name part>` picks an adapter; `WGPU_BACKEND=gl` another backend.
 
-use std::io::Write;
+mod common;
 
-use mergec::exec::{CpuExecutor, GpuContext, GpuError, GpuExecutor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use mergec::exec::{CpuExecutor, GpuContext, GpuError, GpuExecutor, GpuWithFallback};
 use mergec::io::DType;
 use mergec::plan::{Instr, Kernel, Step, StepInput};
 use mergec::sema::hir::ModelId;
@@ -724,4 +728,110 @@ fn long_sums_are_added_in_order() {
             3000,
         );
     }
+}
+
+/// Every file under `dir`, by path relative to it.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Whole runs through `exec::run`: a script of arithmetic in every output dtype, with a
+/// whole-tensor method inside an expression, and every conformance script with an
+/// element-wise step write the same bytes on the GPU (with the CPU for whole-tensor
+/// methods) as on the CPU alone.
+#[test]
+fn runs_write_the_cpus_bytes() {
+    let Some(gpu) = gpu() else { return };
+    let hybrid = GpuWithFallback::new(gpu, cpu());
+    let arithmetic = r#"
+model a = "models/micro-llama-ft1-bf16"
+model b = "models/micro-llama-ft2-f32"
+model c = "models/micro-llama-ft3-bf16"
+save a + 0.5 * (b - a) to "out/arith-bf16"
+save -(a - c) / 3 to "out/arith-f16" { dtype: f16 }
+save linear(a { weight: 0.2 }, b { weight: 0.3 }, c { weight: 0.5 }) to "out/linear-f32" { dtype: f32 }
+save 0.5 * slerp(a, c, t: 0.3) + 0.5 * b to "out/slerp-mix"
+"#;
+    let mut scripts = vec![("arithmetic".to_string(), arithmetic.to_string())];
+    let dir = common::repo().join("tests/conformance");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "merge") {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            scripts.push((name, std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    scripts.sort();
+    let reader = mergec::io::TensorReader::new();
+    let mut skipped = Vec::new();
+    for (name, text) in &scripts {
+        let mut written = Vec::new();
+        for on_gpu in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (_, compiled) = common::compile_text(text, &common::conformance_dir(), tmp.path())
+                .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
+            if !compiled
+                .plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.kernel, Kernel::Fused(_)))
+            {
+                // Nothing for the GPU: the same CPU run twice.
+                skipped.push(name.as_str());
+                break;
+            }
+            if on_gpu {
+                mergec::exec::run(&compiled.program, &compiled.plan, &hybrid, &reader, false, |_| {})
+            } else {
+                mergec::exec::run(
+                    &compiled.program,
+                    &compiled.plan,
+                    &hybrid.cpu,
+                    &reader,
+                    false,
+                    |_| {},
+                )
+            }
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            written.push(files(tmp.path()));
+        }
+        if written.len() < 2 {
+            continue;
+        }
+        assert_eq!(
+            written[0].keys().collect::<Vec<_>>(),
+            written[1].keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (file, bytes) in &written[0] {
+            // The model card names the output folder, which differs.
+            if !file.ends_with("README.md") {
+                assert!(bytes == &written[1][file], "{name}: {file} differs");
+            }
+        }
+    }
+    let (on_gpu, on_cpu) = hybrid.steps();
+    assert!(
+        on_gpu > 100 && on_cpu > 10,
+        "{on_gpu} steps on the GPU, {on_cpu} on the CPU"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} scripts: {on_gpu} steps on the GPU, {on_cpu} on the CPU ({} without element-wise steps skipped)",
+        scripts.len(),
+        skipped.len()
+    );
 }
