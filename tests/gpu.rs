@@ -658,6 +658,14 @@ fn more_inputs_than_storage_bindings_are_left_to_the_cpu() {
 }
 
 #[test]
+fn executors_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<GpuContext>();
+    shareable::<GpuExecutor>();
+    shareable::<GpuWithFallback>();
+}
+
+#[test]
 fn copies_return_their_input() {
     let Some(gpu) = gpu() else { return };
     let mut s = step(vec![], &[DType::I32], DType::I32, 3);
