@@ -254,7 +254,7 @@ impl GpuExecutor {
                 kernel.key.workgroup_size,
                 self.max_workgroups_per_dimension,
             )?;
-            // n fits: a slice is at most one binding of 4-byte words.
+            // `n` fits in a u32: `slice_elements` caps slices at `u32::MAX`.
             let params = kernel.params(n as u32, grid.row);
             dispatch::run(&self.ctx, &self.pool, &pipeline, &params, &ins, grid, out_slice)?;
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
