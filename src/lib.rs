@@ -18,6 +18,7 @@ pub mod exec;
 pub mod graph;
 pub mod import;
 pub mod io;
+pub mod kernels;
 pub mod ops;
 pub mod opt;
 pub mod plan;

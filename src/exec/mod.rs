@@ -6,8 +6,10 @@
 
 pub mod cpu;
 mod folder;
+pub mod gpu;
 pub mod methods;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -17,6 +19,7 @@ use crate::plan::{Kernel, Plan, Step};
 use crate::sema::hir;
 
 pub use cpu::CpuExecutor;
+pub use gpu::{GpuContext, GpuError, GpuExecutor, GpuStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -30,6 +33,68 @@ pub enum RunError {
     Write(#[from] WriteError),
     #[error("the writer thread of `{0}` stopped unexpectedly")]
     WriterLost(String),
+    #[error("cannot compute tensor `{tensor}` on the GPU: {source}")]
+    Gpu { tensor: String, source: GpuError },
+}
+
+/// What [`run`] needs of an executor: one step's output bytes from its inputs' bytes
+/// (one per input slot, as stored).
+pub trait Executor {
+    fn compute_step(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, RunError>;
+}
+
+impl Executor for CpuExecutor {
+    fn compute_step(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, RunError> {
+        Ok(self.compute(step, inputs))
+    }
+}
+
+/// The GPU executor, with the CPU executor for the steps the GPU refuses
+/// ([`GpuError::is_unsupported`]): whole-tensor methods, and steps past the adapter's
+/// limits. Other GPU errors fail the run.
+pub struct GpuWithFallback {
+    pub gpu: GpuExecutor,
+    pub cpu: CpuExecutor,
+    on_gpu: AtomicU64,
+    on_cpu: AtomicU64,
+}
+
+impl GpuWithFallback {
+    pub fn new(gpu: GpuExecutor, cpu: CpuExecutor) -> GpuWithFallback {
+        GpuWithFallback {
+            gpu,
+            cpu,
+            on_gpu: AtomicU64::new(0),
+            on_cpu: AtomicU64::new(0),
+        }
+    }
+
+    /// Steps computed so far on the GPU and on the CPU.
+    pub fn steps(&self) -> (u64, u64) {
+        (
+            self.on_gpu.load(Ordering::Relaxed),
+            self.on_cpu.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Executor for GpuWithFallback {
+    fn compute_step(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, RunError> {
+        match self.gpu.compute(step, inputs) {
+            Ok(out) => {
+                self.on_gpu.fetch_add(1, Ordering::Relaxed);
+                Ok(out)
+            }
+            Err(e) if e.is_unsupported() => {
+                self.on_cpu.fetch_add(1, Ordering::Relaxed);
+                Ok(self.cpu.compute(step, inputs))
+            }
+            Err(source) => Err(RunError::Gpu {
+                tensor: step.tensor.clone(),
+                source,
+            }),
+        }
+    }
 }
 
 /// What a run did, for the CLI and the benchmark.
@@ -58,11 +123,11 @@ impl Payload {
     }
 }
 
-/// Runs every step of `plan` on the CPU executor and writes every output folder.
+/// Runs every step of `plan` on `executor` and writes every output folder.
 pub fn run(
     program: &hir::Program,
     plan: &Plan,
-    executor: &CpuExecutor,
+    executor: &impl Executor,
     reader: &TensorReader,
     force: bool,
     mut progress: impl FnMut(&Step),
@@ -99,7 +164,7 @@ pub fn run(
 fn compute_all(
     program: &hir::Program,
     steps: &[&Step],
-    executor: &CpuExecutor,
+    executor: &impl Executor,
     reader: &TensorReader,
     tx: &mpsc::SyncSender<(String, Payload)>,
     progress: &mut impl FnMut(&Step),
@@ -122,9 +187,9 @@ fn compute_all(
             (Kernel::Copy, Some(bytes)) => Payload::Mapped(bytes.clone()),
             _ => {
                 let slices: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
-                let out = executor.compute(step, &slices);
+                let out = executor.compute_step(step, &slices);
                 inputs.iter().for_each(TensorBytes::release);
-                Payload::Owned(out)
+                Payload::Owned(out?)
             }
         };
         if tx.send((step.tensor.clone(), payload)).is_err() {

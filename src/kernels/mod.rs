@@ -1,0 +1,170 @@
+//! WGSL kernels: a [`KernelKey`] names one generated compute shader, and
+//! [`KernelKey::wgsl`] writes its source by filling a template from `shaders/`.
+//!
+//! A key holds everything the source depends on and nothing else: the program's shape,
+//! the dtypes of its inputs and output, and the workgroup size. The constants of a
+//! program (scales, weights, divisors) are not part of it; they travel in the kernel's
+//! `params` uniform, so one compiled pipeline serves every tensor with the same shape of
+//! expression, whatever its weights.
+//!
+//! | family | template | programs |
+//! | --- | --- | --- |
+//! | [`Family::Elementwise`] | `shaders/elementwise.wgsl` | [`crate::plan::Kernel::Fused`] |
+
+mod fused;
+mod template;
+
+use std::fmt;
+
+use crate::io::DType;
+use crate::plan::{Kernel, Step};
+
+pub use fused::ElementwiseKernel;
+
+/// Threads per workgroup of every kernel (WebGPU's default limit allows 256).
+pub const WORKGROUP_SIZE: u32 = 256;
+
+/// Elements each invocation of an element-wise kernel computes: two, so a 16-bit output
+/// is written one whole u32 word at a time.
+pub const ELEMENTS_PER_INVOCATION: u32 = 2;
+
+/// The op family of a kernel: which template its source comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// One fused element-wise expression (`shaders/elementwise.wgsl`).
+    Elementwise,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Elementwise => "elementwise",
+        }
+    }
+}
+
+/// One instruction of a kernel's program, with its constants taken out (they are read
+/// from the `params` uniform in program order).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum KeyInstr {
+    /// Push input slot `i`, decoded to f32.
+    Load(usize),
+    Neg,
+    Add,
+    Sub,
+    /// Multiply by the next constant.
+    Scale,
+    /// Divide by the next constant.
+    Divide,
+    /// `terms` products with the next `terms` constants, summed in order; divided by one
+    /// more constant when `divided`.
+    WeightedSum {
+        terms: usize,
+        divided: bool,
+    },
+}
+
+impl KeyInstr {
+    /// Constants the instruction reads.
+    pub fn constants(&self) -> usize {
+        match self {
+            KeyInstr::Load(_) | KeyInstr::Neg | KeyInstr::Add | KeyInstr::Sub => 0,
+            KeyInstr::Scale | KeyInstr::Divide => 1,
+            KeyInstr::WeightedSum { terms, divided } => terms + usize::from(*divided),
+        }
+    }
+}
+
+impl fmt::Display for KeyInstr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyInstr::Load(i) => write!(f, "load{i}"),
+            KeyInstr::Neg => f.write_str("neg"),
+            KeyInstr::Add => f.write_str("add"),
+            KeyInstr::Sub => f.write_str("sub"),
+            KeyInstr::Scale => f.write_str("scale"),
+            KeyInstr::Divide => f.write_str("divide"),
+            KeyInstr::WeightedSum { terms, divided } => {
+                write!(f, "weighted_sum{terms}{}", if *divided { "/" } else { "" })
+            }
+        }
+    }
+}
+
+/// Identifies one generated kernel; the pipeline cache's key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub family: Family,
+    pub program: Vec<KeyInstr>,
+    /// The dtype of each input slot, in binding order.
+    pub inputs: Vec<DType>,
+    pub output: DType,
+    pub workgroup_size: u32,
+}
+
+impl KernelKey {
+    /// Constants the program reads from `params`.
+    pub fn constants(&self) -> usize {
+        self.program.iter().map(KeyInstr::constants).sum()
+    }
+
+    /// The kernel's WGSL source.
+    pub fn wgsl(&self) -> Result<String, KernelError> {
+        match self.family {
+            Family::Elementwise => fused::wgsl(self),
+        }
+    }
+}
+
+/// `elementwise(bf16, f32 -> bf16: load0 load1 weighted_sum2/; wg 256)`
+impl fmt::Display for KernelKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(", self.family.name())?;
+        for (i, d) in self.inputs.iter().enumerate() {
+            write!(f, "{}{}", if i > 0 { ", " } else { "" }, d.script_name())?;
+        }
+        write!(f, " -> {}:", self.output.script_name())?;
+        for i in &self.program {
+            write!(f, " {i}")?;
+        }
+        write!(f, "; wg {})", self.workgroup_size)
+    }
+}
+
+/// Why a program has no kernel. These are limits of the GPU path (the caller runs the step
+/// on the CPU instead) or internal errors (a malformed program or template).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KernelError {
+    #[error("the whole-tensor method `{0}` has no GPU kernel")]
+    Method(&'static str),
+    #[error("no GPU arithmetic on {dtype} ({what})")]
+    Dtype { what: String, dtype: DType },
+    #[error("internal error: kernel program loads slot {slot} but has {inputs} inputs")]
+    Slot { slot: usize, inputs: usize },
+    #[error("internal error: kernel program underflows its stack at instruction {0}")]
+    Underflow(usize),
+    #[error("internal error: kernel program leaves no value")]
+    Empty,
+    #[error("a copy has no kernel")]
+    Copy,
+    #[error("internal error: template `{template}` has an unknown slot `{slot}`")]
+    Template { template: &'static str, slot: String },
+}
+
+/// Whether kernels can load and store `dtype`.
+pub fn computable(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// The kernel of `step`: element-wise ([`Kernel::Fused`]) steps have one; a
+/// [`Kernel::Whole`] step fails with [`KernelError::Method`]. For `mergec debug wgsl`:
+/// `for_step(step)?.key.wgsl()`.
+pub fn for_step(step: &Step) -> Result<ElementwiseKernel, KernelError> {
+    match &step.kernel {
+        Kernel::Fused(program) | Kernel::Whole(program) => {
+            let inputs: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
+            ElementwiseKernel::new(program, &inputs, step.dtype)
+        }
+        Kernel::Copy => Err(KernelError::Copy),
+    }
+}
