@@ -26,13 +26,6 @@ use methods::{MethodSig, ParamKind};
 use params::{Param, Pattern, TableArm};
 use value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, ParamEntry, TensorSig, Value};
 
-/// A built-in's positional models, positional strings and named values.
-type BuiltinArgs = (
-    Vec<(ModelVal, Span)>,
-    Vec<(String, Span)>,
-    BTreeMap<String, (String, Span)>,
-);
-
 /// Default output shard size, as mergekit's `--out-shard-size` (5e9 bytes).
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 
