@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mergec::diag::render;
 use mergec::diag::Diagnostics;
 use mergec::driver::{self, Compiled, Script};
-use mergec::exec::CpuExecutor;
+use mergec::exec::gpu::{GpuContext, GpuExecutor};
+use mergec::exec::{CpuExecutor, GpuWithFallback};
 use mergec::import::{self, Import};
 use mergec::io::{DType, TensorReader};
 use mergec::plan::Limits;
@@ -21,6 +22,13 @@ use mergec::synth::{self, SynthSpec};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Backend {
+    Auto,
+    Gpu,
+    Cpu,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -61,9 +69,18 @@ enum Command {
         threads: Option<usize>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
+        /// `auto`: a hardware GPU when there is one, else the CPU; `gpu`: a GPU adapter even
+        /// if it is a software one (how CI tests it); `cpu`: the CPU executor.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: Backend,
+        /// Use the GPU adapter whose name contains this (see `mergec info`).
+        #[arg(long)]
+        adapter: Option<String>,
         #[command(flatten)]
         yaml: YamlArgs,
     },
+    /// List the GPU adapters this machine offers and their limits.
+    Info,
     /// Print the execution plan: the order of steps, bytes moved and peak memory.
     Plan {
         script: PathBuf,
@@ -185,8 +202,18 @@ pub fn run(cli: Cli) -> ExitCode {
             force,
             threads,
             format,
+            backend,
+            adapter,
             yaml,
-        } => run_script(&Input::new(script, out, yaml, true), force, threads, format),
+        } => run_script(
+            &Input::new(script, out, yaml, true),
+            force,
+            threads,
+            format,
+            backend,
+            adapter.as_deref(),
+        ),
+        Command::Info => info(),
         Command::Plan { script, out, yaml } => debug(&Input::new(script, out, yaml, false), Stage::Plan),
         Command::Debug {
             stage,
@@ -499,7 +526,14 @@ fn summary(c: &Compiled) -> String {
     out
 }
 
-fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format) -> ExitCode {
+fn run_script(
+    input: &Input,
+    force: bool,
+    threads: Option<usize>,
+    format: Format,
+    backend: Backend,
+    adapter: Option<&str>,
+) -> ExitCode {
     let loaded = match load_input(input, format) {
         Ok(s) => s,
         Err(code) => return code,
@@ -510,13 +544,23 @@ fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format
         Ok(c) => c,
         Err(code) => return code,
     };
-    let executor = match CpuExecutor::new(limits.threads, limits.chunk_elems) {
+    let cpu = match CpuExecutor::new(limits.threads, limits.chunk_elems) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: cannot start the CPU executor: {e}");
             return ExitCode::from(1);
         }
     };
+    let executor = match choose_executor(cpu, backend, adapter) {
+        Ok(e) => e,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    if format == Format::Human {
+        eprintln!("backend: {}", executor.describe());
+    }
     let reader = TensorReader::new();
     let total = compiled.plan.steps.len();
     let mut done = 0usize;
@@ -572,6 +616,73 @@ fn run_script(input: &Input, force: bool, threads: Option<usize>, format: Format
     }
 }
 
+/// The executor a run uses: the CPU, or a GPU adapter with the CPU for what it cannot run.
+enum Chosen {
+    Cpu(CpuExecutor),
+    Gpu(Box<GpuWithFallback>, String),
+}
+
+impl Chosen {
+    fn describe(&self) -> String {
+        match self {
+            Chosen::Cpu(_) => "CPU executor".to_string(),
+            Chosen::Gpu(_, name) => format!("GPU `{name}` (whole-tensor methods on the CPU)"),
+        }
+    }
+}
+
+impl mergec::exec::Executor for Chosen {
+    fn compute_step(
+        &self,
+        step: &mergec::plan::Step,
+        inputs: &[&[u8]],
+    ) -> Result<Vec<u8>, mergec::exec::RunError> {
+        match self {
+            Chosen::Cpu(c) => c.compute_step(step, inputs),
+            Chosen::Gpu(g, _) => g.compute_step(step, inputs),
+        }
+    }
+}
+
+fn choose_executor(cpu: CpuExecutor, backend: Backend, adapter: Option<&str>) -> Result<Chosen, String> {
+    if backend == Backend::Cpu {
+        return Ok(Chosen::Cpu(cpu));
+    }
+    // `auto` wants hardware: a software adapter is slower than the CPU executor.
+    let allow_software = backend == Backend::Gpu;
+    match GpuContext::new(adapter, allow_software) {
+        Ok(Some(ctx)) => {
+            let name = ctx.adapter_info.name.clone();
+            Ok(Chosen::Gpu(
+                Box::new(GpuWithFallback::new(GpuExecutor::new(ctx), cpu)),
+                name,
+            ))
+        }
+        Ok(None) if backend == Backend::Auto => Ok(Chosen::Cpu(cpu)),
+        Ok(None) => Err(match adapter {
+            Some(a) => format!("no GPU adapter named like `{a}` (see `mergec info`)"),
+            None => "no GPU adapter (on Linux without a GPU, install mesa-vulkan-drivers for a software one)"
+                .to_string(),
+        }),
+        Err(e) if backend == Backend::Auto && adapter.is_none() => {
+            eprintln!("note: GPU unavailable ({e}); using the CPU executor");
+            Ok(Chosen::Cpu(cpu))
+        }
+        Err(e) => Err(format!("cannot start the GPU: {e}")),
+    }
+}
+
+fn info() -> ExitCode {
+    let adapters = mergec::exec::gpu::list_adapters();
+    if adapters.is_empty() {
+        println!("no GPU adapters; runs use the CPU executor");
+    }
+    for a in adapters {
+        println!("{a}");
+    }
+    ExitCode::SUCCESS
+}
+
 fn debug(input: &Input, stage: Stage) -> ExitCode {
     let loaded = match load_input(input, Format::Human) {
         Ok(s) => s,
@@ -604,7 +715,10 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
             for o in &compiled.program.outputs {
                 text.push_str(&format!("output {}\n", o.dir.display()));
                 for t in &o.tensors {
-                    text.push_str(&format!("  {} {} {:?} = {:?}\n", t.name, t.dtype, t.shape, t.expr));
+                    text.push_str(&format!(
+                        "  {} {} {:?} = {:?}\n",
+                        t.name, t.dtype, t.shape, t.expr
+                    ));
                 }
             }
             text
@@ -684,7 +798,7 @@ fn demo(dir: &Path) -> ExitCode {
     if code != ExitCode::SUCCESS {
         return code;
     }
-    run_script(&input, true, None, Format::Human)
+    run_script(&input, true, None, Format::Human, Backend::Auto, None)
 }
 
 fn plural(n: usize) -> &'static str {
