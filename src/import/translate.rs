@@ -1819,7 +1819,7 @@ fn size_text(bytes: u64) -> String {
         ("MB", 1_000_000),
         ("KB", 1_000),
     ] {
-        if bytes >= n && bytes % n == 0 {
+        if bytes >= n && bytes.is_multiple_of(n) {
             return format!("{}{unit}", bytes / n);
         }
     }
