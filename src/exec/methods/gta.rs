@@ -118,9 +118,7 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         .collect();
     let row = inputs.shape.last().copied().unwrap_or(1).max(1);
     let sparsifier = sparsifier(*kind);
-    // The key buffer is as large as the tensor: reusing it across tensors saves the kernel
-    // from zeroing fresh pages for every one (measured: a third of a TIES merge's time).
-    let mut scratch: Vec<u32> = KEY_SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut scratch: Vec<u32> = Vec::new();
     let kept: Vec<Kept> = (0..m)
         .map(|i| {
             let model = Model {
@@ -133,7 +131,7 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
             sparsify(inputs, sparsifier, &model, row, *rescale, &mut scratch)
         })
         .collect();
-    KEY_SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    drop(scratch);
     combine(
         inputs,
         kind.consensus(),
@@ -385,11 +383,6 @@ fn row_ranks<'s>(inputs: &Inputs, input: usize, row: usize, scratch: &'s mut Vec
             }
         });
     scratch
-}
-
-thread_local! {
-    /// Per-thread reusable buffer for magnitude keys and ranks (see `apply`).
-    static KEY_SCRATCH: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Pass 2: the merged tensor, chunk by chunk.
