@@ -9,6 +9,7 @@ mod folder;
 pub mod gpu;
 pub mod methods;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -16,7 +17,7 @@ use std::time::Instant;
 use crate::io::reader::{ReadError, TensorBytes};
 use crate::io::{ModelWriter, TensorReader, WriteError, WrittenModel};
 use crate::plan::{Kernel, Plan, Step};
-use crate::sema::hir;
+use crate::sema::hir::{self, ModelId};
 
 pub use cpu::CpuExecutor;
 pub use gpu::{GpuContext, GpuError, GpuExecutor, GpuStats};
@@ -110,15 +111,16 @@ pub struct RunReport {
 /// A computed tensor on its way to the writer.
 enum Payload {
     Owned(Vec<u8>),
-    /// An unchanged input, written straight from the map.
-    Mapped(TensorBytes),
+    /// An unchanged input, written straight from the map; `true` when this is its last use,
+    /// so its pages can be released once written.
+    Mapped(TensorBytes, bool),
 }
 
 impl Payload {
     fn bytes(&self) -> &[u8] {
         match self {
             Payload::Owned(v) => v,
-            Payload::Mapped(b) => b,
+            Payload::Mapped(b, _) => b,
         }
     }
 }
@@ -134,15 +136,27 @@ pub fn run(
 ) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let mut outputs = Vec::new();
+    let mut last_use: HashMap<(ModelId, &str), usize> = HashMap::new();
+    for (index, step) in plan.steps.iter().enumerate() {
+        for input in &step.inputs {
+            last_use.insert((input.model, input.tensor.as_str()), index);
+        }
+    }
     for index in 0..program.outputs.len() {
-        let steps: Vec<&Step> = plan.steps.iter().filter(|s| s.output == index).collect();
-        let spec = folder::output_spec(program, index, &steps, force);
+        let steps: Vec<(usize, &Step)> = plan
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.output == index)
+            .collect();
+        let step_refs: Vec<&Step> = steps.iter().map(|(_, s)| *s).collect();
+        let spec = folder::output_spec(program, index, &step_refs, force);
         let dir = spec.dir.display().to_string();
         let writer = ModelWriter::create(spec)?;
         let (tx, rx) = mpsc::sync_channel::<(String, Payload)>(plan.write_queue.saturating_sub(1));
         let written = std::thread::scope(|scope| {
             let handle = scope.spawn(move || write_all(writer, rx));
-            let computed = compute_all(program, &steps, executor, reader, &tx, &mut progress);
+            let computed = compute_all(program, &steps, &last_use, executor, reader, &tx, &mut progress);
             drop(tx);
             let written = handle.join().map_err(|_| RunError::WriterLost(dir.clone()))?;
             // A compute error is the cause when there is one (the writer then only sees its
@@ -163,14 +177,18 @@ pub fn run(
 
 fn compute_all(
     program: &hir::Program,
-    steps: &[&Step],
+    steps: &[(usize, &Step)],
+    last_use: &HashMap<(ModelId, &str), usize>,
     executor: &impl Executor,
     reader: &TensorReader,
     tx: &mpsc::SyncSender<(String, Payload)>,
     progress: &mut impl FnMut(&Step),
 ) -> Result<(), RunError> {
-    for step in steps {
+    for &(index, step) in steps {
         progress(step);
+        // An input used again later (a layer a stack repeats, a tensor two outputs read)
+        // stays mapped until its last use, so it is read from disk once.
+        let last = |i: &crate::plan::StepInput| last_use.get(&(i.model, i.tensor.as_str())) == Some(&index);
         let inputs = step
             .inputs
             .iter()
@@ -184,11 +202,17 @@ fn compute_all(
             })
             .collect::<Result<Vec<TensorBytes>, RunError>>()?;
         let payload = match (&step.kernel, inputs.first()) {
-            (Kernel::Copy, Some(bytes)) => Payload::Mapped(bytes.clone()),
+            (Kernel::Copy, Some(bytes)) => {
+                Payload::Mapped(bytes.clone(), step.inputs.first().is_some_and(last))
+            }
             _ => {
                 let slices: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
                 let out = executor.compute_step(step, &slices);
-                inputs.iter().for_each(TensorBytes::release);
+                for (bytes, input) in inputs.iter().zip(&step.inputs) {
+                    if last(input) {
+                        bytes.release();
+                    }
+                }
                 Payload::Owned(out?)
             }
         };
@@ -206,7 +230,7 @@ fn write_all(
 ) -> Result<WrittenModel, RunError> {
     for (name, payload) in rx {
         writer.write_tensor(&name, payload.bytes())?;
-        if let Payload::Mapped(bytes) = &payload {
+        if let Payload::Mapped(bytes, true) = &payload {
             bytes.release();
         }
     }

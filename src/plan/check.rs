@@ -68,10 +68,39 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
 /// Walks the steps in order: while step `i` runs, its inputs are mapped, its output buffer
 /// is filled, and up to `write_queue` earlier outputs wait for (or are in) the writer.
 pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
+    // An input stays mapped from its first use to its last (the executor releases its
+    // pages then), so inputs used again later are held in between.
+    let mut first_last: std::collections::HashMap<(crate::sema::hir::ModelId, &str), (usize, usize, u64)> =
+        std::collections::HashMap::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        for input in &step.inputs {
+            let e = first_last
+                .entry((input.model, input.tensor.as_str()))
+                .or_insert((i, i, input.bytes));
+            e.1 = i;
+        }
+    }
+    let mut held_between = vec![0u64; plan.steps.len() + 1];
+    for (&(model, tensor), &(first, last, bytes)) in &first_last {
+        // resident during the steps between its uses that do not read it themselves
+        for i in first + 1..last {
+            let reads = plan.steps[i]
+                .inputs
+                .iter()
+                .any(|x| x.model == model && x.tensor == tensor);
+            if !reads {
+                held_between[i] += bytes;
+            }
+        }
+    }
     let mut peak = 0;
     let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-    for step in &plan.steps {
-        let held = step.in_bytes() + step.out_bytes() + whole_tensor_bytes(step) + queued.iter().sum::<u64>();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let held = step.in_bytes()
+            + held_between[i]
+            + step.out_bytes()
+            + whole_tensor_bytes(step)
+            + queued.iter().sum::<u64>();
         peak = peak.max(held);
         queued.push_back(step.out_bytes());
         if queued.len() > plan.write_queue {
