@@ -83,13 +83,15 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
     let mut held_between = vec![0u64; plan.steps.len() + 1];
     for (&(model, tensor), &(first, last, bytes)) in &first_last {
         // resident during the steps between its uses that do not read it themselves
-        for i in first + 1..last {
-            let reads = plan.steps[i]
-                .inputs
-                .iter()
-                .any(|x| x.model == model && x.tensor == tensor);
-            if !reads {
-                held_between[i] += bytes;
+        let between = plan
+            .steps
+            .iter()
+            .zip(held_between.iter_mut())
+            .take(last)
+            .skip(first + 1);
+        for (step, slot) in between {
+            if !step.inputs.iter().any(|x| x.model == model && x.tensor == tensor) {
+                *slot += bytes;
             }
         }
     }
