@@ -443,6 +443,33 @@ impl Ctx<'_> {
                 t: self.required(call, "t", name, t)?,
             },
             "arcee_fusion" => MethodOp::ArceeFusion,
+            "task_arithmetic" => {
+                // Element-wise, so it lowers to arithmetic the fused kernels (CPU chunks, GPU)
+                // run in one pass, with the GTA kernel's order of operations: each
+                // (x − base)·w summed in model order, divided by Σw (|Σw| < 1e-8 -> 1) when
+                // normalize is on, times λ, plus the base.
+                let base = base?;
+                let weights = self.per_model(call, "weight", 1.0, name, t)?;
+                let lambda = self.required(call, "lambda", name, t)?;
+                let divisor = flag("normalize").then(|| {
+                    let sum: f32 = weights.iter().map(|w| *w as f32).sum();
+                    if sum.abs() < 1e-8 {
+                        1.0
+                    } else {
+                        sum as f64
+                    }
+                });
+                let terms = models
+                    .into_iter()
+                    .zip(&weights)
+                    .map(|(x, w)| (TensorExpr::Sub(Box::new(x), Box::new(base.clone())), *w))
+                    .collect();
+                let mut mixed = TensorExpr::WeightedSum { terms, divisor };
+                if lambda as f32 != 1.0 {
+                    mixed = TensorExpr::Scale(Box::new(mixed), lambda);
+                }
+                return Some(TensorExpr::Add(Box::new(base), Box::new(mixed)));
+            }
             other => {
                 let kind = gta_kind(other)?;
                 let densities = self.per_model(call, "density", 1.0, name, t)?;
