@@ -22,6 +22,43 @@ use mergec::synth::{self, SynthSpec};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// A hard memory budget for check, plan and run (`8GB`, `512MiB`); over it, the script
+    /// is refused before anything runs (E0501). Overrides the script's `set max_memory`.
+    #[arg(long, global = true, value_parser = parse_size)]
+    max_memory: Option<u64>,
+}
+
+/// A size as scripts write it: `8GB` (powers of 1000), `512MiB` (powers of 1024), or bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 8GB, 512MiB)"))?;
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = value * scale;
+    if bytes < 1.0 || bytes.fract() != 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("`{text}` is not a whole number of bytes"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -188,6 +225,8 @@ enum Preset {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    let max_memory = cli.max_memory;
+    MAX_MEMORY.with(|m| m.set(max_memory));
     match cli.command {
         Command::Check {
             script,
@@ -397,8 +436,16 @@ fn load(path: &Path) -> Result<Script, ExitCode> {
     })
 }
 
+thread_local! {
+    /// `--max-memory`, set once from the command line before any command runs.
+    static MAX_MEMORY: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
 fn limits(threads: Option<usize>) -> Limits {
-    let mut limits = Limits::default();
+    let mut limits = Limits {
+        max_memory: MAX_MEMORY.with(|m| m.get()),
+        ..Limits::default()
+    };
     if let Some(t) = threads {
         limits.threads = t.max(1);
     }
@@ -455,7 +502,7 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
         Err(code) => return code,
     };
     let script = &loaded.script;
-    let compiled = match compile(&loaded, force, &Limits::default(), format) {
+    let compiled = match compile(&loaded, force, &limits(None), format) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -705,7 +752,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
             }
         };
     }
-    let compiled = match compile(&loaded, true, &Limits::default(), Format::Human) {
+    let compiled = match compile(&loaded, true, &limits(None), Format::Human) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -228,3 +228,20 @@ fn demo_runs_from_an_empty_folder() {
     let (code, _, stderr) = mergec(&["demo", "d"], dir.path());
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn a_memory_budget_is_checked_before_anything_runs() {
+    let ws = workspace(LINEAR);
+    let (code, _, stderr) = mergec(&["run", "script.merge", "--max-memory", "64KB"], ws.path());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("[E0501]") && stderr.contains("a budget of at least"),
+        "{stderr}"
+    );
+    assert!(!ws.path().join("out/merged").exists());
+    let (code, stdout, stderr) = mergec(&["check", "script.merge", "--max-memory", "1GiB"], ws.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("peak memory"));
+    let (code, _, stderr) = mergec(&["check", "script.merge", "--max-memory", "lots"], ws.path());
+    assert_eq!(code, 2, "a bad size is a usage error: {stderr}");
+}

@@ -57,6 +57,7 @@ codes! {
     E0403 => "model not in the Hugging Face cache",
     E0404 => "invalid config.json",
     E0405 => "output folder conflict",
+    E0501 => "over the memory budget",
     E0601 => "YAML syntax error",
     E0602 => "unknown key in a mergekit config",
     E0603 => "invalid value in a mergekit config",

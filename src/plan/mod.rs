@@ -24,6 +24,8 @@ pub struct Limits {
     pub chunk_elems: usize,
     /// Output tensors that may wait for the writer thread at once.
     pub write_queue: usize,
+    /// A hard memory budget (`--max-memory`, or the script's `set max_memory`).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Limits {
@@ -32,6 +34,7 @@ impl Default for Limits {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             chunk_elems: 64 * 1024,
             write_queue: 2,
+            max_memory: None,
         }
     }
 }

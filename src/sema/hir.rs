@@ -26,6 +26,8 @@ pub struct Program {
     pub script_text: String,
     /// The seed of every random mask (`set seed = N`, default 0).
     pub seed: u64,
+    /// The memory budget the script asks for (`set max_memory = 8GB`).
+    pub max_memory: Option<u64>,
 }
 
 impl Program {

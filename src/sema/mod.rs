@@ -79,6 +79,7 @@ pub fn check(
         outputs: Vec::new(),
         seed: 0,
         seed_span: None,
+        max_memory: None,
     };
     // Settings apply to the whole script, wherever they are written.
     for stmt in &script.stmts {
@@ -96,6 +97,7 @@ pub fn check(
         outputs: checker.outputs,
         script_text: script_text.to_string(),
         seed: checker.seed,
+        max_memory: checker.max_memory,
     };
     if !diags.has_errors() {
         instantiate::warn_unread_inputs(&program, &mut diags);
@@ -127,6 +129,7 @@ struct Checker<'a> {
     outputs: Vec<hir::Output>,
     seed: u64,
     seed_span: Option<Span>,
+    max_memory: Option<u64>,
 }
 
 impl Checker<'_> {
@@ -173,12 +176,25 @@ impl Checker<'_> {
                         .with_help("for example `set seed = 42`"),
                 ),
             },
+            "max_memory" if self.max_memory.is_some() => self.diags.push(
+                Diagnostic::error(Code::E0209, "`max_memory` is set twice")
+                    .at(name.span, "set again here")
+                    .with_help("a script has one memory budget: keep one `set max_memory`"),
+            ),
+            "max_memory" => match &value.kind {
+                ExprKind::Size(n) if *n > 0 => self.max_memory = Some(*n),
+                _ => self.diags.push(
+                    Diagnostic::error(Code::E0305, "`max_memory` must be a size above 0")
+                        .at(value.span, "not a memory size")
+                        .with_help("for example `set max_memory = 8GB`"),
+                ),
+            },
             other => {
                 let mut d = Diagnostic::error(Code::E0209, format!("unknown setting `{other}`"))
                     .at(name.span, "no such setting");
-                d = match names::did_you_mean(other, ["seed"]) {
+                d = match names::did_you_mean(other, ["seed", "max_memory"]) {
                     Some(s) => d.with_help(format!("did you mean `{s}`?")),
-                    None => d.with_help("the settings are: seed"),
+                    None => d.with_help("the settings are: seed, max_memory"),
                 };
                 self.diags.push(d);
             }
