@@ -116,6 +116,15 @@ enum Payload {
     Mapped(TensorBytes, bool),
 }
 
+/// What the compute loop sends the writer thread: whole tensors, or a streamed tensor as
+/// `Begin`, its blocks in order, `End`.
+enum Message {
+    Tensor(String, Payload),
+    Begin(String),
+    Block(Vec<u8>),
+    End,
+}
+
 impl Payload {
     fn bytes(&self) -> &[u8] {
         match self {
@@ -153,10 +162,14 @@ pub fn run(
         let spec = folder::output_spec(program, index, &step_refs, force);
         let dir = spec.dir.display().to_string();
         let writer = ModelWriter::create(spec)?;
-        let (tx, rx) = mpsc::sync_channel::<(String, Payload)>(plan.write_queue.saturating_sub(1));
+        let (tx, rx) = mpsc::sync_channel::<Message>(plan.write_queue.saturating_sub(1));
         let written = std::thread::scope(|scope| {
             let handle = scope.spawn(move || write_all(writer, rx));
-            let computed = compute_all(program, &steps, &last_use, executor, reader, &tx, &mut progress);
+            let schedule = Schedule {
+                last_use: &last_use,
+                block: plan.stream_block,
+            };
+            let computed = compute_all(program, &steps, &schedule, executor, reader, &tx, &mut progress);
             drop(tx);
             let written = handle.join().map_err(|_| RunError::WriterLost(dir.clone()))?;
             // A compute error is the cause when there is one (the writer then only sees its
@@ -175,20 +188,27 @@ pub fn run(
     })
 }
 
+/// When each input is used for the last time, and the block size of streamed steps.
+struct Schedule<'a> {
+    last_use: &'a HashMap<(ModelId, &'a str), usize>,
+    block: u64,
+}
+
 fn compute_all(
     program: &hir::Program,
     steps: &[(usize, &Step)],
-    last_use: &HashMap<(ModelId, &str), usize>,
+    schedule: &Schedule,
     executor: &impl Executor,
     reader: &TensorReader,
-    tx: &mpsc::SyncSender<(String, Payload)>,
+    tx: &mpsc::SyncSender<Message>,
     progress: &mut impl FnMut(&Step),
 ) -> Result<(), RunError> {
     for &(index, step) in steps {
         progress(step);
         // An input used again later (a layer a stack repeats, a tensor two outputs read)
         // stays mapped until its last use, so it is read from disk once.
-        let last = |i: &crate::plan::StepInput| last_use.get(&(i.model, i.tensor.as_str())) == Some(&index);
+        let last =
+            |i: &crate::plan::StepInput| schedule.last_use.get(&(i.model, i.tensor.as_str())) == Some(&index);
         let inputs = step
             .inputs
             .iter()
@@ -201,6 +221,12 @@ fn compute_all(
                 })
             })
             .collect::<Result<Vec<TensorBytes>, RunError>>()?;
+        if step.streamed(schedule.block) {
+            if !stream_step(step, schedule.block, &inputs, &last, executor, tx)? {
+                return Ok(()); // the writer stopped; its own error is reported by the caller
+            }
+            continue;
+        }
         let payload = match (&step.kernel, inputs.first()) {
             (Kernel::Copy, Some(bytes)) => {
                 Payload::Mapped(bytes.clone(), step.inputs.first().is_some_and(last))
@@ -216,7 +242,7 @@ fn compute_all(
                 Payload::Owned(out?)
             }
         };
-        if tx.send((step.tensor.clone(), payload)).is_err() {
+        if tx.send(Message::Tensor(step.tensor.clone(), payload)).is_err() {
             // The writer stopped; its own error is reported by the caller.
             return Ok(());
         }
@@ -224,14 +250,64 @@ fn compute_all(
     Ok(())
 }
 
-fn write_all(
-    mut writer: ModelWriter,
-    rx: mpsc::Receiver<(String, Payload)>,
-) -> Result<WrittenModel, RunError> {
-    for (name, payload) in rx {
-        writer.write_tensor(&name, payload.bytes())?;
-        if let Payload::Mapped(bytes, true) = &payload {
-            bytes.release();
+/// Computes an element-wise step block by block and streams the blocks to the writer,
+/// releasing each input's pages block by block where this is its last use. Returns false
+/// when the writer has stopped.
+fn stream_step(
+    step: &Step,
+    block: u64,
+    inputs: &[TensorBytes],
+    last: &impl Fn(&crate::plan::StepInput) -> bool,
+    executor: &impl Executor,
+    tx: &mpsc::SyncSender<Message>,
+) -> Result<bool, RunError> {
+    if tx.send(Message::Begin(step.tensor.clone())).is_err() {
+        return Ok(false);
+    }
+    let n = step.numel() as usize;
+    let block = block as usize;
+    let mut start = 0;
+    while start < n {
+        let end = (start + block).min(n);
+        let part = Step {
+            shape: vec![end - start],
+            ..step.clone()
+        };
+        let slices: Vec<&[u8]> = inputs
+            .iter()
+            .zip(&step.inputs)
+            .map(|(bytes, input)| {
+                let size = input.dtype.size_bytes();
+                &bytes[start * size..end * size]
+            })
+            .collect();
+        let out = executor.compute_step(&part, &slices)?;
+        for (bytes, input) in inputs.iter().zip(&step.inputs) {
+            if last(input) {
+                let size = input.dtype.size_bytes();
+                bytes.release_part(start * size, end * size);
+            }
+        }
+        if tx.send(Message::Block(out)).is_err() {
+            return Ok(false);
+        }
+        start = end;
+    }
+    Ok(tx.send(Message::End).is_ok())
+}
+
+fn write_all(mut writer: ModelWriter, rx: mpsc::Receiver<Message>) -> Result<WrittenModel, RunError> {
+    for message in rx {
+        match message {
+            Message::Tensor(name, payload) => {
+                writer.write_tensor(&name, payload.bytes())?;
+                if let Payload::Mapped(bytes, true) = &payload {
+                    bytes.release();
+                }
+            }
+            Message::Begin(name) => writer.begin_tensor(&name)?,
+            Message::Block(bytes) => writer.write_bytes(&bytes)?,
+            Message::End => writer.end_tensor()?,
         }
     }
     Ok(writer.finish()?)

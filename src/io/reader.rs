@@ -64,6 +64,15 @@ impl TensorBytes {
     pub fn release(&self) {
         release_range(&self.map, self.start, self.end - self.start);
     }
+
+    /// Like [`TensorBytes::release`] for bytes `from..to` of this tensor only.
+    pub fn release_part(&self, from: usize, to: usize) {
+        let len = self.end - self.start;
+        let (from, to) = (from.min(len), to.min(len));
+        if from < to {
+            release_range(&self.map, self.start + from, to - from);
+        }
+    }
 }
 
 #[cfg(unix)]

@@ -98,13 +98,32 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
     let mut peak = 0;
     let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     for (i, step) in plan.steps.iter().enumerate() {
-        let held = step.in_bytes()
-            + held_between[i]
-            + step.out_bytes()
-            + whole_tensor_bytes(step)
-            + queued.iter().sum::<u64>();
+        // A streamed step holds one block of its output, and of each input it reads for
+        // the last time (pages are released block by block); an input read again later
+        // stays mapped whole.
+        let (inputs, output) = if step.streamed(plan.stream_block) {
+            let block = plan.stream_block;
+            let inputs = step
+                .inputs
+                .iter()
+                .map(|x| {
+                    let last = first_last
+                        .get(&(x.model, x.tensor.as_str()))
+                        .is_some_and(|e| e.1 == i);
+                    if last {
+                        block * x.dtype.size_bytes() as u64
+                    } else {
+                        x.bytes
+                    }
+                })
+                .sum::<u64>();
+            (inputs, block * step.dtype.size_bytes() as u64)
+        } else {
+            (step.in_bytes(), step.out_bytes())
+        };
+        let held = inputs + held_between[i] + output + whole_tensor_bytes(step) + queued.iter().sum::<u64>();
         peak = peak.max(held);
-        queued.push_back(step.out_bytes());
+        queued.push_back(output);
         if queued.len() > plan.write_queue {
             queued.pop_front();
         }

@@ -26,6 +26,8 @@ pub struct Limits {
     pub write_queue: usize,
     /// A hard memory budget (`--max-memory`, or the script's `set max_memory`).
     pub max_memory: Option<u64>,
+    /// Elements per block of a streamed element-wise step.
+    pub stream_block_elems: u64,
 }
 
 impl Default for Limits {
@@ -35,6 +37,7 @@ impl Default for Limits {
             chunk_elems: 64 * 1024,
             write_queue: 2,
             max_memory: None,
+            stream_block_elems: STREAM_BLOCK_ELEMS,
         }
     }
 }
@@ -58,7 +61,16 @@ pub struct Step {
     pub inputs: Vec<StepInput>,
 }
 
+/// Element-wise steps larger than this are computed and written block by block, so neither
+/// their output nor their mapped inputs are ever held whole.
+pub const STREAM_BLOCK_ELEMS: u64 = 1 << 22;
+
 impl Step {
+    /// Computed and written in blocks of `block` elements.
+    pub fn streamed(&self, block: u64) -> bool {
+        matches!(self.kernel, Kernel::Fused(_)) && self.numel() > block
+    }
+
     pub fn numel(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
     }
@@ -78,6 +90,8 @@ pub struct Plan {
     pub limits_threads: usize,
     pub limits_chunk: usize,
     pub write_queue: usize,
+    /// Elements per block of a streamed element-wise step.
+    pub stream_block: u64,
     /// Bytes of input tensors read (each once).
     pub read_bytes: u64,
     /// Bytes of output tensors written.
@@ -139,6 +153,7 @@ pub fn schedule(graph: &Graph, limits: &Limits) -> Plan {
         limits_threads: limits.threads,
         limits_chunk: limits.chunk_elems,
         write_queue: limits.write_queue,
+        stream_block: limits.stream_block_elems.max(1),
         read_bytes,
         write_bytes,
         peak_bytes: 0,
