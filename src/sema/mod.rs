@@ -509,12 +509,7 @@ impl Checker<'_> {
                     BinOp::Add => MExpr::Add(Rc::clone(&a.expr), Rc::clone(&b.expr)),
                     _ => MExpr::Sub(Rc::clone(&a.expr), Rc::clone(&b.expr)),
                 };
-                let mut inputs = a.inputs.clone();
-                for i in &b.inputs {
-                    if !inputs.contains(i) {
-                        inputs.push(*i);
-                    }
-                }
+                let inputs = union_inputs(a.inputs.iter().chain(&b.inputs));
                 Value::Model(ModelVal {
                     expr: Rc::new(expr),
                     tensors: Rc::clone(&a.tensors),
@@ -867,12 +862,7 @@ impl Checker<'_> {
         };
         let tensors = Rc::clone(&first.tensors);
         let layer_sources = Rc::clone(&first.layer_sources);
-        let mut inputs: Vec<ModelId> = Vec::new();
-        for i in all.iter().flat_map(|m| m.inputs.iter()) {
-            if !inputs.contains(i) {
-                inputs.push(*i);
-            }
-        }
+        let inputs = union_inputs(all.iter().flat_map(|m| m.inputs.iter()));
         let mut call_models = Vec::new();
         for m in models {
             let mut params: BTreeMap<&'static str, ArgValue> = BTreeMap::new();
@@ -1093,7 +1083,6 @@ impl Checker<'_> {
         }
         let mut layer_sources: Vec<(ModelId, usize)> = Vec::new();
         let mut parts = Vec::with_capacity(segments.len());
-        let mut inputs: Vec<ModelId> = Vec::new();
         for seg in &segments {
             let offset = layer_sources.len();
             let len = seg.layers().unwrap_or(0);
@@ -1109,16 +1098,13 @@ impl Checker<'_> {
                 len,
             });
         }
-        for i in pre_from
-            .inputs
-            .iter()
-            .chain(segments.iter().flat_map(|s| s.inputs.iter()))
-            .chain(post_from.inputs.iter())
-        {
-            if !inputs.contains(i) {
-                inputs.push(*i);
-            }
-        }
+        let inputs = union_inputs(
+            pre_from
+                .inputs
+                .iter()
+                .chain(segments.iter().flat_map(|s| s.inputs.iter()))
+                .chain(post_from.inputs.iter()),
+        );
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Stack {
                 segments: parts,
@@ -1320,12 +1306,7 @@ impl Checker<'_> {
                 .with_label(*onto_span, format!("`{name}` is {:?} here", a.shape)),
             );
         }
-        let mut inputs = onto.inputs.clone();
-        for i in &part.inputs {
-            if !inputs.contains(i) {
-                inputs.push(*i);
-            }
-        }
+        let inputs = union_inputs(onto.inputs.iter().chain(&part.inputs));
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Graft {
                 onto: Rc::clone(&onto.expr),
@@ -1863,6 +1844,17 @@ fn resolve_dir(base: &Path, dir: &str) -> PathBuf {
 
 /// The options `save ... to "dir" { ... }` takes.
 const SAVE_OPTIONS: &[&str] = &["dtype", "shard", "config", "tokenizer", "chat_template"];
+
+/// Input models in order of first appearance, each once.
+fn union_inputs<'a>(ids: impl IntoIterator<Item = &'a ModelId>) -> Vec<ModelId> {
+    let mut out: Vec<ModelId> = Vec::new();
+    for id in ids {
+        if !out.contains(id) {
+            out.push(*id);
+        }
+    }
+    out
+}
 
 /// The methods a saved model is made with, outermost first, for its model card.
 fn describe(expr: &MExpr) -> Vec<String> {
