@@ -6,6 +6,7 @@
 
 pub mod cpu;
 mod folder;
+pub mod moe;
 pub mod gpu;
 pub mod methods;
 

@@ -1,0 +1,4 @@
+//! Mixture-of-experts outputs: the router (gate) vectors and the expert tensors of a
+//! `moe(...)` model.
+
+pub mod forward;
