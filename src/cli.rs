@@ -639,9 +639,13 @@ fn run_script(
                     "read_bytes": report.bytes_read,
                     "written_bytes": report.bytes_written,
                     "seconds": report.seconds,
+                    "warnings": report.warnings,
                 });
                 println!("{json}");
             } else {
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
                 for o in &report.outputs {
                     println!("wrote {} ({} files)", o.dir.display(), o.files.len());
                 }

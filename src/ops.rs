@@ -75,6 +75,9 @@ pub enum MethodOp {
     Nearswap { t: f64 },
     /// Inputs `[base, m]`.
     ArceeFusion,
+    /// `x + scale·N(0, 1)`, the normal draws keyed by `key` and the element index (an
+    /// expert's `noise_scale` in `moe(...)`).
+    Noise { scale: f64, key: u64 },
 }
 
 impl MethodOp {
@@ -101,6 +104,7 @@ impl MethodOp {
             MethodOp::ModelStock { .. } => "model_stock",
             MethodOp::Nearswap { .. } => "nearswap",
             MethodOp::ArceeFusion => "arcee_fusion",
+            MethodOp::Noise { .. } => "noise",
         }
     }
 }

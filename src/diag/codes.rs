@@ -64,9 +64,14 @@ codes! {
     E0604 => "unknown merge method",
     E0605 => "parameter not taken by the merge method",
     E0606 => "mergekit feature not supported yet",
+    E0701 => "no mixture-of-experts architecture fits",
+    E0702 => "expert prompts missing or identical",
+    E0703 => "every expert is the same model",
+    E0704 => "the gate cannot read the base model",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
+    W0004 => "expert count is not a power of two",
 }
 
 impl Code {

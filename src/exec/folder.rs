@@ -12,15 +12,26 @@ use crate::sema::hir;
 /// The writer spec of output `index`, whose tensors are `steps` (in write order).
 pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step], force: bool) -> OutputSpec {
     let out = &program.outputs[index];
-    let tensors = steps
-        .iter()
-        .map(|s| (s.tensor.clone(), s.dtype, s.shape.clone()))
-        .collect();
-    let config = out
-        .config_from
-        .and_then(|m| program.model(m).info.config.clone())
-        .zip(out.config_from)
-        .map(|(c, donor)| updated_config(program, donor, c, out, steps));
+    let tensors = match out.moe.as_deref() {
+        Some(moe) => moe_tensors(moe, steps),
+        None => steps
+            .iter()
+            .map(|s| (s.tensor.clone(), s.dtype, s.shape.clone()))
+            .collect(),
+    };
+    let config = match out.moe.as_deref() {
+        Some(moe) => program
+            .model(moe.base)
+            .info
+            .config
+            .clone()
+            .map(|c| moe_config(c, out, moe)),
+        None => out
+            .config_from
+            .and_then(|m| program.model(m).info.config.clone())
+            .zip(out.config_from)
+            .map(|(c, donor)| updated_config(program, donor, c, out, steps)),
+    };
     let mut copied_files: Vec<(String, PathBuf)> = out
         .tokenizer_from
         .map(|m| {
@@ -65,6 +76,74 @@ pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
         force,
         protected,
     }
+}
+
+/// A MoE output's tensors in write order: each assembled tensor where its first part is,
+/// its other parts dropped, then the generated tensors (routers, zero biases).
+fn moe_tensors(moe: &hir::MoeOutput, steps: &[&Step]) -> Vec<(String, DType, Vec<usize>)> {
+    let mut out = Vec::with_capacity(steps.len() + moe.generated.len());
+    for s in steps {
+        match moe.assembled.iter().find(|a| a.parts.contains(&s.tensor)) {
+            Some(a) if a.parts.first() == Some(&s.tensor) => {
+                out.push((a.name.clone(), a.dtype, a.shape.clone()))
+            }
+            Some(_) => {}
+            None => out.push((s.tensor.clone(), s.dtype, s.shape.clone())),
+        }
+    }
+    out.extend(
+        moe.generated
+            .iter()
+            .map(|g| (g.name.clone(), g.dtype, g.shape.clone())),
+    );
+    out
+}
+
+/// The base's config.json turned into the MoE architecture's (what mergekit-moe writes
+/// through transformers' config classes: the base's keys, the MoE keys set).
+fn moe_config(mut config: Map<String, Value>, out: &hir::Output, moe: &hir::MoeOutput) -> Map<String, Value> {
+    use hir::MoeArch;
+    let mut set = |k: &str, v: Value| {
+        config.insert(k.to_string(), v);
+    };
+    set("architectures", Value::from(vec![moe.arch.class_name()]));
+    set("model_type", Value::from(moe.arch.name()));
+    set("num_experts_per_tok", Value::from(moe.experts_per_token as u64));
+    set("intermediate_size", Value::from(moe.intermediate_size as u64));
+    set("sliding_window", Value::Null);
+    let experts = Value::from(moe.experts.len() as u64);
+    match moe.arch {
+        MoeArch::Mixtral => set("num_local_experts", experts),
+        MoeArch::Qwen2Moe | MoeArch::Qwen3Moe => {
+            set("num_experts", experts);
+            set("moe_intermediate_size", Value::from(moe.intermediate_size as u64));
+            set("decoder_sparse_step", Value::from(1u64));
+            set("norm_topk_prob", Value::Bool(true));
+            set("mlp_only_layers", Value::Array(Vec::new()));
+        }
+    }
+    if moe.arch == MoeArch::Qwen2Moe {
+        set("use_sliding_window", Value::Bool(false));
+        set("qkv_bias", Value::Bool(true));
+        if let Some(size) = moe.shared_intermediate_size {
+            set("shared_expert_intermediate_size", Value::from(size as u64));
+        }
+    }
+    if let Some(dtype) = out.dtype {
+        let name = Value::String(dtype.torch_name().to_string());
+        let keys: Vec<&str> = ["torch_dtype", "dtype"]
+            .into_iter()
+            .filter(|k| config.contains_key(*k))
+            .collect();
+        if keys.is_empty() {
+            config.insert("torch_dtype".to_string(), name);
+        } else {
+            for k in keys {
+                config.insert(k.to_string(), name.clone());
+            }
+        }
+    }
+    config
 }
 
 /// The donor's tokenizer_config.json with `chat_template` set (the file as it was when it is
@@ -259,9 +338,35 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
                 "stack" => "the layers of several ranges one after another (depth up-scaling)",
                 "layer selection" => "a range of layers",
                 "arithmetic" => "arithmetic on the models' tensors",
+                "moe" => "a mixture of experts: attention, norms and embeddings from the base, each expert's MLP from its model",
                 name => crate::sema::methods::lookup(name).map_or("", |s| s.summary),
             };
             card.push_str(&format!("- `{m}`: {words}\n"));
+        }
+        card.push('\n');
+    }
+    if let Some(moe) = out.moe.as_deref() {
+        card.push_str(&format!(
+            "## Experts\n\n{} with {} experts ({} per token), routers from the `{}` gate:\n\n",
+            moe.arch.class_name(),
+            moe.experts.len(),
+            moe.experts_per_token,
+            moe.gate.name()
+        ));
+        for (i, e) in moe.experts.iter().chain(moe.shared.as_ref()).enumerate() {
+            let role = if i == moe.experts.len() {
+                "shared expert"
+            } else {
+                "expert"
+            };
+            card.push_str(&format!("- {role} {i}: `{}`", e.label));
+            if !e.positive.is_empty() {
+                card.push_str(&format!(", {} positive prompt(s)", e.positive.len()));
+            }
+            if !e.negative.is_empty() {
+                card.push_str(&format!(", {} negative prompt(s)", e.negative.len()));
+            }
+            card.push('\n');
         }
         card.push('\n');
     }

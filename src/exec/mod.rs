@@ -6,9 +6,9 @@
 
 pub mod cpu;
 mod folder;
-pub mod moe;
 pub mod gpu;
 pub mod methods;
+pub mod moe;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +37,10 @@ pub enum RunError {
     WriterLost(String),
     #[error("cannot compute tensor `{tensor}` on the GPU: {source}")]
     Gpu { tensor: String, source: GpuError },
+    #[error("cannot compute the routers of `{dir}`: {source}")]
+    Moe { dir: String, source: moe::MoeError },
+    #[error("tensor `{0}` is a part of a mixture-of-experts tensor written out of order (a bug in mergec)")]
+    PartOrder(String),
 }
 
 /// What [`run`] needs of an executor: one step's output bytes from its inputs' bytes
@@ -107,6 +111,8 @@ pub struct RunReport {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
+    /// Things worth knowing about the outputs (degenerate MoE routers).
+    pub warnings: Vec<String>,
 }
 
 /// A computed tensor on its way to the writer.
@@ -146,6 +152,7 @@ pub fn run(
 ) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let mut outputs = Vec::new();
+    let mut warnings = Vec::new();
     let mut last_use: HashMap<(ModelId, &str), usize> = HashMap::new();
     for (index, step) in plan.steps.iter().enumerate() {
         for input in &step.inputs {
@@ -162,10 +169,26 @@ pub fn run(
         let step_refs: Vec<&Step> = steps.iter().map(|(_, s)| *s).collect();
         let spec = folder::output_spec(program, index, &step_refs, force);
         let dir = spec.dir.display().to_string();
+        let moe_spec = program.outputs[index].moe.as_deref();
+        // Routers first: they read the base model, and a failure leaves nothing behind.
+        let generated = match moe_spec {
+            Some(m) => {
+                let g = moe::generate(m, &program.model(m.base).info, reader).map_err(|source| {
+                    RunError::Moe {
+                        dir: dir.clone(),
+                        source,
+                    }
+                })?;
+                warnings.extend(g.warnings.into_iter().map(|w| format!("{dir}: {w}")));
+                g.tensors
+            }
+            None => Vec::new(),
+        };
+        let assembly = Assembly::new(moe_spec, generated);
         let writer = ModelWriter::create(spec)?;
         let (tx, rx) = mpsc::sync_channel::<Message>(plan.write_queue.saturating_sub(1));
         let written = std::thread::scope(|scope| {
-            let handle = scope.spawn(move || write_all(writer, rx));
+            let handle = scope.spawn(move || write_all(writer, rx, assembly));
             let schedule = Schedule {
                 last_use: &last_use,
                 block: plan.stream_block,
@@ -186,6 +209,7 @@ pub fn run(
         bytes_written: outputs.iter().map(|o| o.bytes_written).sum(),
         outputs,
         seconds: started.elapsed().as_secs_f64(),
+        warnings,
     })
 }
 
@@ -297,19 +321,85 @@ fn stream_step(
     Ok(tx.send(Message::End).is_ok())
 }
 
-fn write_all(mut writer: ModelWriter, rx: mpsc::Receiver<Message>) -> Result<WrittenModel, RunError> {
+/// How computed tensors become written ones: parts of an assembled tensor (a MoE's fused
+/// experts) go one after another into it, and generated tensors (routers) come last.
+struct Assembly {
+    /// Part name -> (assembled name, its index, number of parts).
+    parts: HashMap<String, (String, usize, usize)>,
+    generated: Vec<(String, Vec<u8>)>,
+}
+
+impl Assembly {
+    fn new(moe: Option<&hir::MoeOutput>, generated: Vec<(String, Vec<u8>)>) -> Assembly {
+        let mut parts = HashMap::new();
+        for a in moe.map(|m| m.assembled.as_slice()).unwrap_or_default() {
+            for (k, p) in a.parts.iter().enumerate() {
+                parts.insert(p.clone(), (a.name.clone(), k, a.parts.len()));
+            }
+        }
+        Assembly { parts, generated }
+    }
+}
+
+/// Writes the tensors the compute loop sends, then the generated ones.
+fn write_all(
+    mut writer: ModelWriter,
+    rx: mpsc::Receiver<Message>,
+    assembly: Assembly,
+) -> Result<WrittenModel, RunError> {
+    // The part being streamed (its index and count), if any.
+    let mut streaming: Option<(usize, usize)> = None;
+    // The next part expected: (assembled name, index).
+    let mut expected: Option<(String, usize)> = None;
+    let mut begin_part = |writer: &mut ModelWriter, name: &str| -> Result<Option<(usize, usize)>, RunError> {
+        let Some((whole, k, n)) = assembly.parts.get(name) else {
+            return Ok(None);
+        };
+        let in_order = match &expected {
+            Some((w, next)) => w == whole && next == k,
+            None => *k == 0,
+        };
+        if !in_order {
+            return Err(RunError::PartOrder(name.to_string()));
+        }
+        if *k == 0 {
+            writer.begin_tensor(whole)?;
+        }
+        expected = (k + 1 < *n).then(|| (whole.clone(), k + 1));
+        Ok(Some((*k, *n)))
+    };
     for message in rx {
         match message {
-            Message::Tensor(name, payload) => {
-                writer.write_tensor(&name, payload.bytes())?;
-                if let Payload::Mapped(bytes, true) = &payload {
-                    bytes.release();
+            Message::Tensor(name, payload) => match begin_part(&mut writer, &name)? {
+                Some((k, n)) => {
+                    writer.write_bytes(payload.bytes())?;
+                    if k + 1 == n {
+                        writer.end_tensor()?;
+                    }
+                    if let Payload::Mapped(bytes, true) = &payload {
+                        bytes.release();
+                    }
                 }
-            }
-            Message::Begin(name) => writer.begin_tensor(&name)?,
+                None => {
+                    writer.write_tensor(&name, payload.bytes())?;
+                    if let Payload::Mapped(bytes, true) = &payload {
+                        bytes.release();
+                    }
+                }
+            },
+            Message::Begin(name) => match begin_part(&mut writer, &name)? {
+                Some(part) => streaming = Some(part),
+                None => writer.begin_tensor(&name)?,
+            },
             Message::Block(bytes) => writer.write_bytes(&bytes)?,
-            Message::End => writer.end_tensor()?,
+            Message::End => match streaming.take() {
+                Some((k, n)) if k + 1 < n => {}
+                _ => writer.end_tensor()?,
+            },
         }
+    }
+    for (name, bytes) in &assembly.generated {
+        writer.write_tensor(name, bytes)?;
     }
     Ok(writer.finish()?)
 }

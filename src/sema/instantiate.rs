@@ -7,7 +7,7 @@ use super::hir::{self, InputModel, ModelId, OutputTensor, TensorExpr};
 use super::methods::{self, MethodSig};
 use super::names;
 use super::params::Param;
-use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal};
+use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource};
 use crate::diag::{Code, Diagnostic, Diagnostics};
 use crate::ops::{GtaKind, MethodOp};
 use crate::source::Span;
@@ -47,6 +47,11 @@ pub(super) fn output(
         problems: Problems::default(),
         seed,
     };
+    if let MExpr::Moe(moe) = &*model.expr {
+        out = moe_output(&mut ctx, moe, out, model);
+        report(ctx.problems, diags);
+        return out;
+    }
     let modules = names::module_layers(model.tensors.keys());
     let mut names: Vec<&String> = model.tensors.keys().collect();
     names.sort_by(|a, b| natural_cmp(a, b));
@@ -71,7 +76,13 @@ pub(super) fn output(
             expr,
         });
     }
-    for ((span, code, what), (tensor, count, label)) in ctx.problems.by_place {
+    report(ctx.problems, diags);
+    out
+}
+
+/// One diagnostic per place with a problem, with how many tensors it concerns.
+fn report(problems: Problems, diags: &mut Diagnostics) {
+    for ((span, code, what), (tensor, count, label)) in problems.by_place {
         let message = if count == 1 {
             format!("{what}: tensor `{tensor}`")
         } else {
@@ -86,12 +97,12 @@ pub(super) fn output(
             }
             _ if what.starts_with("the weights sum") => "pass `normalize: false`, or choose weights that do not sum to zero",
             _ if what.contains("too large") => "computation is in f32: use a number below 3.4e38 in magnitude",
+            _ if code == Code::E0301 => "save the `moe(...)` model directly: `save moe(...) to \"dir\"`",
             _ => "a model can only be divided by a non-zero number",
         };
         d = d.with_help(help);
         diags.push(d);
     }
-    out
 }
 
 /// mergekit's layer position: `i/(n-1)` for layer `i` of the `n` layers of its module (1 for
@@ -194,7 +205,37 @@ impl Ctx<'_> {
                 TensorExpr::Divide(Box::new(self.tensor(inner, name, t, true)?), divisor)
             }
             MExpr::Method(call) => self.method(call, name, t)?,
+            MExpr::Moe(moe) => {
+                self.problems.add(
+                    moe.span,
+                    Code::E0301,
+                    "`moe(...)` makes a model to save; it cannot be merged, sliced or renamed further",
+                    "this mixture of experts",
+                    name,
+                );
+                return None;
+            }
         })
+    }
+
+    /// Tensor `name` of MoE member `member`, with its noise and residual scale, for the
+    /// output tensor (or part) `out_name`.
+    fn moe_member(&mut self, moe: &MoeExpr, member: usize, name: &str, out_name: &str) -> Option<TensorExpr> {
+        let m = moe.members.get(member)?;
+        let mut x = self.tensor(&m.expr, name, 0.0, m.noise_scale > 0.0)?;
+        if m.noise_scale > 0.0 {
+            x = TensorExpr::Method {
+                op: MethodOp::Noise {
+                    scale: m.noise_scale,
+                    key: crate::ops::rng_key(self.seed, member as u32, out_name),
+                },
+                inputs: vec![x],
+            };
+        }
+        if name.ends_with("down_proj.weight") && m.residual_scale != 1.0 {
+            x = TensorExpr::Scale(Box::new(x), m.residual_scale);
+        }
+        Some(x)
     }
 
     /// A factor or divisor for this tensor; it must be a finite f32, as kernels compute in f32.
@@ -558,7 +599,7 @@ fn source_name(expr: &MExpr, name: &str) -> String {
             part_names,
         } => source_name(if part_names.contains(name) { part } else { onto }, name),
         MExpr::Rename { inner, map } => source_name(inner, map.get(name).map_or(name, String::as_str)),
-        MExpr::Input(_) | MExpr::Method(_) => name.to_string(),
+        MExpr::Input(_) | MExpr::Method(_) | MExpr::Moe(_) => name.to_string(),
     }
 }
 
@@ -570,9 +611,16 @@ pub(super) fn warn_unread_inputs(program: &hir::Program, diags: &mut Diagnostics
             collect_loads(&t.expr, &mut read);
         }
     }
+    // A mixture of experts takes only the MLPs of its experts, by design.
+    let experts: BTreeSet<ModelId> = program
+        .outputs
+        .iter()
+        .filter(|o| o.moe.is_some())
+        .flat_map(|o| o.inputs.iter().copied())
+        .collect();
     for (i, m) in program.models.iter().enumerate() {
         let id = ModelId(i as u32);
-        if !read.iter().any(|(r, _)| *r == id) {
+        if !read.iter().any(|(r, _)| *r == id) || experts.contains(&id) {
             continue; // an unused model is reported as an unused binding
         }
         let unread: Vec<&str> = m
@@ -662,4 +710,78 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
         .count()
         .min(d.len().saturating_sub(1));
     &d[n..]
+}
+
+/// A `moe(...)` output: base tensors and per-expert tensors as ordinary output tensors,
+/// fused expert tensors as parts (`{name}#{k}`) the writer puts one after another, and the
+/// routers and zero biases as tensors the run generates.
+fn moe_output(ctx: &mut Ctx, moe: &MoeExpr, mut out: hir::Output, model: &ModelVal) -> hir::Output {
+    let mut spec = moe.spec.clone();
+    let mut names: Vec<&String> = model.tensors.keys().collect();
+    names.sort_by(|a, b| natural_cmp(a, b));
+    for name in names {
+        let (Some(sig), Some(source)) = (model.tensors.get(name), moe.sources.get(name)) else {
+            continue;
+        };
+        let float_dtype = out.dtype.unwrap_or(sig.dtype);
+        match source {
+            MoeSource::Base => {
+                let Some(expr) = ctx.tensor(&moe.base, name, 0.0, false) else {
+                    continue;
+                };
+                let dtype = if sig.dtype.is_mergeable() {
+                    float_dtype
+                } else {
+                    sig.dtype
+                };
+                out.tensors.push(OutputTensor {
+                    name: name.clone(),
+                    shape: sig.shape.clone(),
+                    dtype,
+                    expr,
+                });
+            }
+            MoeSource::Member { member, name: from } => {
+                let Some(expr) = ctx.moe_member(moe, *member, from, name) else {
+                    continue;
+                };
+                out.tensors.push(OutputTensor {
+                    name: name.clone(),
+                    shape: sig.shape.clone(),
+                    dtype: float_dtype,
+                    expr,
+                });
+            }
+            MoeSource::Parts(parts) => {
+                let mut part_names = Vec::with_capacity(parts.len());
+                for (k, (member, from, shape)) in parts.iter().enumerate() {
+                    let part = format!("{name}#{k}");
+                    let Some(expr) = ctx.moe_member(moe, *member, from, &part) else {
+                        continue;
+                    };
+                    out.tensors.push(OutputTensor {
+                        name: part.clone(),
+                        shape: shape.clone(),
+                        dtype: float_dtype,
+                        expr,
+                    });
+                    part_names.push(part);
+                }
+                spec.assembled.push(hir::Assembled {
+                    name: name.clone(),
+                    shape: sig.shape.clone(),
+                    dtype: float_dtype,
+                    parts: part_names,
+                });
+            }
+            MoeSource::Generated(what) => spec.generated.push(hir::Generated {
+                name: name.clone(),
+                shape: sig.shape.clone(),
+                dtype: float_dtype,
+                what: *what,
+            }),
+        }
+    }
+    out.moe = Some(std::sync::Arc::new(spec));
+    out
 }

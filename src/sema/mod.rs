@@ -7,6 +7,7 @@
 pub mod hir;
 mod instantiate;
 pub mod methods;
+mod moe;
 pub(crate) mod names;
 pub(crate) mod params;
 mod templates;
@@ -71,6 +72,7 @@ pub fn check(
     options: &CheckOptions,
 ) -> Result<Checked, Diagnostics> {
     let mut checker = Checker {
+        script_text,
         index: models,
         options,
         models: Vec::new(),
@@ -121,6 +123,7 @@ struct Binding {
 }
 
 struct Checker<'a> {
+    script_text: &'a str,
     index: &'a ModelIndex,
     options: &'a CheckOptions,
     models: Vec<hir::InputModel>,
@@ -749,6 +752,7 @@ impl Checker<'_> {
             "select" => return self.select(args, span),
             "graft" => return self.graft(args, span),
             "rename" => return self.rename(args, span),
+            "moe" => return self.moe(args, span),
             _ => {}
         }
         let Some(sig) = methods::lookup(&func.name) else {
@@ -1633,6 +1637,7 @@ impl Checker<'_> {
             inputs: model.inputs.clone(),
             chat_template,
             methods: describe(&model.expr),
+            moe: None,
         };
         let _ = stmt_span;
         let output = instantiate::output(&self.models, self.seed, output, &model, &mut self.diags);
@@ -1892,6 +1897,11 @@ fn describe(expr: &MExpr) -> Vec<String> {
                 push("arithmetic");
                 walk(a, out);
                 walk(b, out);
+            }
+            MExpr::Moe(moe) => {
+                push("moe");
+                walk(&moe.base, out);
+                moe.members.iter().for_each(|m| walk(&m.expr, out));
             }
             MExpr::Method(call) => {
                 push(call.sig.name);

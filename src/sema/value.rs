@@ -112,6 +112,41 @@ pub(crate) enum MExpr {
     Scale(Rc<MExpr>, Param, Span),
     Divide(Rc<MExpr>, Param, Span),
     Method(MethodCall),
+    /// A mixture of experts (`moe(...)`): a model to save, not to merge further.
+    Moe(MoeExpr),
+}
+
+#[derive(Debug)]
+pub(crate) struct MoeExpr {
+    pub base: Rc<MExpr>,
+    /// Routed experts in order, then the shared expert when there is one.
+    pub members: Vec<MoeMember>,
+    /// Where each output tensor comes from.
+    pub sources: BTreeMap<String, MoeSource>,
+    /// Everything but the tensor lists (`assembled`, `generated`), which instantiation fills.
+    pub spec: crate::sema::hir::MoeOutput,
+    pub span: Span,
+}
+
+#[derive(Debug)]
+pub(crate) struct MoeMember {
+    pub expr: Rc<MExpr>,
+    pub noise_scale: f64,
+    pub residual_scale: f64,
+}
+
+#[derive(Debug)]
+pub(crate) enum MoeSource {
+    /// The base model's tensor of this name.
+    Base,
+    /// `name` of member `member` (per-expert layout, or the shared expert).
+    Member {
+        member: usize,
+        name: String,
+    },
+    /// Parts written one after another: (member, tensor name, its shape) each.
+    Parts(Vec<(usize, String, Vec<usize>)>),
+    Generated(crate::sema::hir::Generate),
 }
 
 #[derive(Debug)]

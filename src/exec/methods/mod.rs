@@ -74,5 +74,6 @@ pub fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         MethodOp::Sce { .. } | MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::ArceeFusion => {
             other::apply(op, inputs)
         }
+        MethodOp::Noise { scale, key } => rng::add_noise(inputs, *scale, *key),
     }
 }

@@ -64,9 +64,51 @@ pub fn bernoulli(key: u64, index: u64, p: f32) -> bool {
     uniform(key, index) < p
 }
 
+/// A standard normal draw (Box-Muller over the first two Philox words of counter
+/// `(index low, index high, 1, 0)`, a stream apart from [`uniform`]'s).
+pub fn normal(key: u64, index: u64) -> f32 {
+    let out = philox4x32_10(
+        [index as u32, (index >> 32) as u32, 1, 0],
+        [key as u32, (key >> 32) as u32],
+    );
+    // u1 in (0, 1] so its logarithm is finite; u2 in [0, 1).
+    let u1 = ((out[0] >> 8) as f64 + 1.0) * (1.0 / 16_777_216.0);
+    let u2 = (out[1] >> 8) as f64 * (1.0 / 16_777_216.0);
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// `x + scale·N(0, 1)` element by element, in f32 (one product, one sum).
+pub fn add_noise(inputs: &super::Inputs, scale: f64, key: u64) -> Vec<f32> {
+    let mut x = inputs.to_f32(0);
+    let s = scale as f32;
+    for (i, v) in x.iter_mut().enumerate() {
+        *v += normal(key, i as u64) * s;
+    }
+    x
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normal_draws_have_unit_variance_and_depend_on_key_and_index() {
+        let n = 200_000u64;
+        let (mut sum, mut sq) = (0f64, 0f64);
+        for i in 0..n {
+            let z = normal(42, i) as f64;
+            assert!(z.is_finite());
+            sum += z;
+            sq += z * z;
+        }
+        let mean = sum / n as f64;
+        let var = sq / n as f64 - mean * mean;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.02, "variance {var}");
+        assert_eq!(normal(42, 7), normal(42, 7));
+        assert_ne!(normal(42, 7), normal(43, 7));
+        assert_ne!(normal(42, 7), normal(42, 8));
+    }
 
     #[test]
     fn mulhilo_32bit_matches_64_bit_products() {
