@@ -133,7 +133,7 @@ impl Checker<'_> {
                 .moe_choice(n, "architecture", &arch_names, |s| {
                     MoeArch::ALL.into_iter().find(|a| a.name() == s)
                 })
-                .map(Some),
+                .map(|a| Some((a, n.value.span))),
             None => Some(None),
         };
         let allow_same = match named.get("allow_same_experts") {
@@ -669,7 +669,7 @@ impl Checker<'_> {
     /// choice (Mixtral when it fits, then Qwen2-MoE, then Qwen3-MoE).
     fn moe_arch(
         &mut self,
-        asked: Option<MoeArch>,
+        asked: Option<(MoeArch, Span)>,
         base: &Member,
         members: &[Member],
         shared: Option<&Member>,
@@ -720,7 +720,7 @@ impl Checker<'_> {
                 _ => Ok(()),
             }
         };
-        if let Some(a) = asked {
+        if let Some((a, asked_span)) = asked {
             return match fits(a) {
                 Ok(()) => Some(a),
                 Err(why) => {
@@ -729,7 +729,8 @@ impl Checker<'_> {
                             Code::E0701,
                             format!("cannot build {} from these models", a.name()),
                         )
-                        .at(span, why),
+                        .at(asked_span, why)
+                        .with_label(base.span, format!("model_type `{kind}`")),
                     );
                     None
                 }
