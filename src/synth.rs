@@ -204,8 +204,56 @@ pub fn config_json(spec: &SynthSpec) -> Map<String, Value> {
     }
 }
 
+/// Characters the synthetic tokenizer knows, one token each after `<unk>`, `<s>`, `</s>`.
+const TOKEN_CHARS: &str =
+    " abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"-()[]/+=*&%$#@\nABCDEFGHIJKLMNOPQRSTUVWXYZ_<>{}|~^`\\";
+
+/// A character-level tokenizer.json (BPE without merges) over the first `vocab` ids, so
+/// prompts of the synthetic models tokenise offline like a real model's.
+pub fn tokenizer_json(vocab: usize) -> String {
+    let mut ids = Map::new();
+    let specials = ["<unk>", "<s>", "</s>"];
+    for (i, t) in specials.iter().enumerate() {
+        ids.insert(t.to_string(), Value::from(i as u64));
+    }
+    for c in TOKEN_CHARS.chars().take(vocab.saturating_sub(specials.len())) {
+        let id = ids.len() as u64;
+        ids.insert(c.to_string(), Value::from(id));
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": ids,
+            "merges": []
+        }
+    });
+    format!("{tokenizer:#}\n")
+}
+
 /// Writes the model as a Hugging Face folder (safetensors, config.json,
-/// generation_config.json), streaming tensors so memory stays at a few tens of MB.
+/// generation_config.json, a character-level tokenizer), streaming tensors so memory stays at a few tens of MB.
 pub fn write_model(spec: &SynthSpec, dir: &Path, force: bool) -> Result<WrittenModel, SynthError> {
     spec.validate()?;
     let tensors = tensor_list(spec);
@@ -219,10 +267,21 @@ pub fn write_model(spec: &SynthSpec, dir: &Path, force: bool) -> Result<WrittenM
             .collect(),
         config: Some(config_json(spec)),
         copied_files: Vec::new(),
-        generated_files: vec![(
-            "generation_config.json".to_string(),
-            generation_config.into_bytes(),
-        )],
+        generated_files: vec![
+            (
+                "generation_config.json".to_string(),
+                generation_config.into_bytes(),
+            ),
+            ("tokenizer.json".to_string(), tokenizer_json(spec.vocab).into_bytes()),
+            (
+                "tokenizer_config.json".to_string(),
+                format!(
+                    "{:#}\n",
+                    json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"})
+                )
+                .into_bytes(),
+            ),
+        ],
         force,
         protected: Vec::new(),
     };
@@ -452,6 +511,16 @@ mod tests {
                 (name, std::fs::read(&p).unwrap())
             })
             .collect()
+    }
+
+    #[test]
+    fn synthetic_tokenizer_loads_and_splits_characters() {
+        let t = tokenizers::Tokenizer::from_bytes(tokenizer_json(64).as_bytes()).unwrap();
+        let ids = t.encode("<s>ab c", false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, vec![1, 4, 5, 3, 6]);
+        assert!(ids.iter().all(|&i| i < 64));
+        let big = tokenizers::Tokenizer::from_bytes(tokenizer_json(32000).as_bytes()).unwrap();
+        assert_eq!(big.get_vocab_size(true), 3 + TOKEN_CHARS.chars().count());
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! `moe(...)`: tensor names, shapes and config.json for each output architecture, expert
+//! weights taken exactly, routers checked against independent computations, the random
+//! gates reproducible from the seed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+fn models() -> PathBuf {
+    conformance_dir().join("models")
+}
+
+/// Compiles and runs `script` (`MODELS` is the fixture folder); returns the output folder's
+/// tensors, its config.json and the run's warnings.
+fn run_moe(script: &str, base_dir: &Path) -> (BTreeMap<String, Tensor>, Value, Vec<String>) {
+    let out = tempfile::tempdir().unwrap();
+    let text = script.replace("MODELS", &models().display().to_string());
+    let (script, compiled) = match compile_text(&text, base_dir, out.path()) {
+        Ok(c) => c,
+        Err((s, d)) => panic!("{}", render(&s, &d)),
+    };
+    let _ = script;
+    let report = run_compiled(&compiled, 2);
+    let dir = out.path().join("moe");
+    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    (load_folder(&dir), config, report.warnings)
+}
+
+fn run_here(script: &str) -> (BTreeMap<String, Tensor>, Value, Vec<String>) {
+    run_moe(script, &repo())
+}
+
+const MIXTRAL: &str = r#"
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+save moe(base,
+    ft1 { positive: ["the cat sat on the mat", "a dog ran"] },
+    ft2 { positive: ["one two three four"], negative: ["the cat"], residual_scale: 0.5 },
+    gate: "GATE", LAYOUT) to "out/moe"
+"#;
+
+fn mixtral(gate: &str, layout: &str) -> String {
+    MIXTRAL.replace("GATE", gate).replace("LAYOUT", layout)
+}
+
+fn expert_models() -> [BTreeMap<String, Tensor>; 2] {
+    [
+        load_folder(&models().join("micro-llama-ft1-f32")),
+        load_folder(&models().join("micro-llama-ft2-f32")),
+    ]
+}
+
+#[test]
+fn mixtral_fused_layout_has_transformers_5_names_shapes_and_the_experts_weights() {
+    let (out, config, _) = run_here(&mixtral("random", "layout: \"fused\""));
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let experts = expert_models();
+    let (h, i, layers) = (32, 64, 4);
+    // Everything but the MLP comes from the base, bit for bit.
+    for (name, t) in &base {
+        if name.contains(".mlp.") {
+            assert!(!out.contains_key(name), "{name} should be replaced by experts");
+            continue;
+        }
+        assert_eq!(out[name].values, t.values, "{name}");
+    }
+    for l in 0..layers {
+        let gate_up = &out[&format!("model.layers.{l}.mlp.experts.gate_up_proj")];
+        let down = &out[&format!("model.layers.{l}.mlp.experts.down_proj")];
+        let router = &out[&format!("model.layers.{l}.mlp.gate.weight")];
+        assert_eq!(gate_up.shape, vec![2, 2 * i, h]);
+        assert_eq!(down.shape, vec![2, h, i]);
+        assert_eq!(router.shape, vec![2, h]);
+        for (e, ft) in experts.iter().enumerate() {
+            let g = &ft[&format!("model.layers.{l}.mlp.gate_proj.weight")].values;
+            let u = &ft[&format!("model.layers.{l}.mlp.up_proj.weight")].values;
+            let d = &ft[&format!("model.layers.{l}.mlp.down_proj.weight")].values;
+            let block = &gate_up.values[e * 2 * i * h..(e + 1) * 2 * i * h];
+            assert_eq!(&block[..i * h], &g[..], "layer {l} expert {e}: gate rows first");
+            assert_eq!(&block[i * h..], &u[..], "layer {l} expert {e}: then up rows");
+            let scale = if e == 1 { 0.5f32 } else { 1.0 };
+            let want: Vec<f32> = d.iter().map(|x| x * scale).collect();
+            assert_eq!(
+                &down.values[e * h * i..(e + 1) * h * i],
+                &want[..],
+                "layer {l} expert {e} down"
+            );
+        }
+    }
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(config["model_type"], "mixtral");
+    assert_eq!(config["num_local_experts"], 2);
+    assert_eq!(config["num_experts_per_tok"], 2);
+    assert_eq!(config["intermediate_size"], 64);
+    assert_eq!(config["num_hidden_layers"], 4);
+    assert_eq!(config["hidden_size"], 32);
+    assert!(config["sliding_window"].is_null());
+}
+
+#[test]
+fn mixtral_per_expert_layout_names_w1_w2_w3() {
+    let (out, _, _) = run_here(&mixtral("uniform_random", "layout: \"per_expert\""));
+    let experts = expert_models();
+    for l in 0..4 {
+        assert_eq!(
+            out[&format!("model.layers.{l}.block_sparse_moe.gate.weight")].shape,
+            vec![2, 32]
+        );
+        for (e, ft) in experts.iter().enumerate() {
+            let p = format!("model.layers.{l}.block_sparse_moe.experts.{e}");
+            let src = |proj: &str| &ft[&format!("model.layers.{l}.mlp.{proj}.weight")].values;
+            assert_eq!(&out[&format!("{p}.w1.weight")].values, src("gate_proj"));
+            assert_eq!(&out[&format!("{p}.w3.weight")].values, src("up_proj"));
+            assert_eq!(out[&format!("{p}.w2.weight")].shape, vec![32, 64]);
+        }
+    }
+    assert!(!out.keys().any(|k| k.contains(".mlp.")));
+}
+
+#[test]
+fn qwen2_moe_has_a_shared_expert_its_gate_and_zero_attention_biases() {
+    let script = r#"
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+model ft3 = "MODELS/micro-llama-ft3-f32"
+save moe(base,
+    ft1 { positive: ["the cat sat"] },
+    ft2 { positive: ["one two three"] },
+    shared: ft3 { positive: ["hello there"] },
+    gate: "cheap_embed", experts_per_token: 1) to "out/moe" { dtype: bf16 }
+"#;
+    let (out, config, _) = run_here(script);
+    let ft3 = load_folder(&models().join("micro-llama-ft3-f32"));
+    assert_eq!(config["architectures"][0], "Qwen2MoeForCausalLM");
+    assert_eq!(config["model_type"], "qwen2_moe");
+    assert_eq!(config["num_experts"], 2);
+    assert_eq!(config["num_experts_per_tok"], 1);
+    assert_eq!(config["moe_intermediate_size"], 64);
+    assert_eq!(config["shared_expert_intermediate_size"], 64);
+    assert_eq!(config["decoder_sparse_step"], 1);
+    assert_eq!(config["norm_topk_prob"], true);
+    assert_eq!(
+        config["torch_dtype"].as_str().or(config["dtype"].as_str()),
+        Some("bfloat16")
+    );
+    for l in 0..4 {
+        let shared = &out[&format!("model.layers.{l}.mlp.shared_expert.up_proj.weight")];
+        let want = &ft3[&format!("model.layers.{l}.mlp.up_proj.weight")].values;
+        assert_eq!(shared.dtype, "BF16");
+        // bf16 rounding of the f32 source, to nearest even.
+        for (got, w) in shared.values.iter().zip(want) {
+            assert_eq!(*got, half::bf16::from_f32(*w).to_f32());
+        }
+        assert_eq!(
+            out[&format!("model.layers.{l}.mlp.shared_expert_gate.weight")].shape,
+            vec![1, 32]
+        );
+        assert_eq!(
+            out[&format!("model.layers.{l}.mlp.experts.gate_up_proj")].shape,
+            vec![2, 128, 32]
+        );
+        for (p, rows) in [("q_proj", 32), ("k_proj", 16), ("v_proj", 16)] {
+            let bias = &out[&format!("model.layers.{l}.self_attn.{p}.bias")];
+            assert_eq!(bias.shape, vec![rows]);
+            assert!(bias.values.iter().all(|v| *v == 0.0));
+        }
+    }
+}
+
+/// Copies a fixture model with its config.json's model_type changed.
+fn retyped(src: &str, model_type: &str, class: &str, into: &Path) -> PathBuf {
+    let dir = into.join(src);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(models().join(src)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = Value::from(model_type);
+    config["architectures"] = serde_json::json!([class]);
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn qwen3_moe_from_qwen3_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    for m in [
+        "micro-llama-base-f32",
+        "micro-llama-ft1-f32",
+        "micro-llama-ft2-f32",
+    ] {
+        retyped(m, "qwen3", "Qwen3ForCausalLM", tmp.path());
+    }
+    let script = r#"
+model base = "micro-llama-base-f32"
+model ft1 = "micro-llama-ft1-f32"
+model ft2 = "micro-llama-ft2-f32"
+save moe(base, ft1 { positive: ["the cat"] }, ft2 { positive: ["one two"] }, gate: "cheap_embed") to "out/moe"
+"#;
+    let (out, config, _) = run_moe(script, tmp.path());
+    assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    assert_eq!(config["model_type"], "qwen3_moe");
+    assert_eq!(config["num_experts"], 2);
+    assert_eq!(config["moe_intermediate_size"], 64);
+    assert!(config.get("shared_expert_intermediate_size").is_none());
+    assert_eq!(out["model.layers.3.mlp.experts.down_proj"].shape, vec![2, 32, 64]);
+    assert_eq!(out["model.layers.3.mlp.gate.weight"].shape, vec![2, 32]);
+    assert!(!out
+        .keys()
+        .any(|k| k.contains("shared_expert") || k.ends_with("_proj.bias")));
+}
+
+/// The base's tokenizer, as an independent path to token ids.
+fn tokenize(text: &str) -> Vec<u32> {
+    let t = tokenizers::Tokenizer::from_file(models().join("micro-llama-base-f32/tokenizer.json")).unwrap();
+    t.encode(format!("<s>{text}"), false).unwrap().get_ids().to_vec()
+}
+
+fn normalized(v: Vec<f64>) -> Vec<f64> {
+    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-8);
+    v.into_iter().map(|x| x / n).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((*g as f64 - w).abs() <= tol, "{what}[{k}]: {g} vs {w}");
+    }
+}
+
+#[test]
+fn cheap_embed_routers_are_normalised_prompt_embedding_sums() {
+    let (out, _, _) = run_here(&mixtral("cheap_embed", "layout: \"fused\""));
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let embed = &base["model.embed_tokens.weight"].values;
+    let sum = |prompts: &[&str]| -> Vec<f64> {
+        let mut s = vec![0f64; 32];
+        for p in prompts {
+            let ids = tokenize(p);
+            assert!(ids.len() > 1 && ids[0] == 1, "BOS first: {ids:?}");
+            for id in ids {
+                for (k, x) in s.iter_mut().enumerate() {
+                    *x += embed[id as usize * 32 + k] as f64;
+                }
+            }
+        }
+        normalized(s)
+    };
+    let e0 = sum(&["the cat sat on the mat", "a dog ran"]);
+    let pos1 = sum(&["one two three four"]);
+    let neg1 = sum(&["the cat"]);
+    let e1 = normalized(pos1.iter().zip(&neg1).map(|(p, n)| p - n).collect());
+    let want: Vec<f64> = e0.iter().chain(&e1).copied().collect();
+    for l in 0..4 {
+        // The same vector for every layer (mergekit's cheap_embed).
+        assert_close(
+            &out[&format!("model.layers.{l}.mlp.gate.weight")].values,
+            &want,
+            1e-6,
+            "router",
+        );
+    }
+}
+
+#[test]
+fn random_gates_are_reproducible_from_the_seed_and_have_their_distribution() {
+    let script = |gate: &str, seed: u64| format!("set seed = {seed}\n{}", mixtral(gate, "layout: \"fused\""));
+    let routers = |out: &BTreeMap<String, Tensor>| -> Vec<f32> {
+        (0..4)
+            .flat_map(|l| out[&format!("model.layers.{l}.mlp.gate.weight")].values.clone())
+            .collect()
+    };
+    let a = routers(&run_here(&script("random", 7)).0);
+    let b = routers(&run_here(&script("random", 7)).0);
+    let c = routers(&run_here(&script("random", 8)).0);
+    assert_eq!(a, b, "same seed, same routers");
+    assert_ne!(a, c, "another seed, other routers");
+    let n = a.len() as f64;
+    let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    assert!(
+        mean.abs() < 0.2 && (0.7..1.3).contains(&var),
+        "N(0,1)? mean {mean} var {var}"
+    );
+    // Layers and experts get different draws.
+    assert_ne!(a[..32], a[32..64]);
+    assert_ne!(a[..64], a[64..128]);
+
+    let u = routers(&run_here(&script("uniform_random", 7)).0);
+    let bound = (1.0f32 / 32.0).sqrt();
+    assert!(u.iter().all(|x| x.abs() <= bound));
+    let spread = u.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(spread > 0.8 * bound, "draws fill the interval: max |x| {spread}");
+}
+
+#[test]
+fn noise_scale_adds_seeded_gaussian_noise_to_an_expert() {
+    let script = r#"
+set seed = 3
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+save moe(base, ft1 { noise_scale: 0.01 }, ft2, gate: "random", layout: "per_expert") to "out/moe"
+"#;
+    let (out, _, _) = run_here(script);
+    let (again, _, _) = run_here(script);
+    let ft = expert_models();
+    let mut diffs = Vec::new();
+    for l in 0..4 {
+        let name = format!("model.layers.{l}.block_sparse_moe.experts.0.w1.weight");
+        let src = &ft[0][&format!("model.layers.{l}.mlp.gate_proj.weight")].values;
+        diffs.extend(out[&name].values.iter().zip(src).map(|(o, s)| (o - s) as f64));
+        assert_eq!(out[&name].values, again[&name].values, "seeded");
+        let clean = format!("model.layers.{l}.block_sparse_moe.experts.1.w1.weight");
+        assert_eq!(
+            &out[&clean].values,
+            &ft[1][&format!("model.layers.{l}.mlp.gate_proj.weight")].values
+        );
+    }
+    let n = diffs.len() as f64;
+    let mean = diffs.iter().sum::<f64>() / n;
+    let std = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(
+        mean.abs() < 0.002 && (0.008..0.012).contains(&std),
+        "mean {mean} std {std}"
+    );
+}
+
+#[test]
+fn nearly_identical_prompts_warn_about_degenerate_routers() {
+    let script = r#"
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+save moe(base, ft1 { positive: ["the cat sat on the mat"] }, ft2 { positive: ["the cat sat on the mat."] },
+    gate: "cheap_embed") to "out/moe"
+"#;
+    let (_, _, warnings) = run_here(script);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("every layer") && warnings[0].contains("degenerate"),
+        "{}",
+        warnings[0]
+    );
+    let (_, _, none) = run_here(&mixtral("random", "layout: \"fused\""));
+    assert!(none.is_empty(), "{none:?}");
+}
