@@ -356,3 +356,29 @@ save moe(base, ft1 { positive: ["the cat sat on the mat"] }, ft2 { positive: ["t
     let (_, _, none) = run_here(&mixtral("random", "layout: \"fused\""));
     assert!(none.is_empty(), "{none:?}");
 }
+
+#[test]
+fn the_example_runs_with_the_hidden_gate_on_the_demo_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_demo_models(tmp.path());
+    let text = std::fs::read_to_string(repo().join("examples/moe.merge")).unwrap();
+    let (out, config, _) = run_moe(&text, tmp.path());
+    assert_eq!(config["model_type"], "mixtral");
+    assert_eq!(
+        config["torch_dtype"].as_str().or(config["dtype"].as_str()),
+        Some("bfloat16")
+    );
+    for l in 0..4 {
+        let router = &out[&format!("model.layers.{l}.mlp.gate.weight")];
+        assert_eq!(
+            (router.dtype.as_str(), router.shape.as_slice()),
+            ("BF16", &[2usize, 32][..])
+        );
+        let (chat, math) = router.values.split_at(32);
+        for row in [chat, math] {
+            let norm = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((norm - 1.0).abs() < 0.01, "layer {l}: unit rows, got {norm}");
+        }
+        assert_ne!(chat, math, "layer {l}: the experts' prompts differ");
+    }
+}

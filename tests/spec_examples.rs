@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use mergec::diag::{Code, Diagnostics};
 use mergec::driver::{self, Script};
 use mergec::plan::Limits;
-use mergec::synth::{self, SynthSpec};
+mod common;
+
+use common::write_demo_models;
 
 /// One fenced block of a Markdown file.
 struct Block {
@@ -116,16 +118,6 @@ fn sorted_files(dir: &Path, extension: &str) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
-}
-
-/// Writes the three tiny bf16 models `mergec demo` uses (base, chat, math) under `dir/models`.
-fn write_demo_models(dir: &Path) {
-    for (name, variant) in [("base", 0), ("chat", 1), ("math", 2)] {
-        let mut spec = SynthSpec::tiny(variant);
-        spec.dtype = mergec::io::DType::BF16;
-        let target = dir.join("models").join(name);
-        synth::write_model(&spec, &target, true).unwrap_or_else(|e| panic!("{}: {e}", target.display()));
-    }
 }
 
 #[test]

@@ -831,6 +831,16 @@ impl Checker<'_> {
             );
             return false;
         }
+        if matches!(gate, GateMode::Hidden | GateMode::HiddenAvg) {
+            if let Err(e) = crate::exec::moe::forward::DecoderConfig::from_model(info) {
+                self.diags.push(
+                    Diagnostic::error(Code::E0704, format!("the `{}` gate cannot run the base model", gate.name()))
+                        .at(base.span, e.to_string())
+                        .with_help("the forward pass runs Llama, Mistral, Qwen2 and Qwen3 decoders; use gate: \"cheap_embed\" or \"random\" for others"),
+                );
+                return false;
+            }
+        }
         if !info.tensors.contains_key("model.embed_tokens.weight") {
             self.diags.push(
                 Diagnostic::error(

@@ -365,3 +365,14 @@ pub fn compare_with_expected(
         );
     }
 }
+
+/// Writes the three tiny bf16 models `mergec demo` uses (base, chat, math) under `dir/models`.
+pub fn write_demo_models(dir: &Path) {
+    for (name, variant) in [("base", 0), ("chat", 1), ("math", 2)] {
+        let mut spec = mergec::synth::SynthSpec::tiny(variant);
+        spec.dtype = mergec::io::DType::BF16;
+        let target = dir.join("models").join(name);
+        mergec::synth::write_model(&spec, &target, true)
+            .unwrap_or_else(|e| panic!("{}: {e}", target.display()));
+    }
+}
