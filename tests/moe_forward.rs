@@ -699,3 +699,44 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, two);
     assert_eq!(one, three);
 }
+
+/// Times 8 prompts of 24 tokens on the 354M-parameter synthetic benchmark model:
+/// `cargo test --release --test moe_forward -- --ignored --nocapture`. Reads the model
+/// folder named by `MERGEC_FWD_MODEL`, or writes one to a temporary folder.
+#[test]
+#[ignore]
+fn time_hidden_states_on_a_354m_model() {
+    use mergec::synth::{write_model, SynthSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = match std::env::var_os("MERGEC_FWD_MODEL") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let d = tmp.path().join("bench350m");
+            write_model(&SynthSpec::bench_350m(0), &d, false).unwrap();
+            d
+        }
+    };
+    let model = load_model(dir.to_str().unwrap(), Path::new(".")).unwrap();
+    let reader = TensorReader::new();
+    let weights = ModelWeights::new(&model, &reader);
+    let cfg = DecoderConfig::from_model(&model).unwrap();
+    let mut rng = Lcg(12);
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|_| {
+            (0..24)
+                .map(|_| ((rng.next() + 1.0) / 2.0 * cfg.vocab_size as f32) as u32 % cfg.vocab_size as u32)
+                .collect()
+        })
+        .collect();
+    for run in ["first (cold pages)", "second"] {
+        let start = std::time::Instant::now();
+        let states = hidden_states(&cfg, &weights, &prompts).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(states[0].last.len(), cfg.num_layers);
+        eprintln!(
+            "hidden_states, {run} run: {secs:.3} s for 8 prompts x 24 tokens, {} layers, {} threads",
+            cfg.num_layers,
+            rayon::current_num_threads()
+        );
+    }
+}

@@ -547,12 +547,39 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// Four dot products of `w` with `x0..x3` at once, each bit-identical to
+/// [`dot`]`(xi, w)` (same lanes, same order): `w` is loaded once for four tokens.
+fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    let mut acc = [[0f32; LANES]; 4];
+    let n = w.len() / LANES * LANES;
+    let (wh, wt) = w.split_at(n);
+    let heads = x.map(|xi| xi.split_at(n.min(xi.len())));
+    for (c, wc) in wh.chunks_exact(LANES).enumerate() {
+        for (a, (xh, _)) in acc.iter_mut().zip(&heads) {
+            let xc = &xh[c * LANES..(c + 1) * LANES];
+            for ((s, &xv), &wv) in a.iter_mut().zip(xc).zip(wc) {
+                *s += xv * wv;
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), (_, xt)) in out.iter_mut().zip(&acc).zip(&heads) {
+        let mut sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        for (&xv, &wv) in xt.iter().zip(wt) {
+            sum += xv * wv;
+        }
+        *o = sum;
+    }
+    out
+}
+
 /// Weight rows per parallel task: a block stays in cache while every token passes it.
 const MATMUL_BLOCK: usize = 16;
 
 /// `x @ w^T (+ bias)`: `x` is `[rows, inp]`, `w` is `[out, inp]` (a linear layer's
-/// weight), the result `[rows, out]`. Each output element is one [`dot`], computed by one
-/// thread, so the result does not depend on the number of threads.
+/// weight), the result `[rows, out]`. Each output element is one [`dot`] (four at a time
+/// through `dot4`, same bits), computed by one thread, so the result does not depend on
+/// the number of threads.
 pub fn matmul(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize, bias: Option<&[f32]>) -> Vec<f32> {
     if rows == 0 || out == 0 || inp == 0 {
         return vec![0f32; rows * out];
@@ -564,7 +591,16 @@ pub fn matmul(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize, bias: O
         .for_each(|(block, dst)| {
             let first = block * MATMUL_BLOCK;
             let wblock = &w[first * inp..(first + dst.len() / rows) * inp];
-            for (r, xr) in x.chunks_exact(inp).take(rows).enumerate() {
+            let x = &x[..rows * inp];
+            let quads = rows / 4;
+            for g in 0..quads {
+                let xs: [&[f32]; 4] = std::array::from_fn(|j| &x[(4 * g + j) * inp..(4 * g + j + 1) * inp]);
+                for (k, wr) in wblock.chunks_exact(inp).enumerate() {
+                    let d = dot4(wr, xs);
+                    dst[k * rows + 4 * g..k * rows + 4 * g + 4].copy_from_slice(&d);
+                }
+            }
+            for (r, xr) in x.chunks_exact(inp).enumerate().skip(4 * quads) {
                 for (k, wr) in wblock.chunks_exact(inp).enumerate() {
                     dst[k * rows + r] = dot(xr, wr);
                 }
@@ -1043,13 +1079,27 @@ mod tests {
     }
 
     #[test]
+    fn dot4_has_the_bits_of_dot() {
+        for n in [0, 3, 8, 29, 64] {
+            let w: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|j| (0..n).map(|i| ((i + 7 * j) as f32 * 0.11).cos()).collect())
+                .collect();
+            let got = dot4(&w, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+            for (g, x) in got.iter().zip(&xs) {
+                assert_eq!(g.to_bits(), dot(x, &w).to_bits());
+            }
+        }
+    }
+
+    #[test]
     fn matmul_is_x_times_w_transposed_plus_bias() {
-        // x [2, 3], w [35, 3]: more weight rows than one block.
-        let x = [1.0, 2.0, 3.0, -1.0, 0.5, 0.0];
+        // x [6, 3], w [35, 3]: more weight rows than one block, tokens in and out of quads.
+        let x: Vec<f32> = (0..18).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
         let w: Vec<f32> = (0..35 * 3).map(|i| (i % 7) as f32 - 3.0).collect();
         let bias: Vec<f32> = (0..35).map(|i| i as f32).collect();
-        let y = matmul(&x, 2, &w, 35, 3, Some(&bias));
-        for r in 0..2 {
+        let y = matmul(&x, 6, &w, 35, 3, Some(&bias));
+        for r in 0..6 {
             for o in 0..35 {
                 let want: f32 = (0..3).map(|i| x[r * 3 + i] * w[o * 3 + i]).sum::<f32>() + bias[o];
                 assert_eq!(y[r * 35 + o], want);
