@@ -230,9 +230,9 @@ fn rope_from_config(config: &Value) -> Result<Rope, ForwardError> {
             "rope_theta must be positive, got {theta}"
         )));
     }
-    let scaling = match (key(config, "rope_scaling"), params) {
-        (Some(s), _) => Some(s),
-        (None, p) => p,
+    let (section, scaling) = match (key(config, "rope_scaling"), params) {
+        (Some(s), _) => ("rope_scaling", Some(s)),
+        (None, p) => ("rope_parameters", p),
     };
     let Some(scaling) = scaling else {
         return Ok(Rope {
@@ -251,34 +251,27 @@ fn rope_from_config(config: &Value) -> Result<Rope, ForwardError> {
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "llama3" => {
-            let get =
-                |name: &str| f64_key(scaling, name)?.ok_or_else(|| ForwardError::MissingKey(name.into()));
-            let s = RopeScaling::Llama3 {
-                factor: get("factor")?,
-                low_freq_factor: get("low_freq_factor")?,
-                high_freq_factor: get("high_freq_factor")?,
-                original_max_position_embeddings: get("original_max_position_embeddings")?,
+            let get = |name: &str| {
+                f64_key(scaling, name)?.ok_or_else(|| ForwardError::MissingKey(format!("{section}.{name}")))
             };
-            if let RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } = s
-            {
-                let ok = factor > 0.0
-                    && low_freq_factor > 0.0
-                    && high_freq_factor > low_freq_factor
-                    && original_max_position_embeddings > 0.0;
-                if !ok {
-                    return Err(ForwardError::InvalidConfig(format!(
-                        "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
-                         original_max_position_embeddings > 0; got {factor}, {low_freq_factor}, \
-                         {high_freq_factor}, {original_max_position_embeddings}"
-                    )));
-                }
+            let (factor, low, high, old) = (
+                get("factor")?,
+                get("low_freq_factor")?,
+                get("high_freq_factor")?,
+                get("original_max_position_embeddings")?,
+            );
+            if !(factor > 0.0 && low > 0.0 && high > low && old > 0.0) {
+                return Err(ForwardError::InvalidConfig(format!(
+                    "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
+                     original_max_position_embeddings > 0; got {factor}, {low}, {high}, {old}"
+                )));
             }
-            s
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            }
         }
         other => {
             return Err(ForwardError::Unsupported {
@@ -1046,6 +1039,11 @@ mod tests {
         let e = DecoderConfig::from_config_json(&c).unwrap_err();
         assert!(matches!(e, ForwardError::Unsupported { .. }));
         assert!(e.to_string().contains("rope type `yarn`"), "{e}");
+
+        let mut c = config();
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+        let e = DecoderConfig::from_config_json(&c).unwrap_err().to_string();
+        assert!(e.contains("`rope_scaling.low_freq_factor`"), "{e}");
 
         let mut c = config();
         c["model_type"] = json!("gemma");
