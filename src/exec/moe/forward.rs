@@ -8,9 +8,9 @@
 //!
 //! Work is layer-major: a layer's weights are decoded once and every token of every prompt
 //! goes through it, so each weight is read once per call whatever the number of prompts.
-//! Dot products accumulate in f32 (plain multiply, then add; no fused multiply-add) in
-//! eight lanes summed in a fixed order; a dot product is always computed whole by one
-//! thread, so results are bit-identical whatever the number of threads.
+//! Dot products accumulate in f32, plain multiply then add (no fused multiply-add), in
+//! index order, exactly as a naive loop would; each is computed whole by one thread, so
+//! results are bit-identical whatever the number of threads.
 
 use rayon::prelude::*;
 use serde_json::Value;
@@ -230,9 +230,9 @@ fn rope_from_config(config: &Value) -> Result<Rope, ForwardError> {
             "rope_theta must be positive, got {theta}"
         )));
     }
-    let scaling = match (key(config, "rope_scaling"), params) {
-        (Some(s), _) => Some(s),
-        (None, p) => p,
+    let (section, scaling) = match (key(config, "rope_scaling"), params) {
+        (Some(s), _) => ("rope_scaling", Some(s)),
+        (None, p) => ("rope_parameters", p),
     };
     let Some(scaling) = scaling else {
         return Ok(Rope {
@@ -251,34 +251,27 @@ fn rope_from_config(config: &Value) -> Result<Rope, ForwardError> {
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "llama3" => {
-            let get =
-                |name: &str| f64_key(scaling, name)?.ok_or_else(|| ForwardError::MissingKey(name.into()));
-            let s = RopeScaling::Llama3 {
-                factor: get("factor")?,
-                low_freq_factor: get("low_freq_factor")?,
-                high_freq_factor: get("high_freq_factor")?,
-                original_max_position_embeddings: get("original_max_position_embeddings")?,
+            let get = |name: &str| {
+                f64_key(scaling, name)?.ok_or_else(|| ForwardError::MissingKey(format!("{section}.{name}")))
             };
-            if let RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } = s
-            {
-                let ok = factor > 0.0
-                    && low_freq_factor > 0.0
-                    && high_freq_factor > low_freq_factor
-                    && original_max_position_embeddings > 0.0;
-                if !ok {
-                    return Err(ForwardError::InvalidConfig(format!(
-                        "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
-                         original_max_position_embeddings > 0; got {factor}, {low_freq_factor}, \
-                         {high_freq_factor}, {original_max_position_embeddings}"
-                    )));
-                }
+            let (factor, low, high, old) = (
+                get("factor")?,
+                get("low_freq_factor")?,
+                get("high_freq_factor")?,
+                get("original_max_position_embeddings")?,
+            );
+            if !(factor > 0.0 && low > 0.0 && high > low && old > 0.0) {
+                return Err(ForwardError::InvalidConfig(format!(
+                    "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and \
+                     original_max_position_embeddings > 0; got {factor}, {low}, {high}, {old}"
+                )));
             }
-            s
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            }
         }
         other => {
             return Err(ForwardError::Unsupported {
@@ -525,84 +518,77 @@ impl Weights for ModelWeights<'_> {
 // ---------------------------------------------------------------------------------------
 // Operations. Activations are row-major `[tokens, width]` f32 buffers.
 
-/// Lanes of a dot product's accumulator: wide enough to vectorise, fixed so the order of
-/// additions (and hence the bits of the result) never changes.
-const LANES: usize = 8;
-
-/// `sum(a[i] * b[i])` in f32: lane `j` sums the products `i ≡ j (mod 8)` in order, the
-/// lanes are added pairwise, then the tail in order.
+/// `sum(a[i] * b[i])` in f32, plain multiply then add, in index order.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    let mut sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (&x, &y) in ra.iter().zip(rb) {
+    let mut sum = 0f32;
+    for (&x, &y) in a.iter().zip(b) {
         sum += x * y;
     }
     sum
 }
 
-/// Four dot products of `w` with `x0..x3` at once, each bit-identical to
-/// [`dot`]`(xi, w)` (same lanes, same order): `w` is loaded once for four tokens.
-fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; LANES]; 4];
-    let n = w.len() / LANES * LANES;
-    let (wh, wt) = w.split_at(n);
-    let heads = x.map(|xi| xi.split_at(n.min(xi.len())));
-    for (c, wc) in wh.chunks_exact(LANES).enumerate() {
-        for (a, (xh, _)) in acc.iter_mut().zip(&heads) {
-            let xc = &xh[c * LANES..(c + 1) * LANES];
-            for ((s, &xv), &wv) in a.iter_mut().zip(xc).zip(wc) {
+/// Tokens per tile of the transposed activations in [`matmul`]: a tile's accumulators for
+/// two weight rows fit in registers.
+const TILE: usize = 16;
+
+/// Weight rows per parallel task in [`matmul`] (even, so rows pair up).
+const MATMUL_BLOCK: usize = 16;
+
+/// For each weight row `ws[j]`, the dot products with the `TILE` tokens of `xtile`
+/// (`[inp][TILE]`, transposed), each summed in index order like [`dot`]. The tokens are
+/// the vector dimension, so the sums vectorise without reordering any of them.
+fn tile_dots<const R: usize>(xtile: &[f32], ws: [&[f32]; R]) -> [[f32; TILE]; R] {
+    let mut acc = [[0f32; TILE]; R];
+    for (i, xs) in xtile.chunks_exact(TILE).enumerate() {
+        for (a, w) in acc.iter_mut().zip(ws) {
+            let wv = w[i];
+            for (s, &xv) in a.iter_mut().zip(xs) {
                 *s += xv * wv;
             }
         }
     }
-    let mut out = [0f32; 4];
-    for ((o, a), (_, xt)) in out.iter_mut().zip(&acc).zip(&heads) {
-        let mut sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-        for (&xv, &wv) in xt.iter().zip(wt) {
-            sum += xv * wv;
-        }
-        *o = sum;
-    }
-    out
+    acc
 }
 
-/// Weight rows per parallel task: a block stays in cache while every token passes it.
-const MATMUL_BLOCK: usize = 16;
-
 /// `x @ w^T (+ bias)`: `x` is `[rows, inp]`, `w` is `[out, inp]` (a linear layer's
-/// weight), the result `[rows, out]`. Each output element is one [`dot`] (four at a time
-/// through `dot4`, same bits), computed by one thread, so the result does not depend on
-/// the number of threads.
+/// weight), the result `[rows, out]`. Each element is `dot(x[r], w[o])` (then `+ bias[o]`)
+/// to the bit, computed by one thread, so the result does not depend on the number of
+/// threads. Threads take blocks of weight rows, so each weight is read once per call.
 pub fn matmul(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize, bias: Option<&[f32]>) -> Vec<f32> {
     if rows == 0 || out == 0 || inp == 0 {
         return vec![0f32; rows * out];
+    }
+    // Tokens in tiles of TILE, each tile transposed to [inp][TILE] (zero-padded).
+    let tiles = rows.div_ceil(TILE);
+    let mut xt = vec![0f32; tiles * inp * TILE];
+    for (t, xr) in x.chunks_exact(inp).take(rows).enumerate() {
+        let tile = &mut xt[(t / TILE) * inp * TILE..(t / TILE + 1) * inp * TILE];
+        for (i, &v) in xr.iter().enumerate() {
+            tile[i * TILE + t % TILE] = v;
+        }
     }
     // Computed transposed ([out, rows]) so tasks own whole blocks of weight rows.
     let mut t = vec![0f32; out * rows];
     t.par_chunks_mut(MATMUL_BLOCK * rows)
         .enumerate()
         .for_each(|(block, dst)| {
-            let first = block * MATMUL_BLOCK;
-            let wblock = &w[first * inp..(first + dst.len() / rows) * inp];
-            let x = &x[..rows * inp];
-            let quads = rows / 4;
-            for g in 0..quads {
-                let xs: [&[f32]; 4] = std::array::from_fn(|j| &x[(4 * g + j) * inp..(4 * g + j + 1) * inp]);
-                for (k, wr) in wblock.chunks_exact(inp).enumerate() {
-                    let d = dot4(wr, xs);
-                    dst[k * rows + 4 * g..k * rows + 4 * g + 4].copy_from_slice(&d);
+            let n = dst.len() / rows;
+            let wblock = &w[block * MATMUL_BLOCK * inp..(block * MATMUL_BLOCK + n) * inp];
+            for (tile, xtile) in xt.chunks_exact(inp * TILE).enumerate() {
+                let (t0, tw) = (tile * TILE, TILE.min(rows - tile * TILE));
+                let mut store = |o: usize, acc: &[f32; TILE]| {
+                    dst[o * rows + t0..o * rows + t0 + tw].copy_from_slice(&acc[..tw]);
+                };
+                let mut pairs = wblock.chunks_exact(2 * inp);
+                for (p, wp) in pairs.by_ref().enumerate() {
+                    let (w0, w1) = wp.split_at(inp);
+                    let [a0, a1] = tile_dots(xtile, [w0, w1]);
+                    store(2 * p, &a0);
+                    store(2 * p + 1, &a1);
                 }
-            }
-            for (r, xr) in x.chunks_exact(inp).enumerate().skip(4 * quads) {
-                for (k, wr) in wblock.chunks_exact(inp).enumerate() {
-                    dst[k * rows + r] = dot(xr, wr);
+                if !pairs.remainder().is_empty() {
+                    let [a] = tile_dots(xtile, [pairs.remainder()]);
+                    store(n - 1, &a);
                 }
             }
         });
@@ -621,7 +607,7 @@ pub fn matmul(x: &[f32], rows: usize, w: &[f32], out: usize, inp: usize, bias: O
 }
 
 /// RMSNorm of each `width`-long row of `x`, in place:
-/// `x * 1/sqrt(mean(x²) + eps) * weight`, the mean of squares summed in f32 as in [`dot`].
+/// `x * 1/sqrt(mean(x²) + eps) * weight`, the squares summed in f32 by [`dot`].
 pub fn rms_norm(x: &mut [f32], width: usize, weight: &[f32], eps: f64) {
     let eps = eps as f32;
     for row in x.chunks_exact_mut(width.max(1)) {
@@ -1055,6 +1041,11 @@ mod tests {
         assert!(e.to_string().contains("rope type `yarn`"), "{e}");
 
         let mut c = config();
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+        let e = DecoderConfig::from_config_json(&c).unwrap_err().to_string();
+        assert!(e.contains("`rope_scaling.low_freq_factor`"), "{e}");
+
+        let mut c = config();
         c["model_type"] = json!("gemma");
         let e = DecoderConfig::from_config_json(&c).unwrap_err().to_string();
         assert!(e.contains("model type `gemma`"), "{e}");
@@ -1071,38 +1062,29 @@ mod tests {
     }
 
     #[test]
-    fn dot_matches_a_plain_sum() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.25).collect();
-        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-        assert!((dot(&a, &b) as f64 - want).abs() < 1e-3);
-    }
-
-    #[test]
-    fn dot4_has_the_bits_of_dot() {
-        for n in [0, 3, 8, 29, 64] {
-            let w: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let xs: Vec<Vec<f32>> = (0..4)
-                .map(|j| (0..n).map(|i| ((i + 7 * j) as f32 * 0.11).cos()).collect())
+    fn matmul_is_a_plain_f32_sum_per_element_plus_bias() {
+        // Sizes beyond a tile of tokens and a block of rows, with an odd number of rows.
+        for (rows, out, inp) in [(1, 1, 1), (6, 35, 3), (19, 35, 13), (33, 4, 40)] {
+            let x: Vec<f32> = (0..rows * inp)
+                .map(|i| ((i * 37 % 101) as f32 * 0.13).sin())
                 .collect();
-            let got = dot4(&w, [&xs[0], &xs[1], &xs[2], &xs[3]]);
-            for (g, x) in got.iter().zip(&xs) {
-                assert_eq!(g.to_bits(), dot(x, &w).to_bits());
-            }
-        }
-    }
-
-    #[test]
-    fn matmul_is_x_times_w_transposed_plus_bias() {
-        // x [6, 3], w [35, 3]: more weight rows than one block, tokens in and out of quads.
-        let x: Vec<f32> = (0..18).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
-        let w: Vec<f32> = (0..35 * 3).map(|i| (i % 7) as f32 - 3.0).collect();
-        let bias: Vec<f32> = (0..35).map(|i| i as f32).collect();
-        let y = matmul(&x, 6, &w, 35, 3, Some(&bias));
-        for r in 0..6 {
-            for o in 0..35 {
-                let want: f32 = (0..3).map(|i| x[r * 3 + i] * w[o * 3 + i]).sum::<f32>() + bias[o];
-                assert_eq!(y[r * 35 + o], want);
+            let w: Vec<f32> = (0..out * inp)
+                .map(|i| ((i * 53 % 97) as f32 * 0.29).cos())
+                .collect();
+            let bias: Vec<f32> = (0..out).map(|i| i as f32 * 0.5).collect();
+            let y = matmul(&x, rows, &w, out, inp, Some(&bias));
+            for r in 0..rows {
+                for o in 0..out {
+                    let mut want = 0f32;
+                    for i in 0..inp {
+                        want += x[r * inp + i] * w[o * inp + i];
+                    }
+                    assert_eq!(
+                        y[r * out + o].to_bits(),
+                        (want + bias[o]).to_bits(),
+                        "{rows}x{out}x{inp}"
+                    );
+                }
             }
         }
     }
