@@ -382,3 +382,54 @@ fn the_example_runs_with_the_hidden_gate_on_the_demo_models() {
         assert_ne!(chat, math, "layer {l}: the experts' prompts differ");
     }
 }
+
+#[test]
+fn hidden_routers_match_a_naive_forward_pass_of_the_base() {
+    use common::llama_reference::{read_config, read_safetensors, reference};
+    let dir = models().join("micro-llama-base-f32");
+    let (config, weights) = (read_config(&dir), read_safetensors(&dir));
+    for (gate, average) in [("hidden", false), ("hidden_avg", true)] {
+        let (out, _, _) = run_here(&mixtral(gate, "layout: \"fused\""));
+        // Per prompt: [layer][hidden], the state at the layer's input (last token or mean).
+        let states = |prompt: &str| -> Vec<Vec<f64>> {
+            reference(&config, &weights, &tokenize(prompt))
+                .into_iter()
+                .map(|positions| {
+                    if average {
+                        let n = positions.len() as f64;
+                        (0..32)
+                            .map(|k| positions.iter().map(|p| p[k]).sum::<f64>() / n)
+                            .collect()
+                    } else {
+                        positions[positions.len() - 1].clone()
+                    }
+                })
+                .collect()
+        };
+        let mean = |prompts: &[&str]| -> Vec<Vec<f64>> {
+            let all: Vec<Vec<Vec<f64>>> = prompts.iter().map(|p| states(p)).collect();
+            (0..4)
+                .map(|l| {
+                    (0..32)
+                        .map(|k| all.iter().map(|s| s[l][k]).sum::<f64>() / all.len() as f64)
+                        .collect()
+                })
+                .collect()
+        };
+        let e0 = mean(&["the cat sat on the mat", "a dog ran"]);
+        let (pos1, neg1) = (mean(&["one two three four"]), mean(&["the cat"]));
+        for l in 0..4 {
+            let e1: Vec<f64> = pos1[l].iter().zip(&neg1[l]).map(|(p, n)| p - n).collect();
+            let want: Vec<f64> = normalized(e0[l].clone())
+                .into_iter()
+                .chain(normalized(e1))
+                .collect();
+            let got = &out[&format!("model.layers.{l}.mlp.gate.weight")].values;
+            assert_close(got, &want, 1e-4, &format!("{gate} router of layer {l}"));
+        }
+        // Layers differ: the gate follows the hidden state through the model.
+        let r0 = &out["model.layers.0.mlp.gate.weight"].values;
+        let r3 = &out["model.layers.3.mlp.gate.weight"].values;
+        assert!(r0.iter().zip(r3).any(|(a, b)| (a - b).abs() > 1e-3));
+    }
+}
