@@ -39,13 +39,13 @@ pub fn grid(invocations: u64, workgroup_size: u32, max_per_dimension: u32) -> Re
     })
 }
 
-fn align4(bytes: usize) -> u64 {
+pub(super) fn align4(bytes: usize) -> u64 {
     bytes.next_multiple_of(4) as u64
 }
 
 /// Writes `bytes` at the start of `buffer`; a tail of 1 to 3 bytes is padded with zeros
 /// (copies move whole 4-byte words).
-fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
+pub(super) fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
     let whole = bytes.len() & !3;
     if whole > 0 {
         queue.write_buffer(buffer, 0, &bytes[..whole]);
@@ -57,7 +57,7 @@ fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
     }
 }
 
-fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+pub(super) fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer,
         offset: 0,
@@ -151,7 +151,12 @@ pub(crate) fn run(
 }
 
 /// Maps the first `bytes` of `staging`, waits for the queue, copies into `out`.
-fn read_back(ctx: &GpuContext, staging: &wgpu::Buffer, bytes: u64, out: &mut [u8]) -> Result<(), GpuError> {
+pub(super) fn read_back(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    bytes: u64,
+    out: &mut [u8],
+) -> Result<(), GpuError> {
     let failed = |message: String| GpuError::Device {
         during: "reading a result back".to_string(),
         message,
