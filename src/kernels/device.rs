@@ -16,6 +16,7 @@ const SELECT: &str = include_str!("../../shaders/select.wgsl");
 const RANDOM: &str = include_str!("../../shaders/random.wgsl");
 const GEOMETRY: &str = include_str!("../../shaders/geometry.wgsl");
 const GTA: &str = include_str!("../../shaders/gta.wgsl");
+const RAM: &str = include_str!("../../shaders/ram.wgsl");
 
 /// How a kernel binds one storage buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +77,9 @@ kernels! {
     "multislerp_out" in "geometry": [R, R, R, W],
     "gta_sum" in "gta": [R, R, R, W],
     "gta_vote" in "gta": [R, R, R, R, W, W],
+    "ram_count" in "ram": [R, R, W],
+    "ram_tally" in "ram": [R, R, R, W],
+    "ram_merge" in "ram": [R, R, R, W],
 }
 
 /// The kernel called `name`.
@@ -91,6 +95,7 @@ fn family_source(family: &str) -> Option<(&'static str, &'static str)> {
         "random" => ("random.wgsl", RANDOM),
         "geometry" => ("geometry.wgsl", GEOMETRY),
         "gta" => ("gta.wgsl", GTA),
+        "ram" => ("ram.wgsl", RAM),
         _ => return None,
     })
 }
