@@ -476,6 +476,14 @@ fn slices_and_2d_grids_match_the_cpu() {
     }
     let stats = gpu.stats();
     assert!(stats.grids_2d > 100 && stats.dispatches > 500, "{stats:?}");
+    // Every slice after a tensor's first is submitted while the one before computes:
+    // one dispatch per tensor is not overlapped (9 x 3 x 12 non-empty binary, 27 x 3
+    // ternary tensors).
+    assert_eq!(
+        stats.overlapped,
+        stats.dispatches - (9 * 3 * 12 + 27 * 3),
+        "{stats:?}"
+    );
 }
 
 /// A dispatch past 65535 workgroups in one dimension: 2^25 + 3 elements are 65537

@@ -65,19 +65,32 @@ pub(super) fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResourc
     })
 }
 
-/// Runs `pipeline` once: `inputs` are the slice's bytes of each input slot, `out` receives
-/// the slice's output bytes. Nothing here is empty: the caller skips empty tensors.
-pub(crate) fn run(
+/// A slice submitted to the queue whose result is not read back yet: its buffers, and the
+/// staging buffer's map request.
+pub(crate) struct InFlight {
+    in_buffers: Vec<wgpu::Buffer>,
+    out_buffer: wgpu::Buffer,
+    params_buffer: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    out_bytes: u64,
+    submission: wgpu::SubmissionIndex,
+    mapped: mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// Uploads one slice's inputs, dispatches `pipeline` over them, copies the output to a
+/// staging buffer and asks for it to be mapped, without waiting: the caller can prepare
+/// the next slice while this one computes, then [`finish`]es it.
+pub(crate) fn submit(
     ctx: &GpuContext,
     pool: &Mutex<BufferPool>,
     pipeline: &Pipeline,
     params: &[u8],
     inputs: &[&[u8]],
     grid: Grid,
-    out: &mut [u8],
-) -> Result<(), GpuError> {
+    out_len: usize,
+) -> Result<InFlight, GpuError> {
     let device = &ctx.device;
-    let out_bytes = align4(out.len());
+    let out_bytes = align4(out_len);
     let (in_buffers, out_buffer, params_buffer, staging) = {
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
         let ins: Vec<wgpu::Buffer> = inputs
@@ -89,7 +102,8 @@ pub(crate) fn run(
         let staging = pool.take(device, Role::Staging, out_bytes);
         (ins, out_buffer, params_buffer, staging)
     };
-    let result = scope(
+    let (tx, rx) = mpsc::channel();
+    let submission = scope(
         ctx,
         || "running a kernel".to_string(),
         || {
@@ -132,22 +146,72 @@ pub(crate) fn run(
                 pass.dispatch_workgroups(grid.x, grid.y, 1);
             }
             encoder.copy_buffer_to_buffer(&out_buffer, 0, &staging, 0, out_bytes);
-            ctx.queue.submit([encoder.finish()]);
-            Ok(())
+            let submission = ctx.queue.submit([encoder.finish()]);
+            staging
+                .slice(..out_bytes)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    // The receiver waits in `finish`; it is gone only if the slice failed.
+                    let _ = tx.send(r);
+                });
+            Ok(submission)
         },
-    )
-    .and_then(|()| read_back(ctx, &staging, out_bytes, out));
-    // A buffer that saw an error is dropped, not pooled.
-    if result.is_ok() {
-        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-        for b in in_buffers {
-            pool.give(Role::Input, b);
-        }
-        pool.give(Role::Output, out_buffer);
-        pool.give(Role::Params, params_buffer);
-        pool.give(Role::Staging, staging);
+    )?;
+    // A buffer that saw an error is dropped (above, by `?`), not pooled.
+    Ok(InFlight {
+        in_buffers,
+        out_buffer,
+        params_buffer,
+        staging,
+        out_bytes,
+        submission,
+        mapped: rx,
+    })
+}
+
+/// Waits for a submitted slice, copies its output into `out`, returns its buffers to the
+/// pool.
+pub(crate) fn finish(
+    ctx: &GpuContext,
+    pool: &Mutex<BufferPool>,
+    flight: InFlight,
+    out: &mut [u8],
+) -> Result<(), GpuError> {
+    let failed = |message: String| GpuError::Device {
+        during: "reading a result back".to_string(),
+        message,
+    };
+    // Waits for this slice only: a later one may still be computing.
+    ctx.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(flight.submission),
+            timeout: None,
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    flight
+        .mapped
+        .recv()
+        .map_err(|_| failed("the map callback never ran".to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    {
+        let view = flight
+            .staging
+            .slice(..flight.out_bytes)
+            .get_mapped_range()
+            .map_err(|e| failed(e.to_string()))?;
+        out.copy_from_slice(&view[..out.len()]);
     }
-    result
+    flight.staging.unmap();
+    if let Some(message) = ctx.take_fault() {
+        return Err(failed(message));
+    }
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    for b in flight.in_buffers {
+        pool.give(Role::Input, b);
+    }
+    pool.give(Role::Output, flight.out_buffer);
+    pool.give(Role::Params, flight.params_buffer);
+    pool.give(Role::Staging, flight.staging);
+    Ok(())
 }
 
 /// Maps the first `bytes` of `staging`, waits for the queue, copies into `out`.

@@ -13,7 +13,9 @@
 //! One long-lived [`GpuContext`] (device, queue, the adapter's own limits) is created once
 //! and handed to [`GpuExecutor::new`]. A tensor larger than one storage binding (128 MiB
 //! on many adapters) runs in slices (element-wise steps) or chunks (whole-tensor steps)
-//! that fit, one dispatch each.
+//! that fit, one dispatch each. Element-wise slices are double-buffered: the next slice is
+//! uploaded and submitted while the previous one computes, and only then is the previous
+//! one read back ([`GpuStats::overlapped`]).
 //!
 //! Exactness: inputs are decoded and outputs rounded (to nearest, ties to even) in
 //! integer arithmetic, and every product and quotient is rounded to f32 before it is added
@@ -127,6 +129,9 @@ pub struct GpuStats {
     pub bytes_read_back: u64,
     /// Whole-tensor ([`Kernel::Whole`]) steps computed, methods included.
     pub whole_steps: u64,
+    /// Element-wise slices uploaded and submitted while the previous slice was still
+    /// computing (double buffering).
+    pub overlapped: u64,
 }
 
 impl GpuStats {
@@ -136,6 +141,7 @@ impl GpuStats {
         self.bytes_uploaded += other.bytes_uploaded;
         self.bytes_read_back += other.bytes_read_back;
         self.whole_steps += other.whole_steps;
+        self.overlapped += other.overlapped;
     }
 }
 
@@ -257,7 +263,10 @@ impl GpuExecutor {
         let pipeline = self.pipelines.get(&self.ctx, &kernel.key)?;
         let out_size = step.dtype.size_bytes();
         let slice = self.slice_elements(&in_dtypes, step.dtype, kernel.key.workgroup_size)?;
+        // Two slices in flight: the next slice's inputs are uploaded and submitted while
+        // the previous one computes, then the previous one is read back.
         let mut start = 0usize;
+        let mut pending: Option<(dispatch::InFlight, &mut [u8])> = None;
         for out_slice in out.chunks_mut(slice * out_size) {
             let n = out_slice.len() / out_size;
             let ins: Vec<&[u8]> = inputs
@@ -273,13 +282,31 @@ impl GpuExecutor {
             )?;
             // `n` fits in a u32: `slice_elements` caps slices at `u32::MAX`.
             let params = kernel.params(n as u32, grid.row);
-            dispatch::run(&self.ctx, &self.pool, &pipeline, &params, &ins, grid, out_slice)?;
-            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.dispatches += 1;
-            stats.grids_2d += u64::from(grid.y > 1);
-            stats.bytes_uploaded += ins.iter().map(|b| b.len() as u64).sum::<u64>();
-            stats.bytes_read_back += out_slice.len() as u64;
+            let flight = dispatch::submit(
+                &self.ctx,
+                &self.pool,
+                &pipeline,
+                &params,
+                &ins,
+                grid,
+                out_slice.len(),
+            )?;
+            {
+                let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                stats.dispatches += 1;
+                stats.grids_2d += u64::from(grid.y > 1);
+                stats.bytes_uploaded += ins.iter().map(|b| b.len() as u64).sum::<u64>();
+                stats.bytes_read_back += out_slice.len() as u64;
+                stats.overlapped += u64::from(pending.is_some());
+            }
+            if let Some((previous, previous_out)) = pending.take() {
+                dispatch::finish(&self.ctx, &self.pool, previous, previous_out)?;
+            }
+            pending = Some((flight, out_slice));
             start += n;
+        }
+        if let Some((previous, previous_out)) = pending {
+            dispatch::finish(&self.ctx, &self.pool, previous, previous_out)?;
         }
         Ok(out)
     }
