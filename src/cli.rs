@@ -656,6 +656,10 @@ fn run_script(
                     human_bytes(report.bytes_written),
                     report.seconds
                 );
+                if let Chosen::Gpu(g, _) = &executor {
+                    let (on_gpu, on_cpu) = g.steps();
+                    println!("{on_gpu} steps computed on the GPU, {on_cpu} on the CPU");
+                }
             }
             ExitCode::SUCCESS
         }
@@ -677,7 +681,7 @@ impl Chosen {
     fn describe(&self) -> String {
         match self {
             Chosen::Cpu(_) => "CPU executor".to_string(),
-            Chosen::Gpu(_, name) => format!("GPU `{name}` (whole-tensor methods on the CPU)"),
+            Chosen::Gpu(_, name) => format!("GPU `{name}` (sce and arcee_fusion on the CPU)"),
         }
     }
 }

@@ -476,6 +476,14 @@ fn slices_and_2d_grids_match_the_cpu() {
     }
     let stats = gpu.stats();
     assert!(stats.grids_2d > 100 && stats.dispatches > 500, "{stats:?}");
+    // Every slice after a tensor's first is submitted while the one before computes:
+    // one dispatch per tensor is not overlapped (9 x 3 x 12 non-empty binary, 27 x 3
+    // ternary tensors).
+    assert_eq!(
+        stats.overlapped,
+        stats.dispatches - (9 * 3 * 12 + 27 * 3),
+        "{stats:?}"
+    );
 }
 
 /// A dispatch past 65535 workgroups in one dimension: 2^25 + 3 elements are 65537
@@ -567,26 +575,16 @@ fn pipelines_are_cached_by_key_not_by_constants() {
 }
 
 #[test]
-fn whole_tensor_methods_are_left_to_the_cpu() {
+fn methods_without_a_gpu_kernel_are_left_to_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    let mut s = step(
-        vec![Instr::Load(0), Instr::Load(1)],
-        &[DType::F32; 2],
-        DType::F32,
-        4,
-    );
-    s.kernel = Kernel::Whole(vec![
-        Instr::Load(0),
-        Instr::Load(1),
-        Instr::Method {
-            op: mergec::ops::MethodOp::Slerp { t: 0.5 },
-            arity: 2,
-        },
-    ]);
-    let data = vec![0u8; 16];
-    let err = gpu.compute(&s, &[&data, &data]).unwrap_err();
-    assert!(err.is_unsupported(), "{err}");
-    assert!(err.to_string().contains("whole-tensor method"), "{err}");
+    for op in [MethodOp::Sce { select_topk: 0.5 }, MethodOp::ArceeFusion] {
+        let s = method_step(&op, &[DType::F32; 2], DType::F32, &[4]);
+        let data = vec![0u8; 16];
+        let err = gpu.compute(&s, &[&data, &data]).unwrap_err();
+        assert!(err.is_unsupported(), "{err}");
+        assert!(err.to_string().contains(op.name()), "{err}");
+    }
+    assert_eq!(gpu.stats().whole_steps, 0);
 }
 
 #[test]
@@ -756,10 +754,13 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// Conformance scripts of methods with no GPU kernel: their method steps run on the CPU.
+const CPU_METHODS: [&str; 2] = ["sce_f32", "arcee_fusion_f32"];
+
 /// Whole runs through `exec::run`: a script of arithmetic in every output dtype, with a
-/// whole-tensor method inside an expression, and every conformance script with an
-/// element-wise step write the same bytes on the GPU (with the CPU for whole-tensor
-/// methods) as on the CPU alone.
+/// whole-tensor method inside an expression, and every conformance script write the same
+/// bytes on the GPU as on the CPU. Every step runs on the GPU except the method steps of
+/// [`CPU_METHODS`].
 #[test]
 fn runs_write_the_cpus_bytes() {
     let Some(gpu) = gpu() else { return };
@@ -784,24 +785,28 @@ save 0.5 * slerp(a, c, t: 0.3) + 0.5 * b to "out/slerp-mix"
     }
     scripts.sort();
     let reader = mergec::io::TensorReader::new();
-    let mut skipped = Vec::new();
+    let mut whole_steps = 0;
     for (name, text) in &scripts {
         let mut written = Vec::new();
+        let mut computed = 0;
+        let (gpu_before, cpu_before) = hybrid.steps();
         for on_gpu in [false, true] {
             let tmp = tempfile::tempdir().unwrap();
             let (_, compiled) = common::compile_text(text, &common::conformance_dir(), tmp.path())
                 .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
-            if !compiled
-                .plan
-                .steps
-                .iter()
-                .any(|s| matches!(s.kernel, Kernel::Fused(_)))
-            {
-                // Nothing for the GPU: the same CPU run twice.
-                skipped.push(name.as_str());
-                break;
-            }
             if on_gpu {
+                computed = compiled
+                    .plan
+                    .steps
+                    .iter()
+                    .filter(|s| !matches!(s.kernel, Kernel::Copy))
+                    .count();
+                whole_steps += compiled
+                    .plan
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s.kernel, Kernel::Whole(_)))
+                    .count();
                 mergec::exec::run(&compiled.program, &compiled.plan, &hybrid, &reader, false, |_| {})
             } else {
                 mergec::exec::run(
@@ -816,8 +821,14 @@ save 0.5 * slerp(a, c, t: 0.3) + 0.5 * b to "out/slerp-mix"
             .unwrap_or_else(|e| panic!("{name}: {e}"));
             written.push(files(tmp.path()));
         }
-        if written.len() < 2 {
-            continue;
+        let (gpu_after, cpu_after) = hybrid.steps();
+        if CPU_METHODS.contains(&name.as_str()) {
+            assert!(cpu_after > cpu_before, "{name}: nothing on the CPU");
+        } else {
+            assert_eq!(cpu_after, cpu_before, "{name}: steps left to the CPU");
+        }
+        if computed > 0 && !CPU_METHODS.contains(&name.as_str()) {
+            assert!(gpu_after > gpu_before, "{name}: nothing on the GPU");
         }
         assert_eq!(
             written[0].keys().collect::<Vec<_>>(),
@@ -832,14 +843,453 @@ save 0.5 * slerp(a, c, t: 0.3) + 0.5 * b to "out/slerp-mix"
         }
     }
     let (on_gpu, on_cpu) = hybrid.steps();
-    assert!(
-        on_gpu > 100 && on_cpu > 10,
-        "{on_gpu} steps on the GPU, {on_cpu} on the CPU"
-    );
+    assert!(whole_steps > 100, "{whole_steps} whole-tensor steps");
+    assert!(hybrid.gpu.stats().whole_steps as usize + on_cpu as usize >= whole_steps);
     let _ = writeln!(
         std::io::stderr(),
-        "{} scripts: {on_gpu} steps on the GPU, {on_cpu} on the CPU ({} without element-wise steps skipped)",
+        "{} scripts: {on_gpu} steps on the GPU ({} whole-tensor), {on_cpu} on the CPU",
         scripts.len(),
-        skipped.len()
+        hybrid.gpu.stats().whole_steps,
     );
+}
+
+/// The conformance suite on the GPU backend: every fixture against mergekit's outputs with
+/// the rules of tests/conformance.rs, and every step of a ported method on the GPU.
+#[test]
+fn conformance_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let hybrid = GpuWithFallback::new(gpu, cpu());
+    let reader = mergec::io::TensorReader::new();
+    let run = |name: &str, seed: Option<u64>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut text =
+            std::fs::read_to_string(common::repo().join(format!("tests/conformance/{name}.merge"))).unwrap();
+        if let Some(seed) = seed {
+            text = text.replace("set seed = 7", &format!("set seed = {seed}"));
+        }
+        let (_, compiled) = common::compile_text(&text, &common::conformance_dir(), tmp.path())
+            .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
+        let (_, cpu_before) = hybrid.steps();
+        mergec::exec::run(&compiled.program, &compiled.plan, &hybrid, &reader, false, |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (_, cpu_after) = hybrid.steps();
+        if !CPU_METHODS.contains(&name) {
+            assert_eq!(cpu_after, cpu_before, "{name}: steps left to the CPU");
+        }
+        (tmp, compiled)
+    };
+    let mut names: Vec<String> = std::fs::read_dir(common::repo().join("tests/conformance"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "merge"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .filter(|n| common::conformance_dir().join("expected").join(n).exists())
+        .collect();
+    names.sort();
+    assert!(names.len() > 30, "{} fixtures", names.len());
+    for name in &names {
+        let (tmp, compiled) = run(name, None);
+        common::compare_with_expected(name, &tmp.path().join(name), &compiled, || {
+            let (tmp2, _) = run(name, Some(8));
+            let dir = tmp2.path().join(name);
+            (tmp2, dir)
+        });
+    }
+    assert!(hybrid.gpu.stats().whole_steps > 100, "{:?}", hybrid.gpu.stats());
+}
+
+// ---------------------------------------------------------------------------------------
+// whole-tensor methods
+// ---------------------------------------------------------------------------------------
+
+use mergec::ops::{GtaKind, MethodOp};
+
+/// A step computing `op` over `dtypes.len()` loaded inputs of `shape`.
+fn method_step(op: &MethodOp, dtypes: &[DType], out: DType, shape: &[usize]) -> Step {
+    let numel: usize = shape.iter().product();
+    let mut s = step(vec![], dtypes, out, numel);
+    s.shape = shape.to_vec();
+    let mut program: Vec<Instr> = (0..dtypes.len()).map(Instr::Load).collect();
+    program.push(Instr::Method {
+        op: op.clone(),
+        arity: dtypes.len(),
+    });
+    s.kernel = Kernel::Whole(program);
+    s
+}
+
+/// Values for method inputs: mostly ordinary (a shared component, so models are
+/// correlated as fine-tunes are), with a sprinkling of ±0, subnormals and repeated
+/// values; `specials` adds large magnitudes, infinities and NaN.
+fn method_tensor(rng: &mut Rng, dtype: DType, n: usize, shared: &[f32], specials: bool) -> Vec<u8> {
+    let values: Vec<f32> = (0..n)
+        .map(|i| match rng.below(64) {
+            0 => 0.0,
+            1 => -0.0,
+            2 => f32::from_bits(1 + rng.below(1000) as u32),
+            3 => 0.25, // ties of |δ| at selection thresholds
+            4 if specials => rng.pick(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 3e38, -1e30, 1e20]),
+            _ => shared[i] + (rng.below(1 << 20) as f32 / (1 << 20) as f32 - 0.5) * 0.2,
+        })
+        .collect();
+    let mut out = vec![0u8; n * dtype.size_bytes()];
+    mergec::exec::cpu::encode(&values, dtype, &mut out);
+    out
+}
+
+/// One unit in the last place of `dtype` at `x` (0 for f32: covered by the relative term).
+fn ulp_of(dtype: DType, x: f32) -> f64 {
+    let bits = match dtype {
+        DType::BF16 => 8,
+        DType::F16 => 11,
+        _ => return 0.0,
+    };
+    let e = if x == 0.0 {
+        -24
+    } else {
+        (x.abs() as f64).log2().floor() as i32
+    };
+    2f64.powi(e.max(-24) - bits + 1)
+}
+
+/// How a method's GPU result must agree with the CPU's (spec/ops.md, GPU tolerances).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Agreement {
+    /// Bit for bit (NaN for NaN).
+    Exact,
+    /// Per element `|gpu − cpu| <= 1e-5·max|cpu| + 1 ulp of the output dtype`; the same
+    /// elements NaN and the same infinities.
+    Reduction,
+}
+
+fn decode_all(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    let mut v = vec![0f32; bytes.len() / dtype.size_bytes()];
+    mergec::exec::cpu::decode(bytes, dtype, &mut v);
+    v
+}
+
+fn assert_agree(
+    what: &str,
+    step: &Step,
+    inputs: &[&[u8]],
+    cpu_out: &[u8],
+    gpu_out: &[u8],
+    agreement: Agreement,
+) {
+    match agreement {
+        Agreement::Exact => assert_same(step, inputs, cpu_out, gpu_out),
+        Agreement::Reduction => {
+            assert_eq!(cpu_out.len(), gpu_out.len(), "{what}");
+            let c = decode_all(cpu_out, step.dtype);
+            let g = decode_all(gpu_out, step.dtype);
+            let max = c
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0f64, |m, x| m.max(x.abs() as f64));
+            if std::env::var_os("MERGEC_GPU_REPORT").is_some() {
+                let same = c
+                    .iter()
+                    .zip(&g)
+                    .filter(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()))
+                    .count();
+                let worst = c
+                    .iter()
+                    .zip(&g)
+                    .filter(|(a, b)| a.is_finite() && b.is_finite())
+                    .map(|(a, b)| (*a as f64 - *b as f64).abs() / max.max(f64::MIN_POSITIVE))
+                    .fold(0f64, f64::max);
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "REPORT {what}: {same}/{} identical, worst {worst:e}",
+                    c.len()
+                );
+            }
+            for (i, (a, b)) in c.iter().zip(&g).enumerate() {
+                let ok = if a.is_nan() || b.is_nan() || a.is_infinite() || b.is_infinite() {
+                    a.is_nan() == b.is_nan() && (a.is_nan() || a == b)
+                } else {
+                    (*a as f64 - *b as f64).abs() <= 1e-5 * max + ulp_of(step.dtype, *a)
+                };
+                if !ok {
+                    let ins: Vec<String> = step
+                        .inputs
+                        .iter()
+                        .zip(inputs)
+                        .map(|(s, b)| format!("{:e}", decode_all(b, s.dtype)[i]))
+                        .collect();
+                    panic!(
+                        "{what}: element {i}: cpu {a:e}, gpu {b:e} (max |cpu| {max:e}); inputs {}",
+                        ins.join(" ")
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn gta_op(kind: GtaKind, m: usize, density: f64, rescale: bool, normalize: bool) -> MethodOp {
+    MethodOp::Gta {
+        kind,
+        weights: (0..m).map(|i| [0.6, -0.3, 1.1, 0.45][i % 4]).collect(),
+        densities: (0..m).map(|i| density * [1.0, 0.7, 0.9][i % 3]).collect(),
+        gammas: vec![0.05; m],
+        epsilons: vec![0.1 * density.min(1.0 - density).max(0.0); m],
+        lambda: if normalize { 1.0 } else { 0.8 },
+        normalize,
+        rescale,
+        keys: (0..m as u64)
+            .map(|i| mergec::ops::rng_key(7, i as u32 + 1, "t"))
+            .collect(),
+    }
+}
+
+/// Every ported method: the op, its input count, how it must agree.
+fn methods() -> Vec<(String, MethodOp, usize, Agreement)> {
+    use Agreement::*;
+    let mut out: Vec<(String, MethodOp, usize, Agreement)> = vec![
+        ("slerp".into(), MethodOp::Slerp { t: 0.3 }, 2, Reduction),
+        ("nearswap".into(), MethodOp::Nearswap { t: 0.01 }, 2, Exact),
+        (
+            "model_stock".into(),
+            MethodOp::ModelStock { filter_wise: false },
+            4,
+            Reduction,
+        ),
+        (
+            "model_stock filter_wise".into(),
+            MethodOp::ModelStock { filter_wise: true },
+            3,
+            Reduction,
+        ),
+        (
+            "karcher".into(),
+            MethodOp::Karcher {
+                max_iter: 10,
+                tol: 1e-5,
+            },
+            3,
+            Reduction,
+        ),
+        ("ram".into(), MethodOp::Ram { epsilon: 0.05 }, 4, Exact),
+        (
+            "ramplus_tl".into(),
+            MethodOp::RamPlusTl {
+                r: 0.4,
+                alpha: 50.0,
+                epsilon: 0.05,
+            },
+            4,
+            Exact,
+        ),
+        ("ram lone".into(), MethodOp::Ram { epsilon: 0.05 }, 1, Exact),
+    ];
+    for (flatten, row_wise) in [(true, false), (false, false), (false, true)] {
+        for with_base in [false, true] {
+            out.push((
+                format!("nuslerp flatten={flatten} row_wise={row_wise} base={with_base}"),
+                MethodOp::Nuslerp {
+                    weights: [0.4, 0.9],
+                    flatten,
+                    row_wise,
+                    with_base,
+                },
+                2 + usize::from(with_base),
+                Reduction,
+            ));
+        }
+    }
+    for with_base in [false, true] {
+        out.push((
+            format!("multislerp base={with_base}"),
+            MethodOp::Multislerp {
+                weights: vec![0.2, 0.5, 0.3],
+                normalize_weights: true,
+                eps: 1e-8,
+                with_base,
+            },
+            3 + usize::from(with_base),
+            Reduction,
+        ));
+    }
+    for kind in [
+        GtaKind::TaskArithmetic,
+        GtaKind::Ties,
+        GtaKind::DareTies,
+        GtaKind::DareLinear,
+        GtaKind::Breadcrumbs,
+        GtaKind::BreadcrumbsTies,
+        GtaKind::Della,
+        GtaKind::DellaLinear,
+    ] {
+        for (density, rescale, normalize) in [
+            (0.5, false, true),
+            (0.3, true, false),
+            (1.0, false, false),
+            (0.0, false, true),
+        ] {
+            let agreement = if rescale { Reduction } else { Exact };
+            out.push((
+                format!("{kind:?} density={density} rescale={rescale} normalize={normalize}"),
+                gta_op(kind, 3, density, rescale, normalize),
+                4,
+                agreement,
+            ));
+        }
+    }
+    out
+}
+
+/// Runs every method on both executors over `shape` and compares.
+fn check_methods(
+    gpu: &GpuExecutor,
+    cpu: &CpuExecutor,
+    seed: u64,
+    shape: &[usize],
+    dtypes: &[DType],
+    out: DType,
+    specials: bool,
+) {
+    check_methods_in(gpu, cpu, seed, shape, dtypes, out, specials, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_methods_in(
+    gpu: &GpuExecutor,
+    cpu: &CpuExecutor,
+    seed: u64,
+    shape: &[usize],
+    dtypes: &[DType],
+    out: DType,
+    specials: bool,
+    long_rows: bool,
+) {
+    let n: usize = shape.iter().product();
+    for (name, op, arity, agreement) in methods() {
+        let mut rng = Rng(seed ^ name.len() as u64);
+        let shared: Vec<f32> = (0..n)
+            .map(|_| rng.below(1 << 16) as f32 / 32768.0 - 1.0)
+            .collect();
+        let data: Vec<Vec<u8>> = (0..arity)
+            .map(|i| method_tensor(&mut rng, dtypes[i % dtypes.len()], n, &shared, specials))
+            .collect();
+        let inputs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let in_dtypes: Vec<DType> = (0..arity).map(|i| dtypes[i % dtypes.len()]).collect();
+        let step = method_step(&op, &in_dtypes, out, shape);
+        let expected = cpu.compute(&step, &inputs);
+        let got = match gpu.compute(&step, &inputs) {
+            Ok(got) => got,
+            // DELLA ranks within rows, and a chunk holds whole rows: a row longer than a
+            // storage binding is left to the CPU.
+            Err(e) if e.is_unsupported() && name.starts_with("Della") && long_rows => continue,
+            Err(e) => panic!("{name} {shape:?}: {e}"),
+        };
+        assert_agree(
+            &format!("{name} {shape:?} {in_dtypes:?} -> {out:?}"),
+            &step,
+            &inputs,
+            &expected,
+            &got,
+            agreement,
+        );
+    }
+}
+
+#[test]
+fn methods_match_the_cpu_over_shapes() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    for (k, shape) in [
+        vec![0],
+        vec![1],
+        vec![7],
+        vec![3, 5],
+        vec![1, 9],
+        vec![33, 17],
+        vec![4, 257],
+        vec![2000],
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_methods(
+            &gpu,
+            &cpu,
+            100 + k as u64,
+            shape,
+            &[DType::F32],
+            DType::F32,
+            false,
+        );
+    }
+    let whole = gpu.stats().whole_steps;
+    assert!(
+        whole >= 8 * methods().len() as u64,
+        "{whole} whole-tensor steps on the GPU"
+    );
+}
+
+#[test]
+fn methods_match_the_cpu_in_16_bit_dtypes() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    let mixed = [DType::BF16, DType::F16, DType::F32];
+    for (k, out) in [DType::BF16, DType::F16, DType::F32].into_iter().enumerate() {
+        check_methods(&gpu, &cpu, 200 + k as u64, &[33, 17], &mixed, out, false);
+        check_methods(&gpu, &cpu, 210 + k as u64, &[5], &[DType::BF16], out, false);
+    }
+}
+
+#[test]
+fn methods_match_the_cpu_with_special_values() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    for (k, shape) in [vec![1], vec![9, 31], vec![700]].iter().enumerate() {
+        check_methods(&gpu, &cpu, 300 + k as u64, shape, &[DType::F32], DType::F32, true);
+        check_methods(
+            &gpu,
+            &cpu,
+            310 + k as u64,
+            shape,
+            &[DType::BF16],
+            DType::BF16,
+            true,
+        );
+    }
+}
+
+/// A storage binding of 1 KiB (256 f32 elements per chunk) and grids of at most 2 x 2
+/// workgroups: tensors of several chunks, rows and columns crossing chunk boundaries,
+/// 2-D dispatches.
+#[test]
+fn methods_match_the_cpu_past_the_binding_and_dispatch_limits() {
+    let Some(gpu) = gpu() else { return };
+    let gpu = gpu
+        .with_max_binding_bytes(1024)
+        .with_max_workgroups_per_dimension(2);
+    let cpu = cpu();
+    let before = gpu.stats();
+    for (k, shape) in [
+        vec![40, 50],
+        vec![3, 700],
+        vec![1100],
+        vec![2, 3, 333],
+        vec![20, 64],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let long_rows = shape.last().unwrap() * 4 > 1024;
+        check_methods_in(
+            &gpu,
+            &cpu,
+            400 + k as u64,
+            shape,
+            &[DType::F32, DType::BF16],
+            DType::BF16,
+            false,
+            long_rows,
+        );
+    }
+    let after = gpu.stats();
+    assert!(after.grids_2d > before.grids_2d, "no 2-D grid: {after:?}");
 }

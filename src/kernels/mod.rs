@@ -10,7 +10,9 @@
 //! | family | template | programs |
 //! | --- | --- | --- |
 //! | [`Family::Elementwise`] | `shaders/elementwise.wgsl` | [`crate::plan::Kernel::Fused`] |
+//! | [`device`] catalogue | `shaders/{tensor,reduce,select,random,geometry,gta}.wgsl` | the steps of [`crate::plan::Kernel::Whole`] methods |
 
+pub mod device;
 mod fused;
 mod template;
 

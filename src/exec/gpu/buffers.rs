@@ -16,6 +16,9 @@ pub(crate) enum Role {
     Params,
     /// Host-visible readback: the output is copied here and mapped.
     Staging,
+    /// A device tensor of a whole-tensor method: written and read by kernels, filled by
+    /// uploads and clears, copied out for readback.
+    Work,
 }
 
 impl Role {
@@ -26,6 +29,7 @@ impl Role {
             Role::Output => U::STORAGE | U::COPY_SRC,
             Role::Params => U::UNIFORM | U::COPY_DST,
             Role::Staging => U::MAP_READ | U::COPY_DST,
+            Role::Work => U::STORAGE | U::COPY_SRC | U::COPY_DST,
         }
     }
 
@@ -35,6 +39,7 @@ impl Role {
             Role::Output => "mergec output",
             Role::Params => "mergec params",
             Role::Staging => "mergec staging",
+            Role::Work => "mergec tensor",
         }
     }
 }

@@ -39,13 +39,13 @@ pub fn grid(invocations: u64, workgroup_size: u32, max_per_dimension: u32) -> Re
     })
 }
 
-fn align4(bytes: usize) -> u64 {
+pub(super) fn align4(bytes: usize) -> u64 {
     bytes.next_multiple_of(4) as u64
 }
 
 /// Writes `bytes` at the start of `buffer`; a tail of 1 to 3 bytes is padded with zeros
 /// (copies move whole 4-byte words).
-fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
+pub(super) fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
     let whole = bytes.len() & !3;
     if whole > 0 {
         queue.write_buffer(buffer, 0, &bytes[..whole]);
@@ -57,7 +57,7 @@ fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, bytes: &[u8]) {
     }
 }
 
-fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+pub(super) fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer,
         offset: 0,
@@ -65,19 +65,32 @@ fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     })
 }
 
-/// Runs `pipeline` once: `inputs` are the slice's bytes of each input slot, `out` receives
-/// the slice's output bytes. Nothing here is empty: the caller skips empty tensors.
-pub(crate) fn run(
+/// A slice submitted to the queue whose result is not read back yet: its buffers, and the
+/// staging buffer's map request.
+pub(crate) struct InFlight {
+    in_buffers: Vec<wgpu::Buffer>,
+    out_buffer: wgpu::Buffer,
+    params_buffer: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    out_bytes: u64,
+    submission: wgpu::SubmissionIndex,
+    mapped: mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+}
+
+/// Uploads one slice's inputs, dispatches `pipeline` over them, copies the output to a
+/// staging buffer and asks for it to be mapped, without waiting: the caller can prepare
+/// the next slice while this one computes, then [`finish`]es it.
+pub(crate) fn submit(
     ctx: &GpuContext,
     pool: &Mutex<BufferPool>,
     pipeline: &Pipeline,
     params: &[u8],
     inputs: &[&[u8]],
     grid: Grid,
-    out: &mut [u8],
-) -> Result<(), GpuError> {
+    out_len: usize,
+) -> Result<InFlight, GpuError> {
     let device = &ctx.device;
-    let out_bytes = align4(out.len());
+    let out_bytes = align4(out_len);
     let (in_buffers, out_buffer, params_buffer, staging) = {
         let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
         let ins: Vec<wgpu::Buffer> = inputs
@@ -89,7 +102,8 @@ pub(crate) fn run(
         let staging = pool.take(device, Role::Staging, out_bytes);
         (ins, out_buffer, params_buffer, staging)
     };
-    let result = scope(
+    let (tx, rx) = mpsc::channel();
+    let submission = scope(
         ctx,
         || "running a kernel".to_string(),
         || {
@@ -132,26 +146,81 @@ pub(crate) fn run(
                 pass.dispatch_workgroups(grid.x, grid.y, 1);
             }
             encoder.copy_buffer_to_buffer(&out_buffer, 0, &staging, 0, out_bytes);
-            ctx.queue.submit([encoder.finish()]);
-            Ok(())
+            let submission = ctx.queue.submit([encoder.finish()]);
+            staging
+                .slice(..out_bytes)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    // The receiver waits in `finish`; it is gone only if the slice failed.
+                    let _ = tx.send(r);
+                });
+            Ok(submission)
         },
-    )
-    .and_then(|()| read_back(ctx, &staging, out_bytes, out));
-    // A buffer that saw an error is dropped, not pooled.
-    if result.is_ok() {
-        let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-        for b in in_buffers {
-            pool.give(Role::Input, b);
-        }
-        pool.give(Role::Output, out_buffer);
-        pool.give(Role::Params, params_buffer);
-        pool.give(Role::Staging, staging);
+    )?;
+    // A buffer that saw an error is dropped (above, by `?`), not pooled.
+    Ok(InFlight {
+        in_buffers,
+        out_buffer,
+        params_buffer,
+        staging,
+        out_bytes,
+        submission,
+        mapped: rx,
+    })
+}
+
+/// Waits for a submitted slice, copies its output into `out`, returns its buffers to the
+/// pool.
+pub(crate) fn finish(
+    ctx: &GpuContext,
+    pool: &Mutex<BufferPool>,
+    flight: InFlight,
+    out: &mut [u8],
+) -> Result<(), GpuError> {
+    let failed = |message: String| GpuError::Device {
+        during: "reading a result back".to_string(),
+        message,
+    };
+    // Waits for this slice only: a later one may still be computing.
+    ctx.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(flight.submission),
+            timeout: None,
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    flight
+        .mapped
+        .recv()
+        .map_err(|_| failed("the map callback never ran".to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    {
+        let view = flight
+            .staging
+            .slice(..flight.out_bytes)
+            .get_mapped_range()
+            .map_err(|e| failed(e.to_string()))?;
+        out.copy_from_slice(&view[..out.len()]);
     }
-    result
+    flight.staging.unmap();
+    if let Some(message) = ctx.take_fault() {
+        return Err(failed(message));
+    }
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    for b in flight.in_buffers {
+        pool.give(Role::Input, b);
+    }
+    pool.give(Role::Output, flight.out_buffer);
+    pool.give(Role::Params, flight.params_buffer);
+    pool.give(Role::Staging, flight.staging);
+    Ok(())
 }
 
 /// Maps the first `bytes` of `staging`, waits for the queue, copies into `out`.
-fn read_back(ctx: &GpuContext, staging: &wgpu::Buffer, bytes: u64, out: &mut [u8]) -> Result<(), GpuError> {
+pub(super) fn read_back(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    bytes: u64,
+    out: &mut [u8],
+) -> Result<(), GpuError> {
     let failed = |message: String| GpuError::Device {
         during: "reading a result back".to_string(),
         message,

@@ -1,34 +1,44 @@
-//! The GPU executor: element-wise kernels through wgpu/WGSL, bit-identical to the CPU
-//! reference ([`crate::exec::cpu`]).
+//! The GPU executor: every step as WGSL compute shaders through wgpu, checked against
+//! the CPU reference ([`crate::exec::cpu`]).
 //!
 //! ```text
 //!  Step (Kernel::Fused) ──kernels::ElementwiseKernel──▶ KernelKey + constants
 //!    ──pipelines (cache by key)──▶ ComputePipeline
 //!    ──per slice: buffers (pool) ─ dispatch (2-D grid) ─ staging readback──▶ output bytes
+//!  Step (Kernel::Whole) ──whole: the stack program over device tensors──▶ per method,
+//!    device primitives (decode, element-wise, reductions, selections, random masks)
+//!    ──kernels::device catalogue, pipelines by name──▶ encode ─ readback──▶ output bytes
 //! ```
 //!
 //! One long-lived [`GpuContext`] (device, queue, the adapter's own limits) is created once
 //! and handed to [`GpuExecutor::new`]. A tensor larger than one storage binding (128 MiB
-//! on many adapters) runs in slices that fit, one dispatch each.
+//! on many adapters) runs in slices (element-wise steps) or chunks (whole-tensor steps)
+//! that fit, one dispatch each. Element-wise slices are double-buffered: the next slice is
+//! uploaded and submitted while the previous one computes, and only then is the previous
+//! one read back ([`GpuStats::overlapped`]).
 //!
 //! Exactness: inputs are decoded and outputs rounded (to nearest, ties to even) in
 //! integer arithmetic, and every product and quotient is rounded to f32 before it is added
-//! (no fused multiply-add), so results equal the CPU's bit for bit, NaN payloads aside
-//! (spec/ops.md: NaN stays NaN, its payload is not guaranteed). `tests/gpu.rs` checks
-//! this on whatever adapter it runs on. What WGSL leaves to the adapter: division may be
-//! less than correctly rounded, and f32 subnormals may be flushed to zero; lavapipe does
-//! neither.
+//! (no fused multiply-add), so element-wise results equal the CPU's bit for bit, NaN
+//! payloads aside (spec/ops.md: NaN stays NaN, its payload is not guaranteed). Selections
+//! and random masks of the methods are exact too; reductions are summed in another order
+//! than the CPU's, within the bound of spec/ops.md ("GPU tolerances"). `tests/gpu.rs`
+//! checks this on whatever adapter it runs on. What WGSL leaves to the adapter: division
+//! may be less than correctly rounded, and f32 subnormals may be flushed to zero; lavapipe
+//! does neither.
 
 mod buffers;
 mod context;
+mod device;
 mod dispatch;
 mod pipelines;
+mod whole;
 
 use std::sync::Mutex;
 
 use crate::io::DType;
 use crate::kernels::{ElementwiseKernel, KernelError, ELEMENTS_PER_INVOCATION};
-use crate::plan::{Kernel, Step};
+use crate::plan::{Instr, Kernel, Step};
 
 use buffers::BufferPool;
 use pipelines::PipelineCache;
@@ -117,15 +127,32 @@ pub struct GpuStats {
     pub grids_2d: u64,
     pub bytes_uploaded: u64,
     pub bytes_read_back: u64,
+    /// Whole-tensor ([`Kernel::Whole`]) steps computed, methods included.
+    pub whole_steps: u64,
+    /// Element-wise slices uploaded and submitted while the previous slice was still
+    /// computing (double buffering).
+    pub overlapped: u64,
+}
+
+impl GpuStats {
+    fn add(&mut self, other: &GpuStats) {
+        self.dispatches += other.dispatches;
+        self.grids_2d += other.grids_2d;
+        self.bytes_uploaded += other.bytes_uploaded;
+        self.bytes_read_back += other.bytes_read_back;
+        self.whole_steps += other.whole_steps;
+        self.overlapped += other.overlapped;
+    }
 }
 
 /// Idle pooled buffers kept between tensors.
 const DEFAULT_MAX_IDLE_BYTES: u64 = 1 << 30;
 
-/// Computes steps on a GPU. Element-wise ([`Kernel::Fused`]) steps run there; whole-tensor
-/// methods ([`Kernel::Whole`]) have no GPU kernel yet and are refused with
-/// [`GpuError::Unsupported`], as are steps past the adapter's limits, so the caller runs
-/// them on the CPU executor instead.
+/// Computes steps on a GPU: element-wise ([`Kernel::Fused`]) steps, and whole-tensor
+/// ([`Kernel::Whole`]) steps whose methods have a GPU implementation (every method but
+/// `sce` and `arcee_fusion`). The others, and steps past the
+/// adapter's limits, are refused with [`GpuError::Unsupported`], so the caller runs them
+/// on the CPU executor instead.
 pub struct GpuExecutor {
     ctx: GpuContext,
     pipelines: PipelineCache,
@@ -191,19 +218,15 @@ impl GpuExecutor {
     /// Computes `step` over `inputs` (raw bytes, one per input slot) into its output bytes:
     /// the contract of [`crate::exec::CpuExecutor::compute`], with the same bits.
     ///
-    /// [`Kernel::Whole`] steps, and steps that need more bindings or uniform space than the
-    /// adapter has, return [`GpuError::Unsupported`] ([`GpuError::is_unsupported`]): the
+    /// Steps with a method that has no GPU kernel, and steps that need more bindings or
+    /// uniform space than the adapter has (or, for `della*`, rows longer than one storage
+    /// binding), return [`GpuError::Unsupported`] ([`GpuError::is_unsupported`]): the
     /// caller computes those on the CPU. A [`Kernel::Copy`] step (normally written
     /// straight from its input) returns its input's bytes.
     pub fn compute(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, GpuError> {
         let program = match &step.kernel {
             Kernel::Fused(program) => program,
-            Kernel::Whole(_) => {
-                return Err(GpuError::Unsupported(format!(
-                    "`{}` uses a whole-tensor method; only element-wise kernels run on the GPU",
-                    step.tensor
-                )))
-            }
+            Kernel::Whole(program) => return self.compute_whole(step, program, inputs),
             Kernel::Copy => {
                 let mut out = vec![0u8; step.out_bytes() as usize];
                 if let Some(first) = inputs.first() {
@@ -240,7 +263,10 @@ impl GpuExecutor {
         let pipeline = self.pipelines.get(&self.ctx, &kernel.key)?;
         let out_size = step.dtype.size_bytes();
         let slice = self.slice_elements(&in_dtypes, step.dtype, kernel.key.workgroup_size)?;
+        // Two slices in flight: the next slice's inputs are uploaded and submitted while
+        // the previous one computes, then the previous one is read back.
         let mut start = 0usize;
+        let mut pending: Option<(dispatch::InFlight, &mut [u8])> = None;
         for out_slice in out.chunks_mut(slice * out_size) {
             let n = out_slice.len() / out_size;
             let ins: Vec<&[u8]> = inputs
@@ -256,14 +282,94 @@ impl GpuExecutor {
             )?;
             // `n` fits in a u32: `slice_elements` caps slices at `u32::MAX`.
             let params = kernel.params(n as u32, grid.row);
-            dispatch::run(&self.ctx, &self.pool, &pipeline, &params, &ins, grid, out_slice)?;
-            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.dispatches += 1;
-            stats.grids_2d += u64::from(grid.y > 1);
-            stats.bytes_uploaded += ins.iter().map(|b| b.len() as u64).sum::<u64>();
-            stats.bytes_read_back += out_slice.len() as u64;
+            let flight = dispatch::submit(
+                &self.ctx,
+                &self.pool,
+                &pipeline,
+                &params,
+                &ins,
+                grid,
+                out_slice.len(),
+            )?;
+            {
+                let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                stats.dispatches += 1;
+                stats.grids_2d += u64::from(grid.y > 1);
+                stats.bytes_uploaded += ins.iter().map(|b| b.len() as u64).sum::<u64>();
+                stats.bytes_read_back += out_slice.len() as u64;
+                stats.overlapped += u64::from(pending.is_some());
+            }
+            if let Some((previous, previous_out)) = pending.take() {
+                dispatch::finish(&self.ctx, &self.pool, previous, previous_out)?;
+            }
+            pending = Some((flight, out_slice));
             start += n;
         }
+        if let Some((previous, previous_out)) = pending {
+            dispatch::finish(&self.ctx, &self.pool, previous, previous_out)?;
+        }
+        Ok(out)
+    }
+
+    /// A [`Kernel::Whole`] step: its program over device tensors (see [`whole`]).
+    fn compute_whole(&self, step: &Step, program: &[Instr], inputs: &[&[u8]]) -> Result<Vec<u8>, GpuError> {
+        for instr in program {
+            if let Instr::Method { op, .. } = instr {
+                whole::supported(op).map_err(GpuError::Unsupported)?;
+            }
+        }
+        if inputs.len() != step.inputs.len() {
+            return Err(GpuError::InputCount {
+                expected: step.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        let numel = step.numel();
+        let mut dtypes = Vec::with_capacity(inputs.len());
+        for (slot, (input, bytes)) in step.inputs.iter().zip(inputs).enumerate() {
+            let expected = numel * input.dtype.size_bytes() as u64;
+            if bytes.len() as u64 != expected {
+                return Err(GpuError::InputSize {
+                    slot,
+                    expected,
+                    got: bytes.len() as u64,
+                });
+            }
+            if !crate::kernels::computable(input.dtype) {
+                return Err(GpuError::Unsupported(format!(
+                    "no GPU arithmetic on {} inputs",
+                    input.dtype
+                )));
+            }
+            dtypes.push(input.dtype);
+        }
+        if !crate::kernels::computable(step.dtype) {
+            return Err(GpuError::Unsupported(format!(
+                "no GPU arithmetic on {} outputs",
+                step.dtype
+            )));
+        }
+        let align = whole::row_alignment(program, &step.shape);
+        let mut dev = device::Device::new(
+            &self.ctx,
+            &self.pipelines,
+            &self.pool,
+            self.max_binding_bytes,
+            self.max_workgroups_per_dimension,
+            numel as usize,
+            align,
+        )?;
+        let out = scope(
+            &self.ctx,
+            || format!("computing `{}`", step.tensor),
+            || whole::run(&mut dev, program, inputs, &dtypes, &step.shape, step.dtype),
+        )?;
+        dev.flush();
+        dev.stats.whole_steps = 1;
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&dev.stats);
         Ok(out)
     }
 

@@ -51,7 +51,7 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
 
 /// How a tensor splits into the vectors a method normalises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Layout {
+pub(crate) enum Layout {
     /// The whole flattened tensor is one vector.
     Flat,
     /// Vectors along the last dim: element `e` belongs to vector `e / len`.
@@ -62,7 +62,7 @@ enum Layout {
 
 impl Layout {
     /// Vectors along the last dim; a 1-D (or 0-D) tensor is one vector.
-    fn rows(shape: &[usize], numel: usize) -> Layout {
+    pub(crate) fn rows(shape: &[usize], numel: usize) -> Layout {
         match shape {
             [.., last] if *last > 0 && shape.len() >= 2 => Layout::Rows(*last),
             _ => Layout::Rows(numel.max(1)),
@@ -70,7 +70,7 @@ impl Layout {
     }
 
     /// Vectors along dim 0 (mergekit's `transpose(0, -1)`); a no-op transpose for 1-D.
-    fn cols(shape: &[usize], numel: usize) -> Layout {
+    pub(crate) fn cols(shape: &[usize], numel: usize) -> Layout {
         match shape {
             [first, _, ..] if *first > 0 => Layout::Cols {
                 len: *first,
@@ -307,7 +307,7 @@ fn slerp(t: f64, inputs: &Inputs) -> Vec<f32> {
     })
 }
 
-fn slerp_coefficients(t: f64, s00: f64, s11: f64, s01: f64) -> (f32, f32) {
+pub(crate) fn slerp_coefficients(t: f64, s00: f64, s11: f64, s01: f64) -> (f32, f32) {
     const EPS: f64 = 1e-8;
     const DOT_THRESHOLD: f64 = 0.9995;
     let n0 = s00.sqrt();
@@ -372,7 +372,7 @@ fn nuslerp(weights: [f64; 2], flatten: bool, row_wise: bool, with_base: bool, in
 /// mergekit: `u = v / max(‖v‖, 1e-7)`, `θ = acos(clamp(u0·u1, -1, 1))`, lerp when
 /// `|sin θ| < 1e-8`. In f64 the anti-parallel case really is colinear (sin π ≈ 1e-16);
 /// mergekit's f32 `sin(acos(-1))` is -8.7e-8 and blows up instead.
-fn nuslerp_coefficients(t: f64, s00: f64, s11: f64, s01: f64) -> (f32, f32) {
+pub(crate) fn nuslerp_coefficients(t: f64, s00: f64, s11: f64, s01: f64) -> (f32, f32) {
     let n0 = s00.sqrt().max(1e-7);
     let n1 = s11.sqrt().max(1e-7);
     let cos = (s01 / (n0 * n1)).clamp(-1.0, 1.0);
@@ -671,25 +671,7 @@ fn model_stock(filter_wise: bool, inputs: &Inputs) -> Vec<f32> {
     let sums = vector_sums(inputs, layout, true, &pairs);
     let ts: Vec<(f32, f32)> = sums
         .chunks_exact(p)
-        .map(|s| {
-            let mut total = 0.0f64;
-            for (q, &(i, j)) in pairs.iter().enumerate().skip(n) {
-                let norm_product = (s[i].sqrt() * s[j].sqrt()).max(1e-6);
-                total += (s[q] / norm_product).clamp(-1.0, 1.0);
-            }
-            let cos = total / (p - n) as f64;
-            let den = 1.0 + (n as f64 - 1.0) * cos;
-            // mergekit divides unguarded. The denominator vanishes at cos = -1/(N-1), where
-            // the task vectors point as far apart as N vectors can, so their mean offset is
-            // (near) zero and `t·mean offset` is 0·∞. The limit-sensible result is no offset:
-            // t = 0, the base. Same threshold as the fixtures' float64 re-derivation.
-            let t = if den.abs() < 1e-6 {
-                0.0
-            } else {
-                n as f64 * cos / den
-            };
-            (t as f32, (1.0 - t) as f32)
-        })
+        .map(|s| model_stock_t(s, &pairs, n))
         .collect();
     let n32 = n as f32;
     map_chunks(numel, |range, o| {
@@ -708,6 +690,29 @@ fn model_stock(filter_wise: bool, inputs: &Inputs) -> Vec<f32> {
             *o = t * avg + u * b.xs[0][k];
         }
     })
+}
+
+/// `(t, 1 - t)` of one vector from its sums over `pairs`: the `n` norms `(i, i)` first,
+/// then every pair `(i, j)`, `i < j`.
+pub(crate) fn model_stock_t(s: &[f64], pairs: &[(usize, usize)], n: usize) -> (f32, f32) {
+    let p = pairs.len();
+    let mut total = 0.0f64;
+    for (q, &(i, j)) in pairs.iter().enumerate().skip(n) {
+        let norm_product = (s[i].sqrt() * s[j].sqrt()).max(1e-6);
+        total += (s[q] / norm_product).clamp(-1.0, 1.0);
+    }
+    let cos = total / (p - n) as f64;
+    let den = 1.0 + (n as f64 - 1.0) * cos;
+    // mergekit divides unguarded. The denominator vanishes at cos = -1/(N-1), where
+    // the task vectors point as far apart as N vectors can, so their mean offset is
+    // (near) zero and `t·mean offset` is 0·∞. The limit-sensible result is no offset:
+    // t = 0, the base. Same threshold as the fixtures' float64 re-derivation.
+    let t = if den.abs() < 1e-6 {
+        0.0
+    } else {
+        n as f64 * cos / den
+    };
+    (t as f32, (1.0 - t) as f32)
 }
 
 // ---------------------------------------------------------------------------------------

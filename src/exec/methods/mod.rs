@@ -4,7 +4,7 @@
 //! chunks as a method needs them; reductions accumulate in f64 in a fixed order, so results
 //! never depend on the thread count. Each method returns its f32 result.
 
-mod geometry;
+pub(crate) mod geometry;
 mod gta;
 mod other;
 pub mod rng;

@@ -1,0 +1,134 @@
+// Exact top-k selection over |x| (select.rs): two 16-bit histograms find the threshold
+// key and how many keys equal to it are taken; masks hold one bit per element, 32 to a
+// word, element 32·w + b at bit b of word w (chunks start on a word boundary).
+
+// @kernel histogram_high
+// Counts of the high 16 bits of every key of the chunk (params.n elements).
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> hist: array<atomic<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = invocation(gid);
+    if (i >= params.n) {
+        return;
+    }
+    atomicAdd(&hist[abs_key(x[i]) >> 16u], 1u);
+}
+
+// @kernel histogram_low
+// Counts of the low 16 bits of the keys whose high 16 bits are u0.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> hist: array<atomic<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = invocation(gid);
+    if (i >= params.n) {
+        return;
+    }
+    let key = abs_key(x[i]);
+    if ((key >> 16u) == pu(0u)) {
+        atomicAdd(&hist[key & 0xffffu], 1u);
+    }
+}
+
+// @kernel mask_at_least
+// Bit set where key >= u0; one invocation per word of the chunk's params.n elements.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> mask: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = invocation(gid);
+    let i0 = w * 32u;
+    if (i0 >= params.n) {
+        return;
+    }
+    var bits = 0u;
+    for (var b = 0u; b < 32u && i0 + b < params.n; b++) {
+        if (abs_key(x[i0 + b]) >= pu(0u)) {
+            bits |= 1u << b;
+        }
+    }
+    mask[w] = bits;
+}
+
+// @kernel count_equal
+// Keys equal to u0 in each word's 32 elements.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = invocation(gid);
+    let i0 = w * 32u;
+    if (i0 >= params.n) {
+        return;
+    }
+    var c = 0u;
+    for (var b = 0u; b < 32u && i0 + b < params.n; b++) {
+        c += u32(abs_key(x[i0 + b]) == pu(0u));
+    }
+    counts[w] = c;
+}
+
+// @kernel mask_budget
+// Bit set where key > u0, or key == u0 among the first budget[w] such keys of the word.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> budget: array<u32>;
+@group(0) @binding(3) var<storage, read_write> mask: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = invocation(gid);
+    let i0 = w * 32u;
+    if (i0 >= params.n) {
+        return;
+    }
+    let t = pu(0u);
+    var left = budget[w];
+    var bits = 0u;
+    for (var b = 0u; b < 32u && i0 + b < params.n; b++) {
+        let key = abs_key(x[i0 + b]);
+        var take = key > t;
+        if (key == t && left > 0u) {
+            left -= 1u;
+            take = true;
+        }
+        if (take) {
+            bits |= 1u << b;
+        }
+    }
+    mask[w] = bits;
+}
+
+// @kernel and_not
+// a = a & !b over params.n words.
+@group(0) @binding(1) var<storage, read_write> a: array<u32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w = invocation(gid);
+    if (w >= params.n) {
+        return;
+    }
+    a[w] = a[w] & ~b[w];
+}
+
+// @kernel row_ranks
+// The 0-based ascending rank of |x| within its row of u0 elements (ties: lower index
+// first); the chunk holds whole rows.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ranks: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = invocation(gid);
+    if (i >= params.n) {
+        return;
+    }
+    let len = pu(0u);
+    let r0 = (i / len) * len;
+    let key = abs_key(x[i]);
+    var rank = 0u;
+    for (var j = r0; j < r0 + len; j++) {
+        let other = abs_key(x[j]);
+        rank += u32(other < key || (other == key && j < i));
+    }
+    ranks[i] = rank;
+}

@@ -1,0 +1,1021 @@
+//! [`Kernel::Whole`](crate::plan::Kernel::Whole) steps on the GPU: the CPU executor's
+//! stack machine over whole tensors (`exec::cpu::whole`), with every tensor on the
+//! device, and each method orchestrated from the primitives of [`super::device`] in the
+//! structure of its CPU reference (`exec::methods`).
+//!
+//! What is exact and what is not: element-wise arithmetic, selections (top-k thresholds,
+//! ranks) and random masks give the CPU's bits. Reductions (norms, dot products, L1
+//! norms) are summed in f32 segments on the device and in f64 on the host, in another
+//! order than the CPU's, so coefficients derived from them may differ in their last
+//! bits; spec/ops.md ("GPU tolerances") states the bound.
+
+use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
+use crate::io::DType;
+use crate::ops::{GtaKind, MethodOp};
+use crate::plan::Instr;
+
+use super::device::{Buf, Device, Mask, Params, Tensor, Vectors};
+use super::GpuError;
+
+/// Whether `op` has a GPU implementation; `Err` names why not.
+pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
+    match op {
+        MethodOp::Slerp { .. }
+        | MethodOp::Nuslerp { .. }
+        | MethodOp::Multislerp { .. }
+        | MethodOp::Karcher { .. }
+        | MethodOp::ModelStock { .. }
+        | MethodOp::Nearswap { .. }
+        | MethodOp::Gta { .. }
+        | MethodOp::Ram { .. }
+        | MethodOp::RamPlusTl { .. } => Ok(()),
+        // sce ranks a per-element variance computed in f64, arcee_fusion a row KL
+        // divergence in f64 (exp, ln): WGSL has no portable f64.
+        MethodOp::Sce { .. } | MethodOp::ArceeFusion => {
+            Err(format!("the method `{}` has no GPU kernel", op.name()))
+        }
+    }
+}
+
+/// Rows that one chunk must hold whole: DELLA ranks `|δ|` within rows.
+pub(crate) fn row_alignment(program: &[Instr], shape: &[usize]) -> usize {
+    let della = program.iter().any(|i| {
+        matches!(
+            i,
+            Instr::Method {
+                op: MethodOp::Gta {
+                    kind: GtaKind::Della | GtaKind::DellaLinear,
+                    ..
+                },
+                ..
+            }
+        )
+    });
+    if della {
+        shape.last().copied().unwrap_or(1).max(1)
+    } else {
+        1
+    }
+}
+
+enum Item {
+    Slot(usize),
+    Dev(Tensor),
+}
+
+/// Runs `program` over `inputs` (stored bytes of `dtypes`) into bytes of `out_dtype`.
+pub(crate) fn run(
+    dev: &mut Device,
+    program: &[Instr],
+    inputs: &[&[u8]],
+    dtypes: &[DType],
+    shape: &[usize],
+    out_dtype: DType,
+) -> Result<Vec<u8>, GpuError> {
+    let mut stack: Vec<Item> = Vec::new();
+    for instr in program {
+        let (pops, _) = instr.stack_effect();
+        if stack.len() < pops {
+            return Err(internal("the program underflows its stack"));
+        }
+        let args = stack.split_off(stack.len() - pops);
+        let mut tensors = Vec::with_capacity(args.len());
+        if !matches!(instr, Instr::Load(_)) {
+            for a in args {
+                tensors.push(tensor(dev, a, inputs, dtypes)?);
+            }
+        }
+        let result = match instr {
+            Instr::Load(slot) => {
+                if *slot >= inputs.len() {
+                    return Err(internal("the program loads a missing slot"));
+                }
+                Item::Slot(*slot)
+            }
+            Instr::Method { op, .. } => {
+                let out = method(dev, op, &tensors, shape)?;
+                for t in tensors {
+                    dev.free(t);
+                }
+                Item::Dev(out)
+            }
+            elementwise => {
+                let mut it = tensors.into_iter();
+                let acc = it
+                    .next()
+                    .ok_or_else(|| internal("an operation without operands"))?;
+                let rest: Vec<Tensor> = it.collect();
+                elementwise_op(dev, elementwise, &acc, &rest)?;
+                for t in rest {
+                    dev.free(t);
+                }
+                Item::Dev(acc)
+            }
+        };
+        stack.push(result);
+    }
+    let top = stack
+        .pop()
+        .ok_or_else(|| internal("the program leaves no value"))?;
+    let top = tensor(dev, top, inputs, dtypes)?;
+    let out = dev.download(&top, out_dtype)?;
+    dev.free(top);
+    for item in stack {
+        if let Item::Dev(t) = item {
+            dev.free(t);
+        }
+    }
+    Ok(out)
+}
+
+fn internal(what: &str) -> GpuError {
+    GpuError::Device {
+        during: "running a whole-tensor program".to_string(),
+        message: format!("internal error: {what}"),
+    }
+}
+
+fn tensor(dev: &mut Device, item: Item, inputs: &[&[u8]], dtypes: &[DType]) -> Result<Tensor, GpuError> {
+    match item {
+        Item::Dev(t) => Ok(t),
+        Item::Slot(s) => dev.upload(inputs[s], dtypes[s]),
+    }
+}
+
+/// `exec::cpu::whole::apply_elementwise` on device tensors.
+fn elementwise_op(dev: &mut Device, instr: &Instr, acc: &Tensor, rest: &[Tensor]) -> Result<(), GpuError> {
+    let p = Params::default();
+    match instr {
+        Instr::Neg => dev.map("neg", &[acc], p),
+        Instr::Scale(f) => dev.map("scale", &[acc], p.f(&[*f])),
+        Instr::Divide(d) => dev.map("divide", &[acc], p.f(&[*d])),
+        Instr::Add => dev.map("add", &[acc, operand(rest, 0)?], p),
+        Instr::Sub => dev.map("sub", &[acc, operand(rest, 0)?], p),
+        Instr::WeightedSum { weights, divisor } => {
+            let w0 = weights.first().copied().unwrap_or(1.0);
+            dev.map("scale", &[acc], p.f(&[w0]))?;
+            for (b, w) in rest.iter().zip(weights.iter().skip(1)) {
+                dev.map("axpy", &[acc, b], p.f(&[*w]))?;
+            }
+            if let Some(d) = divisor {
+                dev.map("divide", &[acc], p.f(&[*d]))?;
+            }
+            Ok(())
+        }
+        Instr::Load(_) | Instr::Method { .. } => Ok(()),
+    }
+}
+
+fn operand(rest: &[Tensor], i: usize) -> Result<&Tensor, GpuError> {
+    rest.get(i).ok_or_else(|| internal("a missing operand"))
+}
+
+fn method(dev: &mut Device, op: &MethodOp, xs: &[Tensor], shape: &[usize]) -> Result<Tensor, GpuError> {
+    if xs.is_empty() {
+        return Err(GpuError::Unsupported(format!("`{}` of no tensors", op.name())));
+    }
+    if dev.n == 0 {
+        return Ok(dev.alloc());
+    }
+    match op {
+        MethodOp::Slerp { t } => slerp(dev, *t, xs),
+        MethodOp::Nuslerp {
+            weights,
+            flatten,
+            row_wise,
+            with_base,
+        } => nuslerp(dev, *weights, *flatten, *row_wise, *with_base, xs, shape),
+        MethodOp::ModelStock { filter_wise } => model_stock(dev, *filter_wise, xs, shape),
+        MethodOp::Nearswap { t } => nearswap(dev, *t, xs),
+        MethodOp::Multislerp {
+            weights,
+            normalize_weights,
+            eps,
+            with_base,
+        } => multislerp(dev, weights, *normalize_weights, *eps, *with_base, xs),
+        MethodOp::Karcher { max_iter, tol } => karcher(dev, *max_iter, *tol, xs),
+        MethodOp::Gta { .. } => gta(dev, op, xs, shape),
+        MethodOp::Ram { epsilon } => ram(dev, *epsilon, None, xs),
+        MethodOp::RamPlusTl { r, alpha, epsilon } => ram(dev, *epsilon, Some((*r, *alpha)), xs),
+        other => Err(GpuError::Unsupported(format!(
+            "the method `{}` has no GPU kernel",
+            other.name()
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// geometry
+// ---------------------------------------------------------------------------------------
+
+/// How `lin2` finds an element's vector, and the reduction's vectors.
+fn vectors_of(layout: Layout, n: usize) -> (Vectors, [u32; 2]) {
+    match layout {
+        Layout::Flat => (Vectors::flat(n), [0, 0]),
+        Layout::Rows(len) => (Vectors::rows(n, len), [1, len as u32]),
+        Layout::Cols { len, inner } => (Vectors::cols(len, inner), [2, inner as u32]),
+    }
+}
+
+/// `out = c0[v]·a + c1[v]·b (+ base)`, `coefs` holding `(c0, c1)` per vector.
+fn lin2(
+    dev: &mut Device,
+    a: &Tensor,
+    b: &Tensor,
+    base: Option<&Tensor>,
+    coefs: &[(f32, f32)],
+    mode: [u32; 2],
+) -> Result<Tensor, GpuError> {
+    let flat: Vec<f32> = coefs.iter().flat_map(|(x, y)| [*x, *y]).collect();
+    let coefs = dev.small(&flat);
+    let out = dev.alloc();
+    let p = Params::default().u(&[mode[0], mode[1], u32::from(base.is_some())]);
+    let base = base.unwrap_or(a);
+    for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+        let p = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..p
+        };
+        let bufs = [
+            &a.chunks[c],
+            &b.chunks[c],
+            &base.chunks[c],
+            &coefs,
+            &out.chunks[c],
+        ];
+        dev.dispatch("lin2", &bufs, p, (hi - lo) as u64)?;
+    }
+    dev.give_small(coefs);
+    Ok(out)
+}
+
+fn slerp(dev: &mut Device, t: f64, xs: &[Tensor]) -> Result<Tensor, GpuError> {
+    if xs.len() < 2 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let (a, b) = (&xs[0], &xs[1]);
+    let s = dev.dots(&[(a, a), (b, b), (a, b)], Vectors::flat(dev.n))?;
+    let c = slerp_coefficients(t, s[0][0], s[1][0], s[2][0]);
+    lin2(dev, a, b, None, &[c], [0, 0])
+}
+
+fn nuslerp(
+    dev: &mut Device,
+    weights: [f64; 2],
+    flatten: bool,
+    row_wise: bool,
+    with_base: bool,
+    xs: &[Tensor],
+    shape: &[usize],
+) -> Result<Tensor, GpuError> {
+    let first = usize::from(with_base);
+    let models = xs.len().saturating_sub(first);
+    if models < 2 {
+        return Ok(dev.copy(&xs[if models == 1 { first } else { 0 }]));
+    }
+    let sum = weights[0] + weights[1];
+    let t = if sum.abs() < 1e-6 { 0.5 } else { weights[1] / sum };
+    let n = dev.n;
+    let layout = if flatten {
+        Layout::Flat
+    } else if row_wise {
+        Layout::cols(shape, n)
+    } else {
+        Layout::rows(shape, n)
+    };
+    let (vectors, mode) = vectors_of(layout, n);
+    let deltas = if with_base {
+        Some((difference(dev, &xs[1], &xs[0])?, difference(dev, &xs[2], &xs[0])?))
+    } else {
+        None
+    };
+    let (a, b) = match &deltas {
+        Some((a, b)) => (a, b),
+        None => (&xs[0], &xs[1]),
+    };
+    let s = dev.dots(&[(a, a), (b, b), (a, b)], vectors)?;
+    let coefs: Vec<(f32, f32)> = (0..vectors.count)
+        .map(|v| nuslerp_coefficients(t, s[0][v], s[1][v], s[2][v]))
+        .collect();
+    let out = lin2(dev, a, b, with_base.then(|| &xs[0]), &coefs, mode)?;
+    if let Some((a, b)) = deltas {
+        dev.free(a);
+        dev.free(b);
+    }
+    Ok(out)
+}
+
+/// `a − b` as a new tensor.
+fn difference(dev: &mut Device, a: &Tensor, b: &Tensor) -> Result<Tensor, GpuError> {
+    let out = dev.alloc();
+    dev.map("difference", &[a, b, &out], Params::default())?;
+    Ok(out)
+}
+
+fn model_stock(
+    dev: &mut Device,
+    filter_wise: bool,
+    xs: &[Tensor],
+    shape: &[usize],
+) -> Result<Tensor, GpuError> {
+    let n = xs.len().saturating_sub(1);
+    if n < 2 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let numel = dev.n;
+    let layout = if filter_wise {
+        Layout::rows(shape, numel)
+    } else {
+        Layout::Flat
+    };
+    let (vectors, mode) = vectors_of(layout, numel);
+    let mut pairs: Vec<(usize, usize)> = (0..n).map(|i| (i, i)).collect();
+    for i in 0..n {
+        for j in i + 1..n {
+            pairs.push((i, j));
+        }
+    }
+    let deltas: Vec<Tensor> = (1..=n)
+        .map(|i| difference(dev, &xs[i], &xs[0]))
+        .collect::<Result<_, _>>()?;
+    let tensor_pairs: Vec<(&Tensor, &Tensor)> =
+        pairs.iter().map(|&(i, j)| (&deltas[i], &deltas[j])).collect();
+    let sums = dev.dots(&tensor_pairs, vectors)?;
+    for d in deltas {
+        dev.free(d);
+    }
+    let ts: Vec<(f32, f32)> = (0..vectors.count)
+        .map(|v| {
+            let s: Vec<f64> = sums.iter().map(|per_pair| per_pair[v]).collect();
+            model_stock_t(&s, &pairs, n)
+        })
+        .collect();
+    let avg = dev.zeros();
+    for x in &xs[1..] {
+        dev.map("add", &[&avg, x], Params::default())?;
+    }
+    dev.map("divide", &[&avg], Params::default().f(&[n as f32]))?;
+    let out = lin2(dev, &avg, &xs[0], None, &ts, mode)?;
+    dev.free(avg);
+    Ok(out)
+}
+
+fn nearswap(dev: &mut Device, t: f64, xs: &[Tensor]) -> Result<Tensor, GpuError> {
+    if xs.len() < 2 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let out = dev.alloc();
+    dev.map(
+        "nearswap",
+        &[&xs[0], &xs[1], &out],
+        Params::default().f(&[t as f32, 1e-6f32]),
+    )?;
+    Ok(out)
+}
+
+/// Inputs `[m...]` or `[base, m...]`: geometry.rs `multislerp`, pass by pass.
+fn multislerp(
+    dev: &mut Device,
+    weights: &[f64],
+    normalize: bool,
+    eps: f64,
+    with_base: bool,
+    xs: &[Tensor],
+) -> Result<Tensor, GpuError> {
+    let first = usize::from(with_base);
+    let m = xs.len().saturating_sub(first);
+    if m < 2 {
+        return Ok(dev.copy(&xs[if m == 1 { first } else { 0 }]));
+    }
+    let mut w: Vec<f64> = (0..m).map(|i| weights.get(i).copied().unwrap_or(0.0)).collect();
+    let sum: f64 = w.iter().sum();
+    if normalize && sum != 0.0 {
+        w.iter_mut().for_each(|x| *x /= sum);
+    }
+    let owned: Vec<Tensor> = if with_base {
+        (0..m)
+            .map(|i| difference(dev, &xs[first + i], &xs[0]))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let x: Vec<&Tensor> = if with_base {
+        owned.iter().collect()
+    } else {
+        xs.iter().collect()
+    };
+    let norms: Vec<f64> = dev
+        .dots(
+            &x.iter().map(|t| (*t, *t)).collect::<Vec<_>>(),
+            Vectors::flat(dev.n),
+        )?
+        .into_iter()
+        .map(|s| s[0].sqrt())
+        .collect();
+    let w32: Vec<f32> = w.iter().map(|x| *x as f32).collect();
+    let den: Vec<f32> = norms.iter().map(|n| (n + eps) as f32).collect();
+    // u_i = x_i / den_i and the weighted mean m.
+    let mut units = Vec::with_capacity(m);
+    let mean = dev.zeros();
+    for i in 0..m {
+        let u = dev.alloc();
+        dev.map("unit", &[x[i], &u], Params::default().f(&[den[i]]))?;
+        dev.map("axpy", &[&mean, &u], Params::default().f(&[w32[i]]))?;
+        units.push(u);
+    }
+    let mut pairs: Vec<(&Tensor, &Tensor)> = vec![(&mean, &mean)];
+    pairs.extend(units.iter().map(|u| (u, &mean)));
+    let sums: Vec<f64> = dev
+        .dots(&pairs, Vectors::flat(dev.n))?
+        .into_iter()
+        .map(|s| s[0])
+        .collect();
+    let base = with_base.then(|| &xs[0]);
+    let mnorm = sums[0].sqrt();
+    let out = if mnorm < eps || mnorm == 0.0 {
+        let y = dev.zeros();
+        for i in 0..m {
+            dev.map("axpy", &[&y, x[i]], Params::default().f(&[w32[i]]))?;
+        }
+        if let Some(b) = base {
+            dev.map("add", &[&y, b], Params::default())?;
+        }
+        y
+    } else {
+        let mnorm32 = mnorm as f32;
+        let dots: Vec<f32> = sums[1..].iter().map(|s| (s / mnorm) as f32).collect();
+        let mh = dev.copy(&mean);
+        dev.map("divide", &[&mh], Params::default().f(&[mnorm32]))?;
+        let tau = dev.zeros();
+        for i in 0..m {
+            dev.map(
+                "tangent",
+                &[&tau, &units[i], &mh],
+                Params::default().f(&[dots[i], w32[i]]),
+            )?;
+        }
+        let tau2 = dev.dots(&[(&tau, &tau)], Vectors::flat(dev.n))?[0][0];
+        let theta = tau2.sqrt() + eps;
+        let ca = theta.cos() as f32;
+        let sa = if theta == 0.0 {
+            1.0
+        } else {
+            (theta.sin() / theta) as f32
+        };
+        let scale = norms.iter().zip(&w).map(|(n, w)| n * w).sum::<f64>() as f32;
+        let out = dev.alloc();
+        let p = Params::default().f(&[ca, sa, scale]).u(&[u32::from(with_base)]);
+        dev.map("multislerp_out", &[&mh, &tau, base.unwrap_or(&mh), &out], p)?;
+        dev.free(mh);
+        dev.free(tau);
+        out
+    };
+    dev.free(mean);
+    for t in units.into_iter().chain(owned) {
+        dev.free(t);
+    }
+    Ok(out)
+}
+
+/// Inputs `[m...]`: geometry.rs `karcher`, iteration by iteration.
+fn karcher(dev: &mut Device, max_iter: u32, tol: f64, xs: &[Tensor]) -> Result<Tensor, GpuError> {
+    let n = xs.len();
+    if n == 1 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let alpha = 1.0 / n as f64;
+    let norms: Vec<f64> = dev
+        .dots(
+            &xs.iter().map(|t| (t, t)).collect::<Vec<_>>(),
+            Vectors::flat(dev.n),
+        )?
+        .into_iter()
+        .map(|s| s[0].sqrt())
+        .collect();
+    let valid: Vec<usize> = (0..n).filter(|&i| norms[i] > tol).collect();
+    if valid.is_empty() {
+        return Ok(dev.zeros());
+    }
+    let norm32: Vec<f32> = norms.iter().map(|x| *x as f32).collect();
+    let valid_alpha = alpha * valid.len() as f64;
+    let abar = (alpha / valid_alpha) as f32;
+    let units: Vec<Tensor> = valid
+        .iter()
+        .map(|&i| {
+            let u = dev.alloc();
+            dev.map("unit", &[&xs[i], &u], Params::default().f(&[norm32[i]]))
+                .map(|()| u)
+        })
+        .collect::<Result<_, _>>()?;
+    let mut mean = dev.zeros();
+    for u in &units {
+        dev.map("axpy", &[&mean, u], Params::default().f(&[abar]))?;
+    }
+    let mean_norm = dev.dots(&[(&mean, &mean)], Vectors::flat(dev.n))?[0][0].sqrt();
+    if mean_norm < tol || mean_norm == 0.0 {
+        dev.free(mean);
+        mean = dev.copy(&units[0]);
+    } else {
+        dev.map("divide", &[&mean], Params::default().f(&[mean_norm as f32]))?;
+    }
+    for _ in 0..max_iter {
+        let pairs: Vec<(&Tensor, &Tensor)> = units.iter().map(|u| (&mean, u)).collect();
+        let dots = dev.dots(&pairs, Vectors::flat(dev.n))?;
+        let mut active: Vec<(usize, f32, f32)> = Vec::new();
+        for (k, d) in dots.iter().enumerate() {
+            let dot = d[0].clamp(-1.0, 1.0);
+            let theta = dot.acos();
+            if theta < tol || theta == 0.0 {
+                continue;
+            }
+            active.push((k, abar * (theta / theta.sin()) as f32, dot as f32));
+        }
+        let tangent = dev.zeros();
+        for &(k, c, dot) in &active {
+            dev.map(
+                "tangent",
+                &[&tangent, &units[k], &mean],
+                Params::default().f(&[dot, c]),
+            )?;
+        }
+        let tn = dev.dots(&[(&tangent, &tangent)], Vectors::flat(dev.n))?[0][0].sqrt();
+        if tn < tol || tn == 0.0 {
+            dev.free(tangent);
+            break;
+        }
+        let ct = tn.cos() as f32;
+        let st = (tn.sin() / tn) as f32;
+        let next = lin2(dev, &mean, &tangent, None, &[(ct, st)], [0, 0])?;
+        dev.free(tangent);
+        dev.free(mean);
+        mean = next;
+        let un = dev.dots(&[(&mean, &mean)], Vectors::flat(dev.n))?[0][0].sqrt();
+        if un > tol && un > 0.0 {
+            dev.map("divide", &[&mean], Params::default().f(&[un as f32]))?;
+        }
+    }
+    let scale = norms.iter().map(|x| alpha * x).sum::<f64>() as f32;
+    dev.map("scale", &[&mean], Params::default().f(&[scale]))?;
+    for u in units {
+        dev.free(u);
+    }
+    Ok(mean)
+}
+
+// ---------------------------------------------------------------------------------------
+// generalized task arithmetic
+// ---------------------------------------------------------------------------------------
+
+/// Norms below this leave the masked delta unscaled (gta.rs `RESCALE_EPS`).
+const RESCALE_EPS: f64 = 1e-7;
+
+/// gta.rs `l1_factor`.
+fn l1_factor(before: f64, after: f64) -> f32 {
+    if before < RESCALE_EPS || after < RESCALE_EPS {
+        1.0
+    } else {
+        (before / after) as f32
+    }
+}
+
+/// select.rs `Selection`, found on the device.
+struct Selection {
+    threshold: u32,
+    take_equal: usize,
+    equal_total: usize,
+    any: bool,
+}
+
+/// select.rs `bucket_of_kth`: the bucket holding the `k`-th largest (1-based) and how
+/// many lie above it.
+fn bucket_of_kth(hist: &[u32], k: usize) -> (u32, usize) {
+    let mut above = 0usize;
+    for bucket in (0..hist.len()).rev() {
+        let count = hist[bucket] as usize;
+        if above + count >= k {
+            return (bucket as u32, above);
+        }
+        above += count;
+    }
+    (0, above)
+}
+
+/// A 16-bit histogram of the keys `|x|` (high halves, or low halves under `high`).
+fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>) -> Result<Vec<u32>, GpuError> {
+    let hist = dev.small(&vec![0u32; 1 << 16]);
+    let (name, u) = match high {
+        None => ("histogram_high", 0),
+        Some(h) => ("histogram_low", h),
+    };
+    for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+        let p = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        }
+        .u(&[u]);
+        dev.dispatch(name, &[&x.chunks[c], &hist], p, (hi - lo) as u64)?;
+    }
+    let bytes = dev.read(&[&hist])?;
+    dev.give_small(hist);
+    Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
+}
+
+/// select.rs `select_top_k` over the keys `|x|`, with the same two histograms.
+fn select_top_k(dev: &mut Device, x: &Tensor, k: usize) -> Result<Selection, GpuError> {
+    let k = k.min(dev.n);
+    if k == 0 {
+        return Ok(Selection {
+            threshold: u32::MAX,
+            take_equal: 0,
+            equal_total: 0,
+            any: false,
+        });
+    }
+    let hist = histogram(dev, x, None)?;
+    let (high, above_high) = bucket_of_kth(&hist, k);
+    let hist = histogram(dev, x, Some(high))?;
+    let (low, above_low) = bucket_of_kth(&hist, k - above_high);
+    Ok(Selection {
+        threshold: (high << 16) | low,
+        take_equal: k - above_high - above_low,
+        equal_total: hist[low as usize] as usize,
+        any: true,
+    })
+}
+
+/// The mask of a selection (ties at the threshold: lowest indices first).
+fn selection_mask(dev: &mut Device, x: &Tensor, sel: &Selection) -> Result<Mask, GpuError> {
+    let mask = dev.alloc_mask();
+    let ranges = dev.ranges();
+    let words = |(lo, hi): (usize, usize)| (hi - lo).div_ceil(32);
+    if !sel.any {
+        dev.clear_mask(&mask);
+        return Ok(mask);
+    }
+    let t = sel.threshold;
+    if sel.take_equal == sel.equal_total {
+        for (c, &(lo, hi)) in ranges.iter().enumerate() {
+            let p = Params {
+                n: (hi - lo) as u32,
+                start: lo as u32,
+                ..Params::default()
+            }
+            .u(&[t]);
+            dev.dispatch(
+                "mask_at_least",
+                &[&x.chunks[c], &mask.chunks[c]],
+                p,
+                words((lo, hi)) as u64,
+            )?;
+        }
+        return Ok(mask);
+    }
+    // How many threshold-equal keys each word takes: the first take_equal overall.
+    let mut counts = Vec::new();
+    for (c, &(lo, hi)) in ranges.iter().enumerate() {
+        let out = dev.small(&vec![0u32; words((lo, hi))]);
+        let p = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        }
+        .u(&[t]);
+        dev.dispatch("count_equal", &[&x.chunks[c], &out], p, words((lo, hi)) as u64)?;
+        counts.push(out);
+    }
+    let read = dev.read(&counts.iter().collect::<Vec<_>>())?;
+    for b in counts {
+        dev.give_small(b);
+    }
+    let mut left = sel.take_equal;
+    for (c, (&(lo, hi), bytes)) in ranges.iter().zip(&read).enumerate() {
+        let budgets: Vec<u32> = bytemuck::pod_collect_to_vec::<u8, u32>(bytes)
+            .into_iter()
+            .map(|e| {
+                let take = (e as usize).min(left);
+                left -= take;
+                take as u32
+            })
+            .collect();
+        let budget = dev.small(&budgets);
+        let p = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        }
+        .u(&[t]);
+        dev.dispatch(
+            "mask_budget",
+            &[&x.chunks[c], &budget, &mask.chunks[c]],
+            p,
+            words((lo, hi)) as u64,
+        )?;
+        dev.give_small(budget);
+    }
+    Ok(mask)
+}
+
+/// The mask of a random keep test per element: `bernoulli` with probability `p`, or the
+/// DELLA rank-dependent probability when `ranks` are given.
+fn random_mask(
+    dev: &mut Device,
+    key: u64,
+    p: f32,
+    della: Option<(&Tensor, usize, f32, f32)>,
+) -> Result<Mask, GpuError> {
+    let mask = dev.alloc_mask();
+    let key = [key as u32, (key >> 32) as u32];
+    for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+        let words = (hi - lo).div_ceil(32) as u64;
+        let base = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        };
+        match della {
+            None => {
+                dev.dispatch("bernoulli", &[&mask.chunks[c]], base.u(&key).f(&[p]), words)?;
+            }
+            Some((ranks, row, span, denom)) => {
+                let params = base.u(&[key[0], key[1], row as u32]).f(&[p, span, denom]);
+                dev.dispatch("della", &[&ranks.chunks[c], &mask.chunks[c]], params, words)?;
+            }
+        }
+    }
+    Ok(mask)
+}
+
+/// Which elements of one model's delta survive, and the rescale factor (gta.rs
+/// `sparsify`); `None` keeps every element.
+#[allow(clippy::too_many_arguments)]
+fn sparsify(
+    dev: &mut Device,
+    kind: GtaKind,
+    delta: &Tensor,
+    density: f64,
+    gamma: f64,
+    epsilon: f64,
+    key: u64,
+    row: usize,
+    rescale: bool,
+) -> Result<Option<(Mask, f32)>, GpuError> {
+    let n = dev.n;
+    if kind == GtaKind::TaskArithmetic || density >= 1.0 {
+        return Ok(None);
+    }
+    let magnitude = matches!(kind, GtaKind::Ties);
+    let della = matches!(kind, GtaKind::Della | GtaKind::DellaLinear);
+    if (magnitude || della) && density <= 0.0 {
+        let mask = dev.alloc_mask();
+        dev.clear_mask(&mask);
+        return Ok(Some((mask, 1.0)));
+    }
+    let mask = match kind {
+        GtaKind::Ties => {
+            let k = ((density * n as f64) as usize).max(1);
+            let sel = select_top_k(dev, delta, k)?;
+            selection_mask(dev, delta, &sel)?
+        }
+        GtaKind::Breadcrumbs | GtaKind::BreadcrumbsTies => {
+            let target = ((density * n as f64) as usize).min(n);
+            let top = ((gamma * n as f64) as usize).min(n - target);
+            let sel = select_top_k(dev, delta, top + target)?;
+            let mask = selection_mask(dev, delta, &sel)?;
+            if top > 0 {
+                let sel = select_top_k(dev, delta, top)?;
+                let above = selection_mask(dev, delta, &sel)?;
+                for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+                    let words = (hi - lo).div_ceil(32);
+                    let p = Params {
+                        n: words as u32,
+                        start: lo as u32,
+                        ..Params::default()
+                    };
+                    dev.dispatch("and_not", &[&mask.chunks[c], &above.chunks[c]], p, words as u64)?;
+                }
+                dev.free_mask(above);
+            }
+            mask
+        }
+        GtaKind::DareTies | GtaKind::DareLinear => random_mask(dev, key, density as f32, None)?,
+        GtaKind::Della | GtaKind::DellaLinear => {
+            let ranks = dev.alloc();
+            for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+                let p = Params {
+                    n: (hi - lo) as u32,
+                    start: lo as u32,
+                    ..Params::default()
+                }
+                .u(&[row as u32]);
+                dev.dispatch(
+                    "row_ranks",
+                    &[&delta.chunks[c], &ranks.chunks[c]],
+                    p,
+                    (hi - lo) as u64,
+                )?;
+            }
+            let low = (density - epsilon) as f32;
+            let span = (2.0 * epsilon) as f32;
+            let denom = (row.max(2) - 1) as f32;
+            let mask = random_mask(dev, key, low, Some((&ranks, row, span, denom)))?;
+            dev.free(ranks);
+            mask
+        }
+        GtaKind::TaskArithmetic => return Ok(None),
+    };
+    let scale = if rescale {
+        let (before, after) = dev.l1(delta, &mask)?;
+        l1_factor(before, after)
+    } else {
+        1.0
+    };
+    Ok(Some((mask, scale)))
+}
+
+/// Inputs `[base, m...]`: gta.rs `apply`, then its `combine` one model per pass.
+fn gta(dev: &mut Device, op: &MethodOp, xs: &[Tensor], shape: &[usize]) -> Result<Tensor, GpuError> {
+    let MethodOp::Gta {
+        kind,
+        weights,
+        densities,
+        gammas,
+        epsilons,
+        lambda,
+        normalize,
+        rescale,
+        keys,
+    } = op
+    else {
+        return Err(internal("not a task-vector method"));
+    };
+    let m = xs.len() - 1;
+    if m == 0 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let weights: Vec<f32> = (0..m)
+        .map(|i| weights.get(i).copied().unwrap_or(1.0) as f32)
+        .collect();
+    let row = shape.last().copied().unwrap_or(1).max(1);
+    let mut kept: Vec<Option<(Mask, f32)>> = Vec::with_capacity(m);
+    for i in 0..m {
+        let density = densities.get(i).copied().unwrap_or(1.0);
+        if *kind == GtaKind::TaskArithmetic || density >= 1.0 {
+            kept.push(None);
+            continue;
+        }
+        let delta = difference(dev, &xs[i + 1], &xs[0])?;
+        let k = sparsify(
+            dev,
+            *kind,
+            &delta,
+            density,
+            gammas.get(i).copied().unwrap_or(0.01),
+            epsilons.get(i).copied().unwrap_or(0.0),
+            keys.get(i).copied().unwrap_or(0),
+            row,
+            *rescale,
+        );
+        dev.free(delta);
+        kept.push(k?);
+    }
+    let base = &xs[0];
+    let pass = |dev: &mut Device, name: &'static str, i: usize, extra: &[&Tensor]| -> Result<(), GpuError> {
+        let (mask, scale, has) = match &kept[i] {
+            Some((mask, scale)) => (Some(mask), *scale, 1),
+            None => (None, 1.0, 0),
+        };
+        let p = Params::default().u(&[has]).f(&[scale, weights[i]]);
+        for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+            let mut bufs: Vec<&Buf> = vec![
+                &base.chunks[c],
+                &xs[i + 1].chunks[c],
+                mask.map_or(&base.chunks[c], |m| &m.chunks[c]),
+            ];
+            bufs.extend(extra.iter().map(|t| &t.chunks[c]));
+            let p = Params {
+                n: (hi - lo) as u32,
+                start: lo as u32,
+                ..p
+            };
+            dev.dispatch(name, &bufs, p, (hi - lo) as u64)?;
+        }
+        Ok(())
+    };
+    let consensus = kind.consensus();
+    let mixed = dev.zeros();
+    let mut div = None;
+    if consensus {
+        let sum = dev.zeros();
+        for i in 0..m {
+            pass(dev, "gta_sum", i, &[&sum])?;
+        }
+        let d = dev.zeros();
+        for i in 0..m {
+            pass(dev, "gta_vote", i, &[&sum, &mixed, &d])?;
+        }
+        dev.free(sum);
+        div = Some(d);
+    } else {
+        for i in 0..m {
+            pass(dev, "gta_sum", i, &[&mixed])?;
+        }
+    }
+    let linear_div = {
+        let s = weights.iter().fold(0f32, |s, w| s + w);
+        if s.abs() < 1e-8 {
+            1.0
+        } else {
+            s
+        }
+    };
+    let lambda = *lambda as f32;
+    let p = Params::default()
+        .u(&[
+            u32::from(consensus),
+            u32::from(*normalize),
+            u32::from(lambda != 1.0),
+        ])
+        .f(&[linear_div, lambda]);
+    dev.map("gta_finish", &[base, &mixed, div.as_ref().unwrap_or(base)], p)?;
+    if let Some(d) = div {
+        dev.free(d);
+    }
+    for (mask, _) in kept.into_iter().flatten() {
+        dev.free_mask(mask);
+    }
+    Ok(mixed)
+}
+
+// ---------------------------------------------------------------------------------------
+// ram, ramplus_tl
+// ---------------------------------------------------------------------------------------
+
+/// Inputs `[base, m...]`: other.rs `ram`, one model per pass.
+fn ram(dev: &mut Device, epsilon: f64, plus: Option<(f64, f64)>, xs: &[Tensor]) -> Result<Tensor, GpuError> {
+    if xs.len() == 1 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let models = xs.len() - 1;
+    let eps = epsilon as f32;
+    let base = &xs[0];
+    // Active models per element, as u32 (zeros have the same bits as f32 zeros).
+    let count = dev.zeros();
+    for x in &xs[1..] {
+        dev.map("ram_count", &[base, x, &count], Params::default().f(&[eps]))?;
+    }
+    let lambdas: Vec<f32> = match plus {
+        None => vec![1.0; models],
+        Some((r, alpha)) => {
+            let seg = super::device::SEGMENT as usize;
+            let mut lambdas = Vec::with_capacity(models);
+            for x in &xs[1..] {
+                let mut parts = Vec::new();
+                for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+                    let inv = (hi - lo).div_ceil(seg);
+                    let out = dev.small(&vec![0u32; 2 * inv]);
+                    let p = Params {
+                        n: inv as u32,
+                        start: lo as u32,
+                        ..Params::default()
+                    }
+                    .u(&[seg as u32, (hi - lo) as u32])
+                    .f(&[eps]);
+                    dev.dispatch(
+                        "ram_tally",
+                        &[&base.chunks[c], &x.chunks[c], &count.chunks[c], &out],
+                        p,
+                        inv as u64,
+                    )?;
+                    parts.push(out);
+                }
+                let read = dev.read(&parts.iter().collect::<Vec<_>>())?;
+                for b in parts {
+                    dev.give_small(b);
+                }
+                let (mut shared, mut uniq) = (0u64, 0u64);
+                for bytes in &read {
+                    for pair in bytemuck::pod_collect_to_vec::<u8, u32>(bytes).chunks_exact(2) {
+                        shared += u64::from(pair[0]);
+                        uniq += u64::from(pair[1]);
+                    }
+                }
+                let rho = shared as f64 / (uniq as f64).max(epsilon);
+                lambdas.push((1.0 + r * rho.max(0.0).min(alpha)) as f32);
+            }
+            lambdas
+        }
+    };
+    let merged = dev.zeros();
+    for (x, lambda) in xs[1..].iter().zip(&lambdas) {
+        dev.map(
+            "ram_merge",
+            &[base, x, &count, &merged],
+            Params::default().f(&[eps, *lambda]),
+        )?;
+    }
+    dev.free(count);
+    dev.map("add", &[&merged, base], Params::default())?;
+    Ok(merged)
+}
