@@ -34,6 +34,8 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         MethodOp::Sce { .. } | MethodOp::ArceeFusion => {
             Err(format!("the method `{}` has no GPU kernel", op.name()))
         }
+        // A MoE expert's noise draws normals through f64 ln and cos (Box-Muller).
+        MethodOp::Noise { .. } => Err("expert noise (`noise_scale`) has no GPU kernel".to_string()),
     }
 }
 
