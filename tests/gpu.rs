@@ -1293,3 +1293,43 @@ fn methods_match_the_cpu_past_the_binding_and_dispatch_limits() {
     let after = gpu.stats();
     assert!(after.grids_2d > before.grids_2d, "no 2-D grid: {after:?}");
 }
+
+/// A whole-tensor method at full size: 2^24 + 3 elements are 65537 workgroups of one
+/// element per invocation (a 2-D grid with the adapter's own limits), and an f32 tensor of
+/// 64 MiB + 12 bytes; slerp reduces over all of it, then combines.
+#[test]
+fn a_method_past_65535_workgroups() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    let n = (1 << 24) + 3;
+    let mut rng = Rng(99);
+    let data: Vec<Vec<u8>> = (0..2).map(|_| large_tensor(&mut rng, DType::BF16, n)).collect();
+    // Raw bf16 bit patterns include NaN: keep the values finite and moderate so the
+    // reduction means something.
+    let data: Vec<Vec<u8>> = data
+        .into_iter()
+        .map(|d| {
+            d.chunks_exact(2)
+                .flat_map(|c| {
+                    let bits = u16::from_le_bytes([c[0], c[1]]);
+                    ((bits & 0x807f) | 0x3c00).to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let inputs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+    let step = method_step(&MethodOp::Slerp { t: 0.3 }, &[DType::BF16; 2], DType::BF16, &[n]);
+    let before = gpu.stats();
+    let got = gpu.compute(&step, &inputs).unwrap();
+    let after = gpu.stats();
+    assert!(after.grids_2d > before.grids_2d, "{after:?}");
+    let expected = cpu.compute(&step, &inputs);
+    assert_agree(
+        "slerp 2^24 + 3",
+        &step,
+        &inputs,
+        &expected,
+        &got,
+        Agreement::Reduction,
+    );
+}

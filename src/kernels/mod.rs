@@ -137,7 +137,7 @@ impl fmt::Display for KernelKey {
 /// on the CPU instead) or internal errors (a malformed program or template).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KernelError {
-    #[error("the whole-tensor method `{0}` has no GPU kernel")]
+    #[error("the whole-tensor method `{0}` has no element-wise kernel (it runs on device tensors, see `kernels::device`)")]
     Method(&'static str),
     #[error("no GPU arithmetic on {dtype} ({what})")]
     Dtype { what: String, dtype: DType },

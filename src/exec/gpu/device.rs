@@ -267,6 +267,14 @@ impl<'a> Device<'a> {
         b
     }
 
+    /// A small buffer of `words` zero words.
+    pub(crate) fn zeros_small(&mut self, words: usize) -> Buf {
+        let b = self.take(Role::Work, (words * 4) as u64);
+        let bytes = b.bytes;
+        self.encoder().clear_buffer(&b.buffer, 0, Some(bytes));
+        b
+    }
+
     pub(crate) fn give_small(&self, b: Buf) {
         self.give(Role::Work, b);
     }

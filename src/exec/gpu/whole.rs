@@ -605,7 +605,7 @@ fn bucket_of_kth(hist: &[u32], k: usize) -> (u32, usize) {
 
 /// A 16-bit histogram of the keys `|x|` (high halves, or low halves under `high`).
 fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>) -> Result<Vec<u32>, GpuError> {
-    let hist = dev.small(&vec![0u32; 1 << 16]);
+    let hist = dev.zeros_small(1 << 16);
     let (name, u) = match high {
         None => ("histogram_high", 0),
         Some(h) => ("histogram_low", h),
@@ -677,7 +677,7 @@ fn selection_mask(dev: &mut Device, x: &Tensor, sel: &Selection) -> Result<Mask,
     // How many threshold-equal keys each word takes: the first take_equal overall.
     let mut counts = Vec::new();
     for (c, &(lo, hi)) in ranges.iter().enumerate() {
-        let out = dev.small(&vec![0u32; words((lo, hi))]);
+        let out = dev.zeros_small(words((lo, hi)));
         let p = Params {
             n: (hi - lo) as u32,
             start: lo as u32,
@@ -976,7 +976,7 @@ fn ram(dev: &mut Device, epsilon: f64, plus: Option<(f64, f64)>, xs: &[Tensor]) 
                 let mut parts = Vec::new();
                 for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
                     let inv = (hi - lo).div_ceil(seg);
-                    let out = dev.small(&vec![0u32; 2 * inv]);
+                    let out = dev.zeros_small(2 * inv);
                     let p = Params {
                         n: inv as u32,
                         start: lo as u32,
