@@ -4,6 +4,10 @@
 //! (reading every input once plus writing one output-sized file with fsync, on the same
 //! machine, right before the merge), so the ratio says how close mergec gets to the disk.
 //!
+//! The floor reads exactly the input tensors the merge's plan reads (coalesced byte ranges,
+//! file by file) and writes as many bytes as the plan writes, so scenarios that read part
+//! of a model (a layer stack) are measured against what they must move, not whole folders.
+//!
 //! Run as `cargo run --release --bin mergec-bench -- [--workdir DIR] [--keep] [--repeat N]`.
 //! When launched by cargo it first builds `mergec` with the same profile, so the binary
 //! measured is never stale.
@@ -36,12 +40,16 @@ struct Args {
     /// Run only the scenarios with these names (default: all).
     #[arg(long = "only")]
     only: Vec<String>,
+    /// Also run each scenario on a software GPU adapter (lavapipe) when no hardware one
+    /// exists; its timings say nothing about GPUs, only that the path works.
+    #[arg(long)]
+    software_gpu: bool,
 }
 
-/// Merge time must stay under this multiple of the I/O floor.
-const TARGET_RATIO: f64 = 2.0;
-/// Peak RSS of the merge must stay under this.
-const TARGET_RSS_BYTES: u64 = 1 << 30;
+/// Peak RSS of a merge at the default budget must stay under this.
+const TARGET_RSS_BYTES: u64 = 512 << 20;
+/// With `--max-memory B`, peak RSS must stay under `B` plus this (code, stacks, allocator).
+const BUDGET_SLACK_BYTES: u64 = 64 << 20;
 /// Buffer of the floor's reads and writes.
 const FLOOR_BUF: usize = 8 << 20;
 
@@ -54,24 +62,57 @@ const SYNTH_FORMAT: u32 = 2;
 const MODELS: &[(&str, u32)] = &[("base", 0), ("ft1", 1), ("ft2", 2), ("ft3", 3)];
 
 /// One benchmarked merge. Paths in `script` are relative to the workdir (where the script
-/// is written); `inputs` and `output` name the same folders for the floor and byte counts.
+/// is written); `output` names the folder the script writes.
 struct Scenario {
     name: &'static str,
     script: &'static str,
-    inputs: &'static [&'static str],
     output: &'static str,
+    /// `--max-memory` for the run, as the CLI takes it.
+    max_memory: Option<&'static str>,
+    /// Median wall time must stay under this multiple of the I/O floor.
+    target_ratio: f64,
 }
+
+impl Scenario {
+    /// Peak RSS must stay under the budget plus slack, or the default target.
+    fn target_rss(&self) -> u64 {
+        match self.max_memory.and_then(parse_size) {
+            Some(budget) => budget + BUDGET_SLACK_BYTES,
+            None => TARGET_RSS_BYTES,
+        }
+    }
+}
+
+/// `256MB` (powers of 1000), `256MiB` (powers of 1024) or bytes, as `mergec` reads them.
+fn parse_size(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    number.parse::<u64>().ok().map(|n| n * scale)
+}
+
+const LINEAR3: &str = r#"model a = "models/ft1"
+model b = "models/ft2"
+model c = "models/ft3"
+save linear(a { weight: 0.5 }, b { weight: 0.3 }, c { weight: 0.2 }) to "out/linear3" { dtype: bf16 }
+"#;
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "linear3",
-        script: r#"model a = "models/ft1"
-model b = "models/ft2"
-model c = "models/ft3"
-save linear(a { weight: 0.5 }, b { weight: 0.3 }, c { weight: 0.2 }) to "out/linear3" { dtype: bf16 }
-"#,
-        inputs: &["models/ft1", "models/ft2", "models/ft3"],
+        script: LINEAR3,
         output: "out/linear3",
+        max_memory: None,
+        target_ratio: 1.3,
     },
     Scenario {
         name: "ties4",
@@ -82,10 +123,54 @@ model c = "models/ft3"
 save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }, c { weight: 0.2, density: 0.5 })
     to "out/ties4" { dtype: bf16 }
 "#,
-        inputs: &["models/base", "models/ft1", "models/ft2", "models/ft3"],
         output: "out/ties4",
+        max_memory: None,
+        target_ratio: 2.0,
+    },
+    Scenario {
+        name: "slerp2",
+        script: r#"model a = "models/ft1"
+model b = "models/ft2"
+save slerp(a, b, t: 0.5) to "out/slerp2" { dtype: bf16 }
+"#,
+        output: "out/slerp2",
+        max_memory: None,
+        target_ratio: 1.5,
+    },
+    Scenario {
+        name: "solar",
+        script: r#"model a = "models/ft1"
+model b = "models/ft2"
+save stack(a.layers[0..16], b.layers[8..24]) to "out/solar" { dtype: bf16 }
+"#,
+        output: "out/solar",
+        max_memory: None,
+        target_ratio: 1.2,
+    },
+    Scenario {
+        name: "linear3-256MB",
+        script: LINEAR3,
+        output: "out/linear3",
+        max_memory: Some("256MB"),
+        target_ratio: 1.3,
     },
 ];
+
+/// Which executor a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Cpu,
+    Gpu,
+}
+
+impl Backend {
+    fn flag(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Gpu => "gpu",
+        }
+    }
+}
 
 /// One floor + merge measurement.
 struct Sample {
@@ -118,16 +203,51 @@ fn run() -> Result<()> {
     let mergec = mergec_binary(!args.no_build)?;
     println!("mergec: {}", mergec.display());
     println!("workdir: {}", workdir.display());
+    println!(
+        "cores: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+
+    let mut backends = vec![Backend::Cpu];
+    let adapters = mergec::exec::gpu::list_adapters();
+    match adapters.iter().find(|a| !a.is_software()) {
+        Some(hw) => {
+            println!("GPU: {hw}");
+            backends.push(Backend::Gpu);
+        }
+        None if args.software_gpu && !adapters.is_empty() => {
+            println!("GPU: no hardware adapter; --software-gpu runs on a software one (timings say nothing about GPUs)");
+            backends.push(Backend::Gpu);
+        }
+        None => {
+            let seen: Vec<String> = adapters.iter().map(|a| a.to_string()).collect();
+            println!(
+                "GPU: no hardware adapter (seen: {}); GPU rows skipped",
+                if seen.is_empty() {
+                    "none".to_string()
+                } else {
+                    seen.join("; ")
+                }
+            );
+        }
+    }
 
     ensure_models(&mergec, &workdir)?;
 
     let mut failed = false;
+    let mut rows = Vec::new();
     for scenario in SCENARIOS
         .iter()
         .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
     {
-        failed |= !run_scenario(&mergec, &workdir, scenario, &args)?;
+        for &backend in &backends {
+            match run_scenario(&mergec, &workdir, scenario, backend, &args)? {
+                Some(row) => rows.push(row),
+                None => failed = true,
+            }
+        }
     }
+    print_summary(&rows);
     if failed {
         bail!("a merge failed");
     }
@@ -211,22 +331,106 @@ fn ensure_models(mergec: &Path, workdir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs one scenario `repeat` times and prints its table; false if the merge failed.
-fn run_scenario(mergec: &Path, workdir: &Path, scenario: &Scenario, args: &Args) -> Result<bool> {
+/// What the floor must move for one scenario: the input byte ranges its plan reads
+/// (coalesced, in file order) and the bytes it writes.
+struct FloorSpec {
+    ranges: Vec<(PathBuf, u64, u64)>,
+    read_bytes: u64,
+    write_bytes: u64,
+    planned_peak: u64,
+}
+
+fn floor_spec(script: &Path, max_memory: Option<u64>) -> Result<FloorSpec> {
+    let loaded =
+        mergec::driver::Script::from_file(script).with_context(|| format!("reading {}", script.display()))?;
+    let limits = mergec::plan::Limits {
+        max_memory,
+        ..mergec::plan::Limits::default()
+    };
+    let compiled = mergec::driver::compile(&loaded, true, &limits).map_err(|d| {
+        let messages: Vec<String> = d.0.iter().map(|d| d.message.clone()).collect();
+        anyhow::anyhow!("{} does not compile: {}", script.display(), messages.join("; "))
+    })?;
+    let mut ranges: Vec<(PathBuf, u64, u64)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for step in &compiled.plan.steps {
+        for input in &step.inputs {
+            if !seen.insert((input.model, input.tensor.clone())) {
+                continue;
+            }
+            let model = &compiled.program.model(input.model).info;
+            let info = model
+                .tensors
+                .get(&input.tensor)
+                .with_context(|| format!("no tensor {}", input.tensor))?;
+            let file = model
+                .files
+                .get(info.file as usize)
+                .context("tensor in a missing file")?;
+            ranges.push((file.clone(), info.offset, info.offset + info.len));
+        }
+    }
+    ranges.sort();
+    let mut merged: Vec<(PathBuf, u64, u64)> = Vec::new();
+    for (file, start, end) in ranges {
+        match merged.last_mut() {
+            Some((f, _, e)) if *f == file && start <= *e => *e = (*e).max(end),
+            _ => merged.push((file, start, end)),
+        }
+    }
+    let read_bytes = merged.iter().map(|(_, s, e)| e - s).sum();
+    Ok(FloorSpec {
+        ranges: merged,
+        read_bytes,
+        write_bytes: compiled.plan.write_bytes,
+        planned_peak: compiled.plan.peak_bytes,
+    })
+}
+
+/// One scenario on one backend, summarised over its runs.
+struct Row {
+    name: String,
+    backend: Backend,
+    wall_median: f64,
+    floor_median: f64,
+    ratio_median: f64,
+    target_ratio: f64,
+    rss_max: Option<u64>,
+    target_rss: u64,
+}
+
+/// Runs one scenario `repeat` times and prints its table; `None` if the merge failed.
+fn run_scenario(
+    mergec: &Path,
+    workdir: &Path,
+    scenario: &Scenario,
+    backend: Backend,
+    args: &Args,
+) -> Result<Option<Row>> {
     let script = workdir.join(format!("{}.merge", scenario.name));
     fs::write(&script, scenario.script)?;
     let output = workdir.join(scenario.output);
-    let mut inputs = Vec::new();
-    for input in scenario.inputs {
-        inputs.extend(safetensors_files(&workdir.join(input))?);
-    }
-    let bytes_read: u64 = total_size(&inputs)?;
-    let first_input = scenario.inputs.first().context("scenario without inputs")?;
-    let output_size = total_size(&safetensors_files(&workdir.join(first_input))?)?;
+    let budget = scenario.max_memory.and_then(parse_size);
+    let spec = floor_spec(&script, budget)?;
     let floor_file = workdir.join("floor.tmp");
 
     println!();
-    println!("== {} ({} run(s)) ==", scenario.name, args.repeat);
+    println!(
+        "== {} on {} ({} run(s)){} ==",
+        scenario.name,
+        backend.flag(),
+        args.repeat,
+        match scenario.max_memory {
+            Some(m) => format!(", --max-memory {m}"),
+            None => String::new(),
+        }
+    );
+    println!(
+        "plan: read {:.3} GB, write {:.3} GB, peak {:.1} MiB",
+        spec.read_bytes as f64 / 1e9,
+        spec.write_bytes as f64 / 1e9,
+        spec.planned_peak as f64 / (1u64 << 20) as f64
+    );
     let mut samples = Vec::new();
     for i in 0..args.repeat {
         if output.exists() {
@@ -236,25 +440,29 @@ fn run_scenario(mergec: &Path, workdir: &Path, scenario: &Scenario, args: &Args)
         // the merge pays for someone else's writeback.
         sync_filesystems();
         // Floor right before the merge, so both see the same page-cache state.
-        let floor_read = read_all(&inputs)?;
-        let floor_write = write_file(&floor_file, output_size)?;
+        let floor_read = read_ranges(&spec.ranges)?;
+        let floor_write = write_file(&floor_file, spec.write_bytes)?;
         fs::remove_file(&floor_file)?;
         println!(
             "run {}: floor read {:.2} GB in {:.3} s ({:.2} GB/s), write {:.2} GB in {:.3} s ({:.2} GB/s)",
             i + 1,
-            bytes_read as f64 / 1e9,
+            spec.read_bytes as f64 / 1e9,
             floor_read.as_secs_f64(),
-            bytes_read as f64 / 1e9 / floor_read.as_secs_f64().max(1e-9),
-            output_size as f64 / 1e9,
+            spec.read_bytes as f64 / 1e9 / floor_read.as_secs_f64().max(1e-9),
+            spec.write_bytes as f64 / 1e9,
             floor_write.as_secs_f64(),
-            output_size as f64 / 1e9 / floor_write.as_secs_f64().max(1e-9),
+            spec.write_bytes as f64 / 1e9 / floor_write.as_secs_f64().max(1e-9),
         );
 
-        let run = run_merge(mergec, &script)?;
+        let mut extra = vec!["--backend", backend.flag()];
+        if let Some(m) = scenario.max_memory {
+            extra.extend(["--max-memory", m]);
+        }
+        let run = run_merge(mergec, &script, &extra)?;
         if !run.success {
             eprintln!("merge {} failed ({}); its stderr:", scenario.name, run.status);
             eprintln!("{}", run.stderr.trim_end());
-            return Ok(false);
+            return Ok(None);
         }
         let sample = Sample {
             floor_read,
@@ -272,24 +480,41 @@ fn run_scenario(mergec: &Path, workdir: &Path, scenario: &Scenario, args: &Args)
         samples.push(sample);
     }
     let bytes_written = total_size(&safetensors_files(&output)?)?;
-    print_table(&samples, bytes_read, bytes_written, output_size);
+    let row = print_table(scenario, backend, &samples, &spec, bytes_written);
     if !args.keep {
         fs::remove_dir_all(&output)?;
     }
-    Ok(true)
+    Ok(Some(row))
 }
 
-fn print_table(samples: &[Sample], bytes_read: u64, bytes_written: u64, floor_written: u64) {
-    let stat = |f: &dyn Fn(&Sample) -> f64| -> (f64, f64) {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        let median = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
-        (v.first().copied().unwrap_or(f64::NAN), median)
+fn median(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let median = if v.is_empty() {
+        f64::NAN
+    } else if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
     };
+    (v.first().copied().unwrap_or(f64::NAN), median)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+fn print_table(
+    scenario: &Scenario,
+    backend: Backend,
+    samples: &[Sample],
+    spec: &FloorSpec,
+    bytes_written: u64,
+) -> Row {
+    let stat = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
     let wall = stat(&|s| s.wall.as_secs_f64());
     let read = stat(&|s| s.floor_read.as_secs_f64());
     let write = stat(&|s| s.floor_write.as_secs_f64());
@@ -297,7 +522,7 @@ fn print_table(samples: &[Sample], bytes_read: u64, bytes_written: u64, floor_wr
     let ratio = stat(&|s| s.ratio());
     let rss = samples.iter().filter_map(|s| s.peak_rss_bytes).max();
     let gb = |b: u64| b as f64 / 1e9;
-    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let target_rss = scenario.target_rss();
 
     println!();
     println!("{:<22}{:>12}{:>12}   target", "", "best", "median");
@@ -305,40 +530,81 @@ fn print_table(samples: &[Sample], bytes_read: u64, bytes_written: u64, floor_wr
     println!("{:<22}{:>10.3} s{:>10.3} s", "I/O floor", floor.0, floor.1);
     println!(
         "{:<22}{:>10.3} s{:>10.3} s   ({:.2} GB/s median)",
-        format!("  read {:.2} GB", gb(bytes_read)),
+        format!("  read {:.2} GB", gb(spec.read_bytes)),
         read.0,
         read.1,
-        gb(bytes_read) / read.1
+        gb(spec.read_bytes) / read.1
     );
     println!(
         "{:<22}{:>10.3} s{:>10.3} s   ({:.2} GB/s median, fsync'd)",
-        format!("  write {:.2} GB", gb(floor_written)),
+        format!("  write {:.2} GB", gb(spec.write_bytes)),
         write.0,
         write.1,
-        gb(floor_written) / write.1
+        gb(spec.write_bytes) / write.1
     );
     println!(
-        "{:<22}{:>12.2}{:>12.2}   < {TARGET_RATIO:.1} (median): {}",
+        "{:<22}{:>12.2}{:>12.2}   < {:.1} (median): {}",
         "ratio wall/floor",
         ratio.0,
         ratio.1,
-        verdict(ratio.1 < TARGET_RATIO)
+        scenario.target_ratio,
+        verdict(ratio.1 < scenario.target_ratio)
     );
     println!(
         "{:<22}{:>24}   < {} MiB: {}",
         "peak RSS (max)",
         fmt_rss(rss),
-        TARGET_RSS_BYTES >> 20,
+        target_rss >> 20,
         match rss {
-            Some(r) => verdict(r < TARGET_RSS_BYTES),
+            Some(r) => verdict(r < target_rss),
             None => "n/a",
         }
     );
     println!(
         "{:<22}{:>24}",
-        "bytes read / written",
-        format!("{:.2} GB / {:.2} GB", gb(bytes_read), gb(bytes_written))
+        "bytes written",
+        format!("{:.2} GB", gb(bytes_written))
     );
+    Row {
+        name: scenario.name.to_string(),
+        backend,
+        wall_median: wall.1,
+        floor_median: floor.1,
+        ratio_median: ratio.1,
+        target_ratio: scenario.target_ratio,
+        rss_max: rss,
+        target_rss,
+    }
+}
+
+fn print_summary(rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("== summary (medians) ==");
+    println!(
+        "{:<16}{:<8}{:>10}{:>10}{:>8}{:>8}{:>7}{:>12}{:>10}{:>7}",
+        "scenario", "backend", "wall s", "floor s", "ratio", "target", "", "peak RSS", "target", ""
+    );
+    for r in rows {
+        println!(
+            "{:<16}{:<8}{:>10.3}{:>10.3}{:>8.2}{:>8.1}{:>7}{:>12}{:>10}{:>7}",
+            r.name,
+            r.backend.flag(),
+            r.wall_median,
+            r.floor_median,
+            r.ratio_median,
+            r.target_ratio,
+            verdict(r.ratio_median < r.target_ratio),
+            fmt_rss(r.rss_max),
+            format!("{} MiB", r.target_rss >> 20),
+            match r.rss_max {
+                Some(x) => verdict(x < r.target_rss),
+                None => "n/a",
+            }
+        );
+    }
 }
 
 fn fmt_rss(bytes: Option<u64>) -> String {
@@ -373,13 +639,27 @@ fn total_size(files: &[PathBuf]) -> Result<u64> {
     })
 }
 
-/// Reads every file once, sequentially, into one reused buffer.
-fn read_all(files: &[PathBuf]) -> Result<Duration> {
+/// Reads every byte range once, in file order, into one reused buffer.
+fn read_ranges(ranges: &[(PathBuf, u64, u64)]) -> Result<Duration> {
+    use std::io::{Seek, SeekFrom};
     let mut buf = vec![0u8; FLOOR_BUF];
     let start = Instant::now();
-    for path in files {
-        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        while file.read(&mut buf)? != 0 {}
+    let mut open: Option<(&Path, File)> = None;
+    for (path, from, to) in ranges {
+        let file = match &mut open {
+            Some((p, f)) if *p == path.as_path() => f,
+            _ => {
+                let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+                &mut open.insert((path.as_path(), f)).1
+            }
+        };
+        file.seek(SeekFrom::Start(*from))?;
+        let mut left = to - from;
+        while left > 0 {
+            let n = left.min(FLOOR_BUF as u64) as usize;
+            file.read_exact(&mut buf[..n])?;
+            left -= n as u64;
+        }
     }
     Ok(start.elapsed())
 }
@@ -417,13 +697,14 @@ struct MergeRun {
     peak_rss_bytes: Option<u64>,
 }
 
-/// Runs `mergec run SCRIPT --force`, timing it and taking its own peak RSS.
-fn run_merge(mergec: &Path, script: &Path) -> Result<MergeRun> {
+/// Runs `mergec run SCRIPT --force EXTRA..`, timing it and taking its own peak RSS.
+fn run_merge(mergec: &Path, script: &Path, extra: &[&str]) -> Result<MergeRun> {
     let start = Instant::now();
     let mut child = Command::new(mergec)
         .arg("run")
         .arg(script)
         .arg("--force")
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
