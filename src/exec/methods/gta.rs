@@ -24,16 +24,24 @@
 //! chunk order; the per-element combination is f32 with separate multiply and add, in
 //! model order.
 //!
-//! Memory per call, besides the output (`4n` bytes): one bit per element per sparsified
-//! model (`n/8` bytes each); while a mask is built, one `u32` per element (`4n`: keys or
-//! ranks, reused model after model and freed before the output is allocated) and, for
-//! breadcrumbs, a second bitset; per worker, chunk buffers of `(M + 1)·CHUNK` f32.
+//! The magnitude trim (TIES) stores nothing per element: each model's `k`-th largest `|δ|`
+//! is found as a threshold (see [`magnitude_tops`]: a sample, one counting pass, a
+//! selection among the keys near the threshold) and the combine pass applies it as it
+//! goes, so a TIES merge reads its inputs about twice and decodes the base once per chunk
+//! for all models.
+//!
+//! Memory per call, besides the output (`4n` bytes): for TIES, the keys inside each
+//! model's window (typically well under 1% of `n`, at most `4n` per model); for the other
+//! sparsifiers, one bit per element per sparsified model (`n/8` bytes each) and, while a
+//! mask is built, one `u32` per element (`4n`: keys or ranks, reused model after model and
+//! freed before the output is allocated) and, for breadcrumbs, a second bitset; per
+//! worker, chunk buffers of `(M + 3)·CHUNK` f32, kept by the thread between calls.
 
 use rayon::prelude::*;
 
 use super::rng;
 use super::select::{abs_key, select_top_k, Selection};
-use super::{Inputs, CHUNK};
+use super::{Inputs, Scratch, CHUNK};
 use crate::ops::{GtaKind, MethodOp};
 
 /// Mask words per chunk.
@@ -63,18 +71,43 @@ fn sparsifier(kind: GtaKind) -> Sparsifier {
 
 /// One model's sparsification: which elements are kept and the rescale factor.
 struct Kept {
-    /// One bit per element (bit `j % 64` of word `j / 64`); `None` keeps every element.
-    bits: Option<Vec<u64>>,
+    mask: Mask,
     scale: f32,
+}
+
+/// Which elements of one model's delta are kept.
+enum Mask {
+    All,
+    /// One bit per element (bit `j % 64` of word `j / 64`).
+    Bits(Vec<u64>),
+    /// A magnitude trim as a rule the combine pass applies to each element's key.
+    Top(Top),
 }
 
 impl Kept {
     fn all() -> Kept {
         Kept {
-            bits: None,
+            mask: Mask::All,
             scale: 1.0,
         }
     }
+}
+
+/// The `k` largest `abs_key(δ)` (ties by lower index) as a rule: keys above `threshold`
+/// are kept and, of the keys equal to it, the first ones up to the count that `k` leaves;
+/// `takes[c]` says how many of chunk `c`'s equal keys that is.
+struct Top {
+    threshold: u32,
+    takes: Vec<Take>,
+}
+
+/// How many of one chunk's threshold-equal keys are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    All,
+    None,
+    /// The first `n` of them (element order); the chunk where the count runs out.
+    First(usize),
 }
 
 /// The parameters of one non-base model.
@@ -118,17 +151,38 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         .collect();
     let row = inputs.shape.last().copied().unwrap_or(1).max(1);
     let sparsifier = sparsifier(*kind);
+    let models: Vec<Model> = (0..m)
+        .map(|i| Model {
+            input: i + 1,
+            density: densities.get(i).copied().unwrap_or(1.0),
+            gamma: gammas.get(i).copied().unwrap_or(0.01),
+            epsilon: epsilons.get(i).copied().unwrap_or(0.0),
+            key: keys.get(i).copied().unwrap_or(0),
+        })
+        .collect();
+    // Magnitude trims of all models at once, as thresholds (no per-element keys or bits).
+    let trimmed: Vec<usize> = (0..m)
+        .filter(|&i| {
+            let d = models[i].density;
+            sparsifier == Sparsifier::Magnitude && d > 0.0 && d < 1.0 && n <= u32::MAX as usize
+        })
+        .collect();
+    let trims: Vec<(usize, usize)> = trimmed
+        .iter()
+        .map(|&i| (i + 1, ((models[i].density * n as f64) as usize).max(1)))
+        .collect();
+    let mut tops = magnitude_tops(inputs, &trims, *rescale).into_iter();
     let mut scratch: Vec<u32> = Vec::new();
-    let kept: Vec<Kept> = (0..m)
-        .map(|i| {
-            let model = Model {
-                input: i + 1,
-                density: densities.get(i).copied().unwrap_or(1.0),
-                gamma: gammas.get(i).copied().unwrap_or(0.01),
-                epsilon: epsilons.get(i).copied().unwrap_or(0.0),
-                key: keys.get(i).copied().unwrap_or(0),
-            };
-            sparsify(inputs, sparsifier, &model, row, *rescale, &mut scratch)
+    let kept: Vec<Kept> = models
+        .iter()
+        .enumerate()
+        .map(|(i, model)| {
+            if trimmed.contains(&i) {
+                if let Some(kept) = tops.next() {
+                    return kept;
+                }
+            }
+            sparsify(inputs, sparsifier, model, row, *rescale, &mut scratch)
         })
         .collect();
     drop(scratch);
@@ -153,8 +207,8 @@ fn decode_delta(inputs: &Inputs, input: usize, start: usize, base: &mut [f32], d
     }
 }
 
-fn chunk_buffers() -> (Vec<f32>, Vec<f32>) {
-    (vec![0f32; CHUNK], vec![0f32; CHUNK])
+fn chunk_buffers() -> (Scratch<f32>, Scratch<f32>) {
+    (Scratch::new(CHUNK), Scratch::new(CHUNK))
 }
 
 /// Which elements of one model's delta survive its sparsifier, and the rescale factor.
@@ -214,8 +268,324 @@ fn sparsify(
     };
     let scale = if rescale { l1_factor(&sums) } else { 1.0 };
     Kept {
-        bits: Some(bits),
+        mask: Mask::Bits(bits),
         scale,
+    }
+}
+
+/// Buckets of the exact histogram of [`magnitude_tops`]: the key's top bits (bit 31 of an
+/// `abs_key` is always 0). 4096 `u32` counts per model stay in the first-level cache.
+const TOP_SHIFT: u32 = 19;
+const TOP_BUCKETS: usize = 1 << (31 - TOP_SHIFT);
+
+/// Tensors with fewer elements skip the sample and find their windows by histogram.
+const SAMPLE_MIN: usize = 1 << 18;
+/// The sample: `SAMPLE_BLOCK` consecutive elements every `SAMPLE_STRIDE` (1/16 of them).
+const SAMPLE_BLOCK: usize = 1024;
+const SAMPLE_STRIDE: usize = 16 * SAMPLE_BLOCK;
+
+/// The magnitude trims of several models (`(input, k)`: keep the `k` largest `|δ|`, ties
+/// by lower index) as thresholds, so no per-element key or mask is ever stored.
+///
+/// Each model gets a window `[lo, hi]` of keys meant to hold its `k`-th largest key: from
+/// a sample of 1/16 of the elements (wide enough that missing is a 5-sigma event), or,
+/// for small tensors and when the sample missed, from an exact histogram of the keys' top
+/// bits. One pass over the inputs (decoding each chunk of the base once for every model)
+/// then counts the keys above the window and collects the keys inside it, chunk by chunk;
+/// when the `k`-th largest key is among them, a selection over the collected keys gives
+/// the threshold and each chunk's share of the keys equal to it. With `rescale`, a last
+/// pass sums `|δ|` before and after the trim (per chunk, in f64, as `key_sums` does).
+///
+/// The result keeps exactly the elements [`select_top_k`] over all keys would.
+fn magnitude_tops(inputs: &Inputs, trims: &[(usize, usize)], rescale: bool) -> Vec<Kept> {
+    if trims.is_empty() {
+        return Vec::new();
+    }
+    let n = inputs.numel();
+    let q = trims.len();
+    let mut tops: Vec<Option<Top>> = (0..q).map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..q).collect();
+    let mut windows: Vec<(u32, u32)> = if n >= SAMPLE_MIN {
+        sample_windows(inputs, trims)
+    } else {
+        histogram_windows(inputs, trims, &pending)
+    };
+    // Two rounds at most: the sampled windows, then exact ones for the models they missed.
+    for round in 0..2 {
+        let subset: Vec<(usize, usize)> = pending.iter().map(|&i| trims[i]).collect();
+        let (above, candidates) = collect_window(inputs, &subset, &windows);
+        let mut missed = Vec::new();
+        for (j, &i) in pending.iter().enumerate() {
+            match resolve(trims[i].1, above[j], &candidates, j) {
+                Some(top) => tops[i] = Some(top),
+                None => missed.push(i),
+            }
+        }
+        if missed.is_empty() || round == 1 {
+            break;
+        }
+        windows = histogram_windows(inputs, trims, &missed);
+        pending = missed;
+    }
+    // An exact window never misses; this only guards against a broken invariant.
+    let tops: Vec<Top> = tops
+        .into_iter()
+        .map(|t| {
+            t.unwrap_or(Top {
+                threshold: 0,
+                takes: vec![Take::All; n.div_ceil(CHUNK)],
+            })
+        })
+        .collect();
+    let scales = if rescale {
+        top_scales(inputs, trims, &tops)
+    } else {
+        vec![1.0; q]
+    };
+    tops.into_iter()
+        .zip(scales)
+        .map(|(top, scale)| Kept {
+            mask: Mask::Top(top),
+            scale,
+        })
+        .collect()
+}
+
+/// `abs_key(δ)` of input `input` from element `start` on into `keys`, with `base` already
+/// decoded from the same element (`x` is scratch of the same length).
+fn delta_keys(inputs: &Inputs, input: usize, start: usize, base: &[f32], x: &mut [f32], keys: &mut [u32]) {
+    inputs.decode(input, start..start + x.len(), x);
+    for ((k, v), b) in keys.iter_mut().zip(x.iter()).zip(base) {
+        *k = abs_key(*v - *b);
+    }
+}
+
+/// Windows from a sample of every model's keys (blocks spread over the whole tensor).
+fn sample_windows(inputs: &Inputs, trims: &[(usize, usize)]) -> Vec<(u32, u32)> {
+    let n = inputs.numel();
+    let blocks = n.div_ceil(SAMPLE_STRIDE);
+    let samples: Vec<Vec<Vec<u32>>> = (0..blocks)
+        .into_par_iter()
+        .map(|blk| {
+            let start = blk * SAMPLE_STRIDE;
+            let len = SAMPLE_BLOCK.min(n - start);
+            let mut base = vec![0f32; len];
+            let mut x = vec![0f32; len];
+            inputs.decode(0, start..start + len, &mut base);
+            trims
+                .iter()
+                .map(|&(input, _)| {
+                    let mut keys = vec![0u32; len];
+                    delta_keys(inputs, input, start, &base, &mut x, &mut keys);
+                    keys
+                })
+                .collect()
+        })
+        .collect();
+    trims
+        .iter()
+        .enumerate()
+        .map(|(j, &(_, k))| {
+            let mut keys: Vec<u32> = samples.iter().flat_map(|b| b[j].iter().copied()).collect();
+            let s = keys.len();
+            let p = k as f64 / n as f64;
+            let r = p * s as f64;
+            let margin = 5.0 * (s as f64 * p * (1.0 - p)).sqrt() + 32.0;
+            let (hi_rank, lo_rank) = (r - margin, r + margin);
+            let mut nth = |rank: usize| *keys.select_nth_unstable_by(rank, |a, b| b.cmp(a)).1;
+            let hi = if hi_rank < 0.0 || s == 0 {
+                u32::MAX
+            } else {
+                nth(hi_rank as usize)
+            };
+            let lo = if lo_rank >= s as f64 || s == 0 {
+                0
+            } else {
+                nth(lo_rank.ceil() as usize)
+            };
+            (lo, hi.max(lo))
+        })
+        .collect()
+}
+
+/// Exact windows for models `which`: the histogram bucket of the top bits that holds the
+/// `k`-th largest key.
+fn histogram_windows(inputs: &Inputs, trims: &[(usize, usize)], which: &[usize]) -> Vec<(u32, u32)> {
+    let n = inputs.numel();
+    let q = which.len();
+    let hist: Vec<u32> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .fold(
+            || (chunk_buffers(), vec![0u32; q * TOP_BUCKETS]),
+            |((mut base, mut x), mut hist), c| {
+                let start = c * CHUNK;
+                let len = CHUNK.min(n - start);
+                inputs.decode(0, start..start + len, &mut base[..len]);
+                for (&i, hist) in which.iter().zip(hist.chunks_mut(TOP_BUCKETS)) {
+                    inputs.decode(trims[i].0, start..start + len, &mut x[..len]);
+                    for (v, b) in x[..len].iter().zip(&base[..len]) {
+                        let bucket = (abs_key(*v - *b) >> TOP_SHIFT) as usize;
+                        hist[bucket & (TOP_BUCKETS - 1)] += 1;
+                    }
+                }
+                ((base, x), hist)
+            },
+        )
+        .map(|(_, hist)| hist)
+        .reduce(
+            || vec![0u32; q * TOP_BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                a
+            },
+        );
+    which
+        .iter()
+        .zip(hist.chunks(TOP_BUCKETS))
+        .map(|(&i, hist)| {
+            let k = trims[i].1;
+            let mut above = 0usize;
+            let mut bucket = 0u32;
+            for b in (0..TOP_BUCKETS).rev() {
+                let count = hist[b] as usize;
+                if above + count >= k {
+                    bucket = b as u32;
+                    break;
+                }
+                above += count;
+            }
+            (bucket << TOP_SHIFT, ((bucket + 1) << TOP_SHIFT) - 1)
+        })
+        .collect()
+}
+
+/// One pass: per model, how many keys lie above its window, and the keys inside it, per
+/// chunk (`[chunk][model]`).
+fn collect_window(
+    inputs: &Inputs,
+    trims: &[(usize, usize)],
+    windows: &[(u32, u32)],
+) -> (Vec<usize>, Vec<Vec<Vec<u32>>>) {
+    let n = inputs.numel();
+    let per_chunk: Vec<(Vec<usize>, Vec<Vec<u32>>)> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map_init(
+            || (chunk_buffers(), Scratch::<u32>::new(CHUNK)),
+            |((base, x), found), c| {
+                let start = c * CHUNK;
+                let len = CHUNK.min(n - start);
+                inputs.decode(0, start..start + len, &mut base[..len]);
+                trims
+                    .iter()
+                    .zip(windows)
+                    .map(|(&(input, _), &(lo, hi))| {
+                        inputs.decode(input, start..start + len, &mut x[..len]);
+                        // Branch-free: every key is stored, the count moves only for keys
+                        // inside the window.
+                        let (mut above, mut count) = (0usize, 0usize);
+                        for (v, b) in x[..len].iter().zip(&base[..len]) {
+                            let key = abs_key(*v - *b);
+                            above += (key > hi) as usize;
+                            found[count] = key;
+                            count += (key.wrapping_sub(lo) <= hi - lo) as usize;
+                        }
+                        (above, found[..count].to_vec())
+                    })
+                    .unzip()
+            },
+        )
+        .collect();
+    let mut above = vec![0usize; trims.len()];
+    let mut candidates = Vec::with_capacity(per_chunk.len());
+    for (a, found) in per_chunk {
+        above.iter_mut().zip(&a).for_each(|(t, x)| *t += *x);
+        candidates.push(found);
+    }
+    (above, candidates)
+}
+
+/// The [`Top`] of model `j` when its `k`-th largest key is among its collected keys.
+fn resolve(k: usize, above: usize, candidates: &[Vec<Vec<u32>>], j: usize) -> Option<Top> {
+    let total: usize = candidates.iter().map(|c| c[j].len()).sum();
+    if k <= above || k > above + total {
+        return None;
+    }
+    let mut keys: Vec<u32> = candidates.iter().flat_map(|c| c[j].iter().copied()).collect();
+    let threshold = *keys.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a)).1;
+    let greater = above + keys.iter().filter(|&&key| key > threshold).count();
+    drop(keys);
+    let mut left = k - greater;
+    let takes = candidates
+        .iter()
+        .map(|c| {
+            let equal = c[j].iter().filter(|&&key| key == threshold).count();
+            let take = equal.min(left);
+            left -= take;
+            if take == equal {
+                Take::All
+            } else if take == 0 {
+                Take::None
+            } else {
+                Take::First(take)
+            }
+        })
+        .collect();
+    Some(Top { threshold, takes })
+}
+
+/// `‖δ‖₁ / ‖mask·δ‖₁` of every trimmed model, with `key_sums`' order of additions.
+fn top_scales(inputs: &Inputs, trims: &[(usize, usize)], tops: &[Top]) -> Vec<f32> {
+    let n = inputs.numel();
+    let sums: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map_init(chunk_buffers, |(base, x), c| {
+            let start = c * CHUNK;
+            let len = CHUNK.min(n - start);
+            inputs.decode(0, start..start + len, &mut base[..len]);
+            trims
+                .iter()
+                .zip(tops)
+                .map(|(&(input, _), top)| {
+                    inputs.decode(input, start..start + len, &mut x[..len]);
+                    let (t, take) = (top.threshold, top.takes[c]);
+                    let mut left = match take {
+                        Take::First(n) => n,
+                        _ => 0,
+                    };
+                    let (mut before, mut after) = (0f64, 0f64);
+                    for (v, b) in x[..len].iter().zip(&base[..len]) {
+                        let key = abs_key(*v - *b);
+                        let a = f32::from_bits(key) as f64;
+                        before += a;
+                        if keeps(key, t, take, &mut left) {
+                            after += a;
+                        }
+                    }
+                    (before, after)
+                })
+                .collect()
+        })
+        .collect();
+    (0..trims.len())
+        .map(|j| l1_factor(&sums.iter().map(|s| s[j]).collect::<Vec<_>>()))
+        .collect()
+}
+
+/// Whether an element with `key` is kept by a [`Top`] in a chunk whose rule is `take`;
+/// `left` counts down the equal keys a `Take::First` chunk still keeps.
+#[inline]
+fn keeps(key: u32, threshold: u32, take: Take, left: &mut usize) -> bool {
+    match take {
+        Take::All => key >= threshold,
+        Take::None => key > threshold,
+        Take::First(_) => {
+            if key == threshold && *left > 0 {
+                *left -= 1;
+                true
+            } else {
+                key > threshold
+            }
+        }
     }
 }
 
@@ -408,10 +778,10 @@ fn combine(
     out.par_chunks_mut(CHUNK).enumerate().for_each_init(
         || {
             (
-                vec![0f32; CHUNK],
-                vec![0f32; m * CHUNK],
-                vec![0f32; CHUNK],
-                vec![0f32; CHUNK],
+                Scratch::<f32>::new(CHUNK),
+                Scratch::<f32>::new(m * CHUNK),
+                Scratch::<f32>::new(CHUNK),
+                Scratch::<f32>::new(CHUNK),
             )
         },
         |(base, wd, sum, div), (c, out)| {
@@ -425,19 +795,45 @@ fn combine(
                 // Branch-free: the kept bit selects between the delta and 0 (a branch on
                 // random mask bits mispredicts half the time).
                 let scale = kept.scale;
-                match &kept.bits {
-                    None => {
+                match &kept.mask {
+                    Mask::All => {
                         for (v, b) in wd.iter_mut().zip(base.iter()) {
                             *v = ((*v - *b) * scale) * w;
                         }
                     }
-                    Some(bits) => {
+                    Mask::Bits(bits) => {
                         // CHUNK is a multiple of 64, so chunk `c` starts on a word boundary.
                         let words = &bits[start / 64..];
                         for (j, (v, b)) in wd.iter_mut().zip(base.iter()).enumerate() {
                             let keep = (words[j / 64] >> (j % 64)) & 1 == 1;
                             let d = (*v - *b) * scale;
                             *v = if keep { d } else { 0.0 } * w;
+                        }
+                    }
+                    Mask::Top(top) => {
+                        let t = top.threshold;
+                        match top.takes[c] {
+                            Take::All => {
+                                for (v, b) in wd.iter_mut().zip(base.iter()) {
+                                    let d = *v - *b;
+                                    let keep = abs_key(d) >= t;
+                                    *v = if keep { d * scale } else { 0.0 } * w;
+                                }
+                            }
+                            Take::None => {
+                                for (v, b) in wd.iter_mut().zip(base.iter()) {
+                                    let d = *v - *b;
+                                    let keep = abs_key(d) > t;
+                                    *v = if keep { d * scale } else { 0.0 } * w;
+                                }
+                            }
+                            take @ Take::First(mut left) => {
+                                for (v, b) in wd.iter_mut().zip(base.iter()) {
+                                    let d = *v - *b;
+                                    let keep = keeps(abs_key(d), t, take, &mut left);
+                                    *v = if keep { d * scale } else { 0.0 } * w;
+                                }
+                            }
                         }
                     }
                 }
@@ -793,6 +1189,94 @@ mod tests {
                 one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{kind:?}"
             );
+        }
+    }
+
+    /// What [`magnitude_tops`] keeps, element by element.
+    fn top_mask(top: &Top, keys: &[u32]) -> Vec<bool> {
+        let mut mask = Vec::with_capacity(keys.len());
+        for (c, ks) in keys.chunks(CHUNK).enumerate() {
+            let take = top.takes[c];
+            let mut left = match take {
+                Take::First(n) => n,
+                _ => 0,
+            };
+            mask.extend(ks.iter().map(|&k| keeps(k, top.threshold, take, &mut left)));
+        }
+        mask
+    }
+
+    fn stored(tensors: &[Vec<f32>]) -> Vec<Vec<u8>> {
+        tensors.iter().map(|t| bytes(t)).collect()
+    }
+
+    /// The thresholds keep exactly what the bitset path (all keys, `select_top_k`) keeps,
+    /// and the merged result is the same bits: sampled windows, histogram windows, and a
+    /// sample that misses (its blocks hold only small deltas) so the exact round runs.
+    #[test]
+    fn magnitude_thresholds_match_the_bitset_path() {
+        let sampled = SAMPLE_MIN + 3 * CHUNK + 777;
+        let mut missed = random_models(sampled, 3, 21);
+        let base = missed[0].clone();
+        for (j, v) in missed[1].iter_mut().enumerate() {
+            if j % SAMPLE_STRIDE < SAMPLE_BLOCK {
+                *v = base[j] + 1.0 / 4096.0;
+            }
+        }
+        let cases = [
+            (random_models(sampled, 3, 11), "sampled"),
+            (random_models(3 * CHUNK + 5, 3, 12), "histogram"),
+            (missed, "missed sample"),
+        ];
+        for (tensors, what) in &cases {
+            let n = tensors[0].len();
+            let raw = stored(tensors);
+            let ins: Vec<MethodInput> = raw
+                .iter()
+                .map(|b| MethodInput {
+                    bytes: b,
+                    dtype: DType::F32,
+                })
+                .collect();
+            let inputs = Inputs {
+                tensors: &ins,
+                shape: &[n],
+            };
+            for densities in [[0.5, 0.3, 0.9], [0.01, 0.99, 1.0 / n as f64]] {
+                let trims: Vec<(usize, usize)> = densities
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (i + 1, ((d * n as f64) as usize).max(1)))
+                    .collect();
+                for rescale in [false, true] {
+                    let tops = magnitude_tops(&inputs, &trims, rescale);
+                    let mut scratch = Vec::new();
+                    let mut old = Vec::new();
+                    for ((input, k), new) in trims.iter().zip(&tops) {
+                        let keys = abs_keys(&inputs, *input, &mut scratch).to_vec();
+                        let sel = select_top_k(&keys, *k);
+                        let Mask::Top(top) = &new.mask else {
+                            panic!("{what}: not a threshold")
+                        };
+                        assert_eq!(top_mask(top, &keys), sel.mask(&keys), "{what} {densities:?}");
+                        let bits = selection_bits(&keys, &sel);
+                        let sums = key_sums(&keys, &bits, rescale);
+                        let scale = if rescale { l1_factor(&sums) } else { 1.0 };
+                        assert_eq!(new.scale.to_bits(), scale.to_bits(), "{what}");
+                        old.push(Kept {
+                            mask: Mask::Bits(bits),
+                            scale,
+                        });
+                    }
+                    let weights = [0.5f32, -0.3, 0.8];
+                    let a = combine(&inputs, true, &weights, &tops, true, 0.9);
+                    let b = combine(&inputs, true, &weights, &old, true, 0.9);
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{what}"
+                    );
+                }
+            }
         }
     }
 

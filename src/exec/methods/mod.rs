@@ -61,6 +61,71 @@ impl Inputs<'_> {
 /// Elements per chunk for chunked passes over inputs.
 pub const CHUNK: usize = 1 << 16;
 
+/// Element types with a per-thread pool of [`Scratch`] buffers.
+pub(crate) trait Pooled: Copy + Default + 'static {
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R;
+}
+
+macro_rules! pooled {
+    ($t:ty) => {
+        impl Pooled for $t {
+            fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<$t>>) -> R) -> R {
+                thread_local! {
+                    static POOL: std::cell::RefCell<Vec<Vec<$t>>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                POOL.with(|p| f(&mut p.borrow_mut()))
+            }
+        }
+    };
+}
+pooled!(f32);
+pooled!(u32);
+
+/// Buffers a thread keeps between chunked passes.
+const POOL_KEEP: usize = 16;
+
+/// A chunk-sized buffer from this thread's pool, given back when dropped, so the passes
+/// over every tensor neither allocate nor zero fresh pages. Its contents are whatever an
+/// earlier user left: every user writes before it reads.
+pub(crate) struct Scratch<T: Pooled> {
+    buf: Vec<T>,
+    len: usize,
+}
+
+impl<T: Pooled> Scratch<T> {
+    pub(crate) fn new(len: usize) -> Scratch<T> {
+        let mut buf = T::with_pool(|p| p.pop()).unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, T::default());
+        }
+        Scratch { buf, len }
+    }
+}
+
+impl<T: Pooled> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<T: Pooled> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl<T: Pooled> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        T::with_pool(|p| {
+            if p.len() < POOL_KEEP {
+                p.push(buf);
+            }
+        });
+    }
+}
+
 /// Computes `op` over `inputs`; the result has `inputs.numel()` values.
 pub fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
     match op {
