@@ -97,11 +97,40 @@ struct Block {
     xs: Vec<Vec<f32>>,
 }
 
+thread_local! {
+    /// Blocks a thread has used, so a pass over a tensor does not allocate (and zero) new
+    /// buffers chunk after chunk.
+    static BLOCKS: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A [`Block`] from this thread's pool, returned to it when dropped.
+struct PooledBlock(Block);
+
+impl std::ops::Deref for PooledBlock {
+    type Target = Block;
+    fn deref(&self) -> &Block {
+        &self.0
+    }
+}
+
+impl Drop for PooledBlock {
+    fn drop(&mut self) {
+        let block = std::mem::take(&mut self.0);
+        BLOCKS.with(|b| {
+            let mut pool = b.borrow_mut();
+            if pool.len() < 4 {
+                pool.push(block);
+            }
+        });
+    }
+}
+
 impl Block {
-    fn load(inputs: &Inputs, range: Range<usize>, task_vectors: bool) -> Block {
-        let mut block = Block::default();
+    /// Every value of the block is written by `fill` before anyone reads it.
+    fn load(inputs: &Inputs, range: Range<usize>, task_vectors: bool) -> PooledBlock {
+        let mut block = BLOCKS.with(|b| b.borrow_mut().pop()).unwrap_or_default();
         block.fill(inputs, range, task_vectors);
-        block
+        PooledBlock(block)
     }
 
     fn fill(&mut self, inputs: &Inputs, range: Range<usize>, task_vectors: bool) {
@@ -191,20 +220,53 @@ where
 }
 
 /// `acc[q] += Σ_{e in local} xs[i][e]·xs[j][e]` for each `pairs[q] = (i, j)`, element by
-/// element in order.
+/// element in order. Up to three sums share one loop: each keeps its own order of
+/// additions, and their independent chains overlap instead of waiting on each other.
 fn accumulate(xs: &[Vec<f32>], pairs: &[(usize, usize)], local: Range<usize>, acc: &mut [f64]) {
-    for (a, &(i, j)) in acc.iter_mut().zip(pairs) {
-        let (Some(x), Some(y)) = (xs.get(i), xs.get(j)) else {
-            continue;
-        };
-        let (Some(x), Some(y)) = (x.get(local.clone()), y.get(local.clone())) else {
-            continue;
-        };
-        let mut s = *a;
-        for (u, v) in x.iter().zip(y) {
-            s += f64::from(*u) * f64::from(*v);
+    let mut sums: Vec<(&mut f64, &[f32], &[f32])> = acc
+        .iter_mut()
+        .zip(pairs)
+        .filter_map(|(a, &(i, j))| {
+            let x = xs.get(i)?.get(local.clone())?;
+            let y = xs.get(j)?.get(local.clone())?;
+            Some((a, x, y))
+        })
+        .collect();
+    for group in sums.chunks_mut(3) {
+        match group {
+            [(a, x, y)] => {
+                let mut s = **a;
+                for (u, v) in x.iter().zip(y.iter()) {
+                    s += f64::from(*u) * f64::from(*v);
+                }
+                **a = s;
+            }
+            [(a, x0, y0), (b, x1, y1)] => {
+                let (mut s, mut t) = (**a, **b);
+                for (((u0, v0), u1), v1) in x0.iter().zip(y0.iter()).zip(x1.iter()).zip(y1.iter()) {
+                    s += f64::from(*u0) * f64::from(*v0);
+                    t += f64::from(*u1) * f64::from(*v1);
+                }
+                (**a, **b) = (s, t);
+            }
+            [(a, x0, y0), (b, x1, y1), (c, x2, y2)] => {
+                let (mut s, mut t, mut r) = (**a, **b, **c);
+                let n = x0
+                    .len()
+                    .min(y0.len())
+                    .min(x1.len())
+                    .min(y1.len())
+                    .min(x2.len())
+                    .min(y2.len());
+                for e in 0..n {
+                    s += f64::from(x0[e]) * f64::from(y0[e]);
+                    t += f64::from(x1[e]) * f64::from(y1[e]);
+                    r += f64::from(x2[e]) * f64::from(y2[e]);
+                }
+                (**a, **b, **c) = (s, t, r);
+            }
+            _ => {}
         }
-        *a = s;
     }
 }
 
