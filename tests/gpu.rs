@@ -577,13 +577,18 @@ fn pipelines_are_cached_by_key_not_by_constants() {
 #[test]
 fn methods_without_a_gpu_kernel_are_left_to_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    for op in [MethodOp::Sce { select_topk: 0.5 }, MethodOp::ArceeFusion] {
-        let s = method_step(&op, &[DType::F32; 2], DType::F32, &[4]);
-        let data = vec![0u8; 16];
-        let err = gpu.compute(&s, &[&data, &data]).unwrap_err();
-        assert!(err.is_unsupported(), "{err}");
-        assert!(err.to_string().contains(op.name()), "{err}");
+    let op = MethodOp::ArceeFusion;
+    let s = method_step(&op, &[DType::F32; 2], DType::F32, &[4]);
+    let data = vec![0u8; 16];
+    let err = gpu.compute(&s, &[&data, &data]).unwrap_err();
+    assert!(err.is_unsupported(), "{err}");
+    assert!(err.to_string().contains(op.name()), "{err}");
+    // Inside an expression too: nothing of the step runs on the GPU.
+    let mut s = s;
+    if let Kernel::Whole(program) = &mut s.kernel {
+        program.push(Instr::Scale(0.5));
     }
+    assert!(gpu.compute(&s, &[&data, &data]).unwrap_err().is_unsupported());
     assert_eq!(gpu.stats().whole_steps, 0);
 }
 
@@ -755,7 +760,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Conformance scripts of methods with no GPU kernel: their method steps run on the CPU.
-const CPU_METHODS: [&str; 2] = ["sce_f32", "arcee_fusion_f32"];
+const CPU_METHODS: [&str; 1] = ["arcee_fusion_f32"];
 
 /// Whole runs through `exec::run`: a script of arithmetic in every output dtype, with a
 /// whole-tensor method inside an expression, and every conformance script write the same
@@ -1082,6 +1087,15 @@ fn methods() -> Vec<(String, MethodOp, usize, Agreement)> {
             Exact,
         ),
         ("ram lone".into(), MethodOp::Ram { epsilon: 0.05 }, 1, Exact),
+        ("sce".into(), MethodOp::Sce { select_topk: 0.4 }, 4, Reduction),
+        ("sce all".into(), MethodOp::Sce { select_topk: 1.0 }, 3, Reduction),
+        (
+            "sce none".into(),
+            MethodOp::Sce { select_topk: 0.0 },
+            3,
+            Reduction,
+        ),
+        ("sce lone".into(), MethodOp::Sce { select_topk: 0.4 }, 1, Exact),
     ];
     for (flatten, row_wise) in [(true, false), (false, false), (false, true)] {
         for with_base in [false, true] {

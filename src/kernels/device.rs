@@ -17,6 +17,7 @@ const RANDOM: &str = include_str!("../../shaders/random.wgsl");
 const GEOMETRY: &str = include_str!("../../shaders/geometry.wgsl");
 const GTA: &str = include_str!("../../shaders/gta.wgsl");
 const RAM: &str = include_str!("../../shaders/ram.wgsl");
+const SCE: &str = include_str!("../../shaders/sce.wgsl");
 
 /// How a kernel binds one storage buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -80,6 +81,13 @@ kernels! {
     "ram_count" in "ram": [R, R, W],
     "ram_tally" in "ram": [R, R, R, W],
     "ram_merge" in "ram": [R, R, R, W],
+    "sce_sum" in "sce": [R, W, W],
+    "sce_mean" in "sce": [W, W],
+    "sce_squares" in "sce": [R, R, R, W, W],
+    "sce_variance" in "sce": [R, R, W],
+    "sce_mask" in "sce": [W, R],
+    "sce_vote" in "sce": [R, R, W, W],
+    "sce_finish" in "sce": [R, W, R],
 }
 
 /// The kernel called `name`.
@@ -96,6 +104,7 @@ fn family_source(family: &str) -> Option<(&'static str, &'static str)> {
         "geometry" => ("geometry.wgsl", GEOMETRY),
         "gta" => ("gta.wgsl", GTA),
         "ram" => ("ram.wgsl", RAM),
+        "sce" => ("sce.wgsl", SCE),
         _ => return None,
     })
 }

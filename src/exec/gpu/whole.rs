@@ -28,12 +28,11 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         | MethodOp::Nearswap { .. }
         | MethodOp::Gta { .. }
         | MethodOp::Ram { .. }
-        | MethodOp::RamPlusTl { .. } => Ok(()),
-        // sce ranks a per-element variance computed in f64, arcee_fusion a row KL
-        // divergence in f64 (exp, ln): WGSL has no portable f64.
-        MethodOp::Sce { .. } | MethodOp::ArceeFusion => {
-            Err(format!("the method `{}` has no GPU kernel", op.name()))
-        }
+        | MethodOp::RamPlusTl { .. }
+        | MethodOp::Sce { .. } => Ok(()),
+        // arcee_fusion's importance is a row KL divergence through f64 `exp` and `ln`,
+        // which WGSL lacks (and a software version would not give libm's bits).
+        MethodOp::ArceeFusion => Err(format!("the method `{}` has no GPU kernel", op.name())),
         // A MoE expert's noise draws normals through f64 ln and cos (Box-Muller).
         MethodOp::Noise { .. } => Err("expert noise (`noise_scale`) has no GPU kernel".to_string()),
     }
@@ -199,6 +198,7 @@ fn method(dev: &mut Device, op: &MethodOp, xs: &[Tensor], shape: &[usize]) -> Re
         MethodOp::Gta { .. } => gta(dev, op, xs, shape),
         MethodOp::Ram { epsilon } => ram(dev, *epsilon, None, xs),
         MethodOp::RamPlusTl { r, alpha, epsilon } => ram(dev, *epsilon, Some((*r, *alpha)), xs),
+        MethodOp::Sce { select_topk } => sce(dev, *select_topk, xs),
         other => Err(GpuError::Unsupported(format!(
             "the method `{}` has no GPU kernel",
             other.name()
@@ -1020,4 +1020,256 @@ fn ram(dev: &mut Device, epsilon: f64, plus: Option<(f64, f64)>, xs: &[Tensor]) 
     dev.free(count);
     dev.map("add", &[&merged, base], Params::default())?;
     Ok(merged)
+}
+
+// ---------------------------------------------------------------------------------------
+// sce
+// ---------------------------------------------------------------------------------------
+
+/// Inputs `[base, m...]`: other.rs `sce`. The variance that ranks elements is computed
+/// with the software f64 of `shaders/sce.wgsl`, so the selection is the CPU's.
+fn sce(dev: &mut Device, select_topk: f64, xs: &[Tensor]) -> Result<Tensor, GpuError> {
+    if xs.len() == 1 {
+        return Ok(dev.copy(&xs[0]));
+    }
+    let models = xs.len() - 1;
+    let n = dev.n;
+    let base = &xs[0];
+    let deltas: Vec<Tensor> = xs[1..]
+        .iter()
+        .map(|x| difference(dev, x, base))
+        .collect::<Result<_, _>>()?;
+    if select_topk < 1.0 {
+        let m = Params::default().u(&[models as u32]);
+        let (lo, hi) = (dev.zeros(), dev.zeros());
+        for d in &deltas {
+            dev.map("sce_sum", &[d, &lo, &hi], Params::default())?;
+        }
+        dev.map("sce_mean", &[&lo, &hi], m)?;
+        let (ss_lo, ss_hi) = (dev.zeros(), dev.zeros());
+        for d in &deltas {
+            dev.map("sce_squares", &[d, &lo, &hi, &ss_lo, &ss_hi], Params::default())?;
+        }
+        let variance = dev.alloc();
+        dev.map("sce_variance", &[&ss_lo, &ss_hi, &variance], m)?;
+        for t in [lo, hi, ss_lo, ss_hi] {
+            dev.free(t);
+        }
+        let k = if select_topk <= 0.0 {
+            0
+        } else {
+            let nonzero = n - count_key(dev, &variance, 0)?;
+            // other.rs: a float32 product, truncated.
+            ((nonzero as f32) * (select_topk as f32)) as usize
+        };
+        let sel = select_top_k(dev, &variance, k)?;
+        let mask = selection_mask(dev, &variance, &sel)?;
+        for d in &deltas {
+            for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+                let p = Params {
+                    n: (hi - lo) as u32,
+                    start: lo as u32,
+                    ..Params::default()
+                };
+                dev.dispatch("sce_mask", &[&d.chunks[c], &mask.chunks[c]], p, (hi - lo) as u64)?;
+            }
+        }
+        dev.free_mask(mask);
+        dev.free(variance);
+    }
+    // w_i = mean(δ_i²) of the masked deltas.
+    let pairs: Vec<(&Tensor, &Tensor)> = deltas.iter().map(|d| (d, d)).collect();
+    let means: Vec<f64> = dev
+        .dots(&pairs, Vectors::flat(n))?
+        .into_iter()
+        .map(|s| s[0] / n as f64)
+        .collect();
+    let total: f64 = means.iter().sum();
+    let weights: Vec<f32> = if total.abs() < 1e-6 {
+        vec![(1.0 / models as f64) as f32; models]
+    } else {
+        means.iter().map(|w| (w / total) as f32).collect()
+    };
+    let sum = dev.zeros();
+    for d in &deltas {
+        dev.map("add", &[&sum, d], Params::default())?;
+    }
+    let (num, den) = (dev.zeros(), dev.zeros());
+    for (d, w) in deltas.iter().zip(&weights) {
+        dev.map("sce_vote", &[d, &sum, &num, &den], Params::default().f(&[*w]))?;
+    }
+    dev.map("sce_finish", &[base, &num, &den], Params::default().f(&[1e-6f32]))?;
+    for t in deltas.into_iter().chain([sum, den]) {
+        dev.free(t);
+    }
+    Ok(num)
+}
+
+/// How many elements have the key `|x|` equal to `key`.
+fn count_key(dev: &mut Device, x: &Tensor, key: u32) -> Result<usize, GpuError> {
+    let mut counts = Vec::new();
+    for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+        let words = (hi - lo).div_ceil(32);
+        let out = dev.zeros_small(words);
+        let p = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        }
+        .u(&[key]);
+        dev.dispatch("count_equal", &[&x.chunks[c], &out], p, words as u64)?;
+        counts.push(out);
+    }
+    let read = dev.read(&counts.iter().collect::<Vec<_>>())?;
+    for b in counts {
+        dev.give_small(b);
+    }
+    Ok(read
+        .iter()
+        .flat_map(|bytes| bytemuck::pod_collect_to_vec::<u8, u32>(bytes))
+        .map(|c| c as usize)
+        .sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::gpu::GpuContext;
+    use crate::exec::GpuExecutor;
+
+    fn executor() -> Option<GpuExecutor> {
+        match GpuContext::new(None, true) {
+            Ok(Some(ctx)) => Some(GpuExecutor::new(ctx)),
+            _ if std::env::var_os("MERGEC_REQUIRE_GPU").is_some() => {
+                panic!("MERGEC_REQUIRE_GPU is set but there is no GPU adapter")
+            }
+            _ => None,
+        }
+    }
+
+    /// other.rs's variance key: f64 sum, mean, sum of squares, rounded to f32; also the
+    /// mean and the sum of squares.
+    fn cpu_variance(ds: &[f32]) -> (f64, f64, f32) {
+        let m = ds.len() as f64;
+        let mean = ds.iter().map(|d| *d as f64).sum::<f64>() / m;
+        let ss: f64 = ds
+            .iter()
+            .map(|d| {
+                let e = *d as f64 - mean;
+                e * e
+            })
+            .sum();
+        (mean, ss, (ss / m) as f32)
+    }
+
+    fn f64s(dev: &mut Device, lo: &Tensor, hi: &Tensor) -> Vec<f64> {
+        let lo: Vec<u32> = bytemuck::pod_collect_to_vec(&dev.download(lo, DType::F32).unwrap());
+        let hi: Vec<u32> = bytemuck::pod_collect_to_vec(&dev.download(hi, DType::F32).unwrap());
+        lo.iter()
+            .zip(&hi)
+            .map(|(l, h)| f64::from_bits((*h as u64) << 32 | *l as u64))
+            .collect()
+    }
+
+    fn same(a: f64, b: f64) -> bool {
+        // Zeros of either sign are the same here (see `shaders/sce.wgsl`: the CPU's sum
+        // may start from −0.0; no key depends on the sign of a zero sum).
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()) || (a == 0.0 && b == 0.0)
+    }
+
+    /// The software f64 of `shaders/sce.wgsl` against the CPU's f64, bit for bit: random
+    /// bit patterns of every finite exponent, subnormals, zeros, near-equal values whose
+    /// variance cancels, values whose variance is a subnormal f32 or overflows.
+    #[test]
+    fn software_f64_variance_is_the_cpus() {
+        let Some(gpu) = executor() else { return };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for models in 1..=5usize {
+            let n = 20_000;
+            let mut ds: Vec<Vec<f32>> = vec![Vec::with_capacity(n); models];
+            for e in 0..n {
+                let kind = e % 6;
+                let centre = f32::from_bits((next() as u32) & 0x7f7f_ffff);
+                for d in ds.iter_mut() {
+                    let r = next();
+                    let v = match kind {
+                        // any finite value
+                        0 => f32::from_bits((r as u32) & 0xff7f_ffff | ((r >> 40) as u32 & 1) << 31),
+                        // near-equal values: the variance cancels
+                        1 => f32::from_bits(centre.to_bits().wrapping_add((r % 5) as u32)),
+                        // subnormals and zeros
+                        2 => f32::from_bits((r as u32) & 0x8000_00ff),
+                        // tiny normals: subnormal or zero variance
+                        3 => f32::from_bits((r as u32) & 0x80ff_ffff | 0x0080_0000),
+                        // huge values: an overflowing variance
+                        4 => f32::from_bits((r as u32) & 0x807f_ffff | 0x7f00_0000),
+                        _ => ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.01,
+                    };
+                    d.push(v);
+                }
+            }
+            let mut dev = Device::new(
+                &gpu.ctx,
+                &gpu.pipelines,
+                &gpu.pool,
+                4 * 8192,
+                gpu.max_workgroups_per_dimension,
+                n,
+                1,
+            )
+            .unwrap();
+            let tensors: Vec<Tensor> = ds
+                .iter()
+                .map(|d| dev.upload(bytemuck::cast_slice(d), DType::F32).unwrap())
+                .collect();
+            let m = Params::default().u(&[models as u32]);
+            let (lo, hi) = (dev.zeros(), dev.zeros());
+            for t in &tensors {
+                dev.map("sce_sum", &[t, &lo, &hi], Params::default()).unwrap();
+            }
+            dev.map("sce_mean", &[&lo, &hi], m).unwrap();
+            let means = f64s(&mut dev, &lo, &hi);
+            let (ss_lo, ss_hi) = (dev.zeros(), dev.zeros());
+            for t in &tensors {
+                dev.map("sce_squares", &[t, &lo, &hi, &ss_lo, &ss_hi], Params::default())
+                    .unwrap();
+            }
+            let variance = dev.alloc();
+            dev.map("sce_variance", &[&ss_lo, &ss_hi, &variance], m).unwrap();
+            let squares = f64s(&mut dev, &ss_lo, &ss_hi);
+            let got: Vec<f32> = bytemuck::pod_collect_to_vec(&dev.download(&variance, DType::F32).unwrap());
+            let mut bad = 0;
+            let (mut subnormal, mut infinite, mut zero) = (0, 0, 0);
+            for e in 0..n {
+                let column: Vec<f32> = ds.iter().map(|d| d[e]).collect();
+                let (mean, ss, want) = cpu_variance(&column);
+                let ok = same(mean, means[e])
+                    && same(ss, squares[e])
+                    && (want.to_bits() == got[e].to_bits() || (want.is_nan() && got[e].is_nan()));
+                if !ok {
+                    bad += 1;
+                    eprintln!(
+                        "{models} models, {column:?}: mean {mean:e} / {:e}, ss {ss:e} / {:e}, variance {want:e} / {:e}",
+                        means[e], squares[e], got[e]
+                    );
+                }
+                subnormal += usize::from(want.is_subnormal());
+                infinite += usize::from(want.is_infinite());
+                zero += usize::from(want == 0.0);
+            }
+            if models > 1 {
+                assert!(
+                    subnormal > 100 && infinite > 100 && zero > 100,
+                    "{subnormal} {infinite} {zero}"
+                );
+            }
+            assert_eq!(bad, 0, "{models} models");
+        }
+    }
 }
