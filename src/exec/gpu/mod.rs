@@ -150,7 +150,7 @@ const DEFAULT_MAX_IDLE_BYTES: u64 = 1 << 30;
 
 /// Computes steps on a GPU: element-wise ([`Kernel::Fused`]) steps, and whole-tensor
 /// ([`Kernel::Whole`]) steps whose methods have a GPU implementation (every method but
-/// `sce` and `arcee_fusion`). The others, and steps past the
+/// `arcee_fusion`). The others, and steps past the
 /// adapter's limits, are refused with [`GpuError::Unsupported`], so the caller runs them
 /// on the CPU executor instead.
 pub struct GpuExecutor {
