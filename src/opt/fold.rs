@@ -1,0 +1,279 @@
+//! Constant folding of per-tensor parameters: arithmetic whose constant makes it an
+//! identity is removed, and constants are put in the cheaper form that gives the same bits.
+//!
+//! Only rewrites that give the same result for every input value, NaN, infinities and
+//! signed zeros included, are made:
+//! * `x * 1`, `x / 1` and a one-term weighted sum with weight 1 become `x`;
+//! * `-(-x)` becomes `x` (negation flips the sign bit, twice is nothing);
+//! * a weighted sum's divisor 1 is dropped (`acc / 1 == acc`);
+//! * `x / d` with `d` a power of two whose reciprocal is a normal number becomes
+//!   `x * (1/d)`: both are the exact `x·2⁻ᵏ` rounded once.
+//!
+//! Not folded, because IEEE arithmetic disagrees with the algebra: `x * 0` (NaN and
+//! infinities give NaN), `x + 0` (`-0 + 0 = +0`), `x - x`, `x * -1` into `-x` (a NaN's
+//! sign), and `(x * a) * b` into `x * (a·b)` (two roundings are not one, and the
+//! intermediate can overflow). One documented difference remains: an input's signalling
+//! NaN is quieted by arithmetic, so a removed `x * 1` keeps its payload's quiet bit as
+//! stored (as a copy of the tensor does).
+
+use petgraph::stable_graph::NodeIndex;
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+
+use crate::graph::{Graph, Op};
+
+pub(super) fn run(g: &mut Graph) -> usize {
+    let Ok(order) = petgraph::algo::toposort(&g.nodes, None) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for n in order {
+        let Some(node) = g.nodes.node_weight(n) else {
+            continue; // removed as a dead operand of an earlier rewrite
+        };
+        let operands = g.operands(n);
+        let Some(&first) = operands.first() else {
+            continue;
+        };
+        let rewrite = match &node.op {
+            Op::Scale(f) if *f == 1.0 => Rewrite::Bypass(first),
+            Op::Divide(d) if *d == 1.0 => Rewrite::Bypass(first),
+            Op::Divide(d) => match exact_reciprocal(*d) {
+                Some(r) => Rewrite::Replace(Op::Scale(r)),
+                None => Rewrite::Keep,
+            },
+            Op::WeightedSum { weights, divisor } if weights.len() == 1 && weights[0] == 1.0 => {
+                match divisor {
+                    None => Rewrite::Bypass(first),
+                    Some(d) if *d == 1.0 => Rewrite::Bypass(first),
+                    Some(d) => Rewrite::Replace(Op::Divide(*d)),
+                }
+            }
+            Op::WeightedSum {
+                weights,
+                divisor: Some(d),
+            } if *d == 1.0 => Rewrite::Replace(Op::WeightedSum {
+                weights: weights.clone(),
+                divisor: None,
+            }),
+            Op::Neg => match g.nodes[first].op {
+                Op::Neg => match g.operands(first).first() {
+                    Some(&inner) => Rewrite::Bypass(inner),
+                    None => Rewrite::Keep,
+                },
+                _ => Rewrite::Keep,
+            },
+            _ => Rewrite::Keep,
+        };
+        match rewrite {
+            Rewrite::Keep => {}
+            Rewrite::Replace(op) => g.nodes[n].op = op,
+            Rewrite::Bypass(to) => removed += bypass(g, n, to),
+        }
+    }
+    removed
+}
+
+enum Rewrite {
+    Keep,
+    /// The node's users read this node instead; the node goes.
+    Bypass(NodeIndex),
+    /// Same operands, another op.
+    Replace(Op),
+}
+
+/// `1/d` when `d` is a power of two and `1/d` is a normal number (so `x / d` and
+/// `x * (1/d)` are the same exact value rounded once).
+fn exact_reciprocal(d: f32) -> Option<f32> {
+    if !d.is_normal() {
+        return None;
+    }
+    let bits = d.to_bits();
+    if bits & 0x007f_ffff != 0 {
+        return None; // a mantissa: not a power of two
+    }
+    let r = 1.0 / d;
+    (r.is_normal() && r * d == 1.0).then_some(r)
+}
+
+/// Redirects the users of `n` to `to`, removes `n` and every operand left unused; returns
+/// how many nodes went.
+fn bypass(g: &mut Graph, n: NodeIndex, to: NodeIndex) -> usize {
+    let users: Vec<(NodeIndex, usize)> = g
+        .nodes
+        .edges_directed(n, Direction::Outgoing)
+        .map(|e| (e.target(), *e.weight()))
+        .collect();
+    for (user, slot) in users {
+        g.nodes.add_edge(to, user, slot);
+    }
+    let mut dead = g.operands(n);
+    g.nodes.remove_node(n);
+    let mut removed = 1;
+    while let Some(d) = dead.pop() {
+        if g.nodes.node_weight(d).is_none()
+            || g.nodes
+                .neighbors_directed(d, Direction::Outgoing)
+                .next()
+                .is_some()
+        {
+            continue;
+        }
+        let operands = g.operands(d);
+        g.nodes.remove_node(d);
+        removed += 1;
+        dead.extend(operands);
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{verify, Node};
+    use crate::io::DType;
+    use crate::sema::hir::ModelId;
+    use petgraph::stable_graph::StableDiGraph;
+
+    fn graph() -> (Graph, NodeIndex) {
+        let mut g = Graph {
+            nodes: StableDiGraph::new(),
+            stores: vec![Vec::new()],
+        };
+        let load = g.nodes.add_node(Node {
+            op: Op::Load {
+                model: ModelId(0),
+                tensor: "t".into(),
+                dtype: DType::F32,
+            },
+            shape: vec![4],
+        });
+        (g, load)
+    }
+
+    fn add(g: &mut Graph, op: Op, operands: &[NodeIndex]) -> NodeIndex {
+        let n = g.nodes.add_node(Node { op, shape: vec![4] });
+        for (i, o) in operands.iter().enumerate() {
+            g.nodes.add_edge(*o, n, i);
+        }
+        n
+    }
+
+    fn store(g: &mut Graph, value: NodeIndex) -> NodeIndex {
+        let s = add(
+            g,
+            Op::Store {
+                output: 0,
+                tensor: "t".into(),
+                dtype: DType::F32,
+            },
+            &[value],
+        );
+        g.stores[0].push(s);
+        s
+    }
+
+    #[test]
+    fn identities_go_and_the_store_reads_the_operand() {
+        let (mut g, load) = graph();
+        let a = add(&mut g, Op::Scale(1.0), &[load]);
+        let b = add(&mut g, Op::Divide(1.0), &[a]);
+        let c = add(&mut g, Op::Neg, &[b]);
+        let d = add(&mut g, Op::Neg, &[c]);
+        let e = add(
+            &mut g,
+            Op::WeightedSum {
+                weights: vec![1.0],
+                divisor: None,
+            },
+            &[d],
+        );
+        let s = store(&mut g, e);
+        assert_eq!(run(&mut g), 5);
+        verify(&g).unwrap();
+        assert_eq!(g.operands(s), vec![load]);
+        assert_eq!(g.nodes.node_count(), 2);
+    }
+
+    #[test]
+    fn shared_operands_stay() {
+        let (mut g, load) = graph();
+        let neg = add(&mut g, Op::Neg, &[load]);
+        let twice = add(&mut g, Op::Neg, &[neg]);
+        store(&mut g, twice);
+        store(&mut g, neg);
+        assert_eq!(run(&mut g), 1);
+        verify(&g).unwrap();
+        assert!(g.nodes.node_weight(neg).is_some());
+    }
+
+    #[test]
+    fn unsafe_constants_are_kept() {
+        for op in [
+            Op::Scale(0.0),
+            Op::Scale(-1.0),
+            Op::Scale(1.5),
+            Op::Divide(3.0),
+            Op::Divide(0.0),
+            Op::WeightedSum {
+                weights: vec![1.0, 0.0],
+                divisor: None,
+            },
+        ] {
+            let (mut g, load) = graph();
+            let operands = vec![load; op.arity().unwrap()];
+            let n = add(&mut g, op.clone(), &operands);
+            store(&mut g, n);
+            assert_eq!(run(&mut g), 0, "{op:?}");
+            assert_eq!(g.nodes[n].op, op);
+        }
+    }
+
+    #[test]
+    fn constants_take_their_cheaper_exact_form() {
+        let (mut g, load) = graph();
+        let half = add(&mut g, Op::Divide(4.0), &[load]);
+        let ws = add(
+            &mut g,
+            Op::WeightedSum {
+                weights: vec![0.5, 0.25],
+                divisor: Some(1.0),
+            },
+            &[half, load],
+        );
+        let one = add(
+            &mut g,
+            Op::WeightedSum {
+                weights: vec![1.0],
+                divisor: Some(3.0),
+            },
+            &[ws],
+        );
+        store(&mut g, one);
+        assert_eq!(run(&mut g), 0);
+        verify(&g).unwrap();
+        assert_eq!(g.nodes[half].op, Op::Scale(0.25));
+        assert_eq!(
+            g.nodes[ws].op,
+            Op::WeightedSum {
+                weights: vec![0.5, 0.25],
+                divisor: None
+            }
+        );
+        assert_eq!(g.nodes[one].op, Op::Divide(3.0));
+    }
+
+    #[test]
+    fn reciprocals_are_exact() {
+        for d in [2.0f32, 0.5, -8.0, 1024.0] {
+            let r = exact_reciprocal(d).unwrap();
+            for x in [1.0f32, 3.3, -7.1e-30, 1e-40, f32::MAX, f32::INFINITY, -0.0] {
+                assert_eq!((x / d).to_bits(), (x * r).to_bits(), "{x} / {d}");
+            }
+        }
+        assert_eq!(exact_reciprocal(3.0), None);
+        assert_eq!(exact_reciprocal(f32::MAX), None);
+        assert_eq!(exact_reciprocal(2f32.powi(127)), None);
+        assert_eq!(exact_reciprocal(f32::MIN_POSITIVE), Some(2f32.powi(126)));
+    }
+}
