@@ -18,7 +18,7 @@ use std::time::Instant;
 use crate::io::reader::{ReadError, TensorBytes};
 use crate::io::{ModelWriter, TensorReader, WriteError, WrittenModel};
 use crate::plan::{Kernel, Plan, Step};
-use crate::sema::hir::{self, ModelId};
+use crate::sema::hir;
 
 pub use cpu::CpuExecutor;
 pub use gpu::{GpuContext, GpuError, GpuExecutor, GpuStats};
@@ -154,12 +154,6 @@ pub fn run(
     let started = Instant::now();
     let mut outputs = Vec::new();
     let mut warnings = Vec::new();
-    let mut last_use: HashMap<(ModelId, &str), usize> = HashMap::new();
-    for (index, step) in plan.steps.iter().enumerate() {
-        for input in &step.inputs {
-            last_use.insert((input.model, input.tensor.as_str()), index);
-        }
-    }
     for index in 0..program.outputs.len() {
         let steps: Vec<(usize, &Step)> = plan
             .steps
@@ -191,7 +185,7 @@ pub fn run(
         let written = std::thread::scope(|scope| {
             let handle = scope.spawn(move || write_all(writer, rx, assembly));
             let schedule = Schedule {
-                last_use: &last_use,
+                releases: &plan.releases,
                 block: plan.stream_block,
             };
             let computed = compute_all(program, &steps, &schedule, executor, reader, &tx, &mut progress);
@@ -214,9 +208,9 @@ pub fn run(
     })
 }
 
-/// When each input is used for the last time, and the block size of streamed steps.
+/// Which inputs each step reads for the last time, and the block size of streamed steps.
 struct Schedule<'a> {
-    last_use: &'a HashMap<(ModelId, &'a str), usize>,
+    releases: &'a [Vec<usize>],
     block: u64,
 }
 
@@ -232,9 +226,17 @@ fn compute_all(
     for &(index, step) in steps {
         progress(step);
         // An input used again later (a layer a stack repeats, a tensor two outputs read)
-        // stays mapped until its last use, so it is read from disk once.
-        let last =
-            |i: &crate::plan::StepInput| schedule.last_use.get(&(i.model, i.tensor.as_str())) == Some(&index);
+        // stays mapped until the step the plan releases it after, so it is read once.
+        let released: Vec<&crate::plan::StepInput> = schedule
+            .releases
+            .get(index)
+            .map(|r| r.iter().filter_map(|&j| step.inputs.get(j)).collect())
+            .unwrap_or_default();
+        let last = |i: &crate::plan::StepInput| {
+            released
+                .iter()
+                .any(|r| r.model == i.model && r.tensor == i.tensor)
+        };
         let inputs = step
             .inputs
             .iter()

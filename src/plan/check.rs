@@ -1,11 +1,15 @@
 //! An independent check of a plan: every kernel is well formed over its inputs, every
 //! input exists in its model with the bytes claimed, and the peak is re-simulated.
 
+use std::collections::HashMap;
+
 use super::{Instr, Kernel, Plan};
 use crate::diag::Diagnostic;
-use crate::sema::hir;
+use crate::sema::hir::{self, ModelId};
 
 pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
+    check_order(plan, program)?;
+    check_releases(plan)?;
     for (i, step) in plan.steps.iter().enumerate() {
         let bug = |what: String| {
             Box::new(Diagnostic::bug(format!(
@@ -65,19 +69,112 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
     Ok(())
 }
 
+/// One step per output tensor, outputs in script order, each output's tensors in the
+/// order the program lists them (natural name order: shards fill in layer order).
+fn check_order(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
+    let mut wanted = program
+        .outputs
+        .iter()
+        .enumerate()
+        .flat_map(|(o, out)| out.tensors.iter().map(move |t| (o, t.name.as_str())));
+    for (i, step) in plan.steps.iter().enumerate() {
+        match wanted.next() {
+            Some(w) if w == (step.output, step.tensor.as_str()) => {}
+            Some((o, t)) => {
+                let planned = plan.steps.iter().any(|s| s.output == o && s.tensor == t);
+                let why = if planned {
+                    format!("is out of order: output {o} `{t}` comes first")
+                } else {
+                    format!("comes where output {o} `{t}` should, which the plan is missing")
+                };
+                return Err(Box::new(Diagnostic::bug(format!(
+                    "plan step {i} (output {} `{}`) {why}",
+                    step.output, step.tensor
+                ))));
+            }
+            None => {
+                return Err(Box::new(Diagnostic::bug(format!(
+                    "plan step {i} (`{}`) is one step too many",
+                    step.tensor
+                ))))
+            }
+        }
+    }
+    match wanted.next() {
+        Some((o, t)) => Err(Box::new(Diagnostic::bug(format!(
+            "plan is missing the step for output {o} `{t}`"
+        )))),
+        None => Ok(()),
+    }
+}
+
+/// Re-simulates liveness: an input stays mapped from its first read to its release, so a
+/// release before a later read (freed too early), a second release, or none at all (held
+/// to the end) is a bug.
+fn check_releases(plan: &Plan) -> Result<(), Box<Diagnostic>> {
+    let bug = |m: String| Box::new(Diagnostic::bug(m));
+    if plan.releases.len() != plan.steps.len() {
+        return Err(bug(format!(
+            "plan releases inputs after {} steps but has {}",
+            plan.releases.len(),
+            plan.steps.len()
+        )));
+    }
+    let mut released: HashMap<(ModelId, &str), usize> = HashMap::new();
+    let mut read: HashMap<(ModelId, &str), usize> = HashMap::new();
+    for (i, (step, releases)) in plan.steps.iter().zip(&plan.releases).enumerate() {
+        for input in &step.inputs {
+            let key = (input.model, input.tensor.as_str());
+            if let Some(r) = released.get(&key) {
+                return Err(bug(format!(
+                    "plan step {i} (`{}`) reads `{}`, whose pages were released after step {r}",
+                    step.tensor, input.tensor
+                )));
+            }
+            read.insert(key, i);
+        }
+        for &j in releases {
+            let input = step.inputs.get(j).ok_or_else(|| {
+                bug(format!(
+                    "plan step {i} (`{}`) releases input {j} of {}",
+                    step.tensor,
+                    step.inputs.len()
+                ))
+            })?;
+            if released.insert((input.model, input.tensor.as_str()), i).is_some() {
+                return Err(bug(format!("plan releases `{}` twice", input.tensor)));
+            }
+        }
+    }
+    match read.keys().find(|k| !released.contains_key(*k)) {
+        Some((_, tensor)) => Err(bug(format!(
+            "plan reads `{tensor}` but it is never released (held to the end)"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Walks the steps in order: while step `i` runs, its inputs are mapped, its output buffer
 /// is filled, and up to `write_queue` earlier outputs wait for (or are in) the writer.
 pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
     // An input stays mapped from its first use to its last (the executor releases its
     // pages then), so inputs used again later are held in between.
-    let mut first_last: std::collections::HashMap<(crate::sema::hir::ModelId, &str), (usize, usize, u64)> =
-        std::collections::HashMap::new();
+    // The last use is where the plan releases the input (the end when it never does).
+    let mut first_last: HashMap<(ModelId, &str), (usize, usize, u64)> = HashMap::new();
     for (i, step) in plan.steps.iter().enumerate() {
         for input in &step.inputs {
-            let e = first_last
-                .entry((input.model, input.tensor.as_str()))
-                .or_insert((i, i, input.bytes));
-            e.1 = i;
+            first_last.entry((input.model, input.tensor.as_str())).or_insert((
+                i,
+                plan.steps.len(),
+                input.bytes,
+            ));
+        }
+    }
+    for (i, (step, releases)) in plan.steps.iter().zip(&plan.releases).enumerate() {
+        for input in releases.iter().filter_map(|&j| step.inputs.get(j)) {
+            if let Some(e) = first_last.get_mut(&(input.model, input.tensor.as_str())) {
+                e.1 = e.1.min(i);
+            }
         }
     }
     let mut held_between = vec![0u64; plan.steps.len() + 1];

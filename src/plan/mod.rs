@@ -99,6 +99,11 @@ pub struct Plan {
     /// Most memory the run holds at once: mapped inputs of a step, its output buffer, the
     /// buffers queued for writing and the workers' scratch.
     pub peak_bytes: u64,
+    /// `releases[i]`: the inputs of step `i` (indices into its `inputs`) read there for the
+    /// last time, whose pages the run releases once the step is done. An input used by
+    /// several steps stays mapped (read once) until its last; [`check`] proves each input
+    /// is released exactly once, after its last use.
+    pub releases: Vec<Vec<usize>>,
 }
 
 /// Outputs in script order; within one, tensors in the order sema listed them (natural
@@ -148,6 +153,7 @@ pub fn schedule(graph: &Graph, limits: &Limits) -> Plan {
         }
     }
     let write_bytes = steps.iter().map(Step::out_bytes).sum();
+    let releases = last_uses(&steps);
     let mut plan = Plan {
         steps,
         limits_threads: limits.threads,
@@ -157,9 +163,27 @@ pub fn schedule(graph: &Graph, limits: &Limits) -> Plan {
         read_bytes,
         write_bytes,
         peak_bytes: 0,
+        releases,
     };
     plan.peak_bytes = check::simulate_peak(&plan);
     plan
+}
+
+/// Per step, the inputs read there for the last time.
+fn last_uses(steps: &[Step]) -> Vec<Vec<usize>> {
+    let mut last: std::collections::HashMap<(ModelId, &str), (usize, usize)> =
+        std::collections::HashMap::new();
+    for (i, step) in steps.iter().enumerate() {
+        for (j, input) in step.inputs.iter().enumerate() {
+            last.insert((input.model, input.tensor.as_str()), (i, j));
+        }
+    }
+    let mut releases = vec![Vec::new(); steps.len()];
+    for (i, j) in last.into_values() {
+        releases[i].push(j);
+    }
+    releases.iter_mut().for_each(|r| r.sort_unstable());
+    releases
 }
 
 /// Bytes of scratch the CPU workers hold: one chunk per stack slot, per thread.
