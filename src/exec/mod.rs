@@ -223,8 +223,12 @@ fn compute_all(
     tx: &mpsc::SyncSender<Message>,
     progress: &mut impl FnMut(&Step),
 ) -> Result<(), RunError> {
-    for &(index, step) in steps {
+    for (position, &(index, step)) in steps.iter().enumerate() {
         progress(step);
+        // Read-ahead: the disk reads the next step's inputs while this one computes.
+        if let Some((_, next)) = steps.get(position + 1) {
+            read_ahead(program, reader, next);
+        }
         // An input used again later (a layer a stack repeats, a tensor two outputs read)
         // stays mapped until the step the plan releases it after, so it is read once.
         let released: Vec<&crate::plan::StepInput> = schedule
@@ -276,6 +280,24 @@ fn compute_all(
         }
     }
     Ok(())
+}
+
+/// Bytes of one step's inputs [`read_ahead`] asks for at most.
+const READ_AHEAD_BYTES: usize = 64 << 20;
+
+/// Starts the disk on `step`'s inputs (the page cache holds them, not this process).
+fn read_ahead(program: &hir::Program, reader: &TensorReader, step: &Step) {
+    let mut left = READ_AHEAD_BYTES;
+    for input in &step.inputs {
+        if left == 0 {
+            break;
+        }
+        // An error here is reported when the step itself reads the tensor.
+        if let Ok(bytes) = reader.read(&program.model(input.model).info, &input.tensor) {
+            bytes.will_need(left);
+            left = left.saturating_sub(bytes.len());
+        }
+    }
 }
 
 /// Computes an element-wise step block by block and streams the blocks to the writer,

@@ -65,6 +65,22 @@ impl TensorBytes {
         release_range(&self.map, self.start, self.end - self.start);
     }
 
+    /// Asks the kernel to start reading the first `max` bytes of this tensor from disk now
+    /// (`MADV_WILLNEED`), so a later step finds them in the page cache instead of waiting
+    /// on page faults. Nothing is mapped into the process by this (its memory does not
+    /// grow); failure only costs time, so it is ignored.
+    pub fn will_need(&self, max: usize) {
+        #[cfg(unix)]
+        {
+            let len = (self.end - self.start).min(max);
+            if len > 0 {
+                let _ = self.map.advise_range(memmap2::Advice::WillNeed, self.start, len);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = max;
+    }
+
     /// Like [`TensorBytes::release`] for bytes `from..to` of this tensor only.
     pub fn release_part(&self, from: usize, to: usize) {
         let len = self.end - self.start;
