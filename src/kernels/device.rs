@@ -61,6 +61,7 @@ kernels! {
     "difference" in "tensor": [R, R, W],
     "gta_finish" in "tensor": [R, W, R],
     "dot" in "reduce": [R, R, W],
+    "dot3" in "reduce": [R, R, W],
     "l1" in "reduce": [R, R, W],
     "histogram_high" in "select": [R, W],
     "histogram_low" in "select": [R, W],

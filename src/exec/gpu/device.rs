@@ -485,28 +485,58 @@ impl<'a> Device<'a> {
         pairs: &[(&Tensor, &Tensor)],
         vectors: Vectors,
     ) -> Result<Vec<Vec<f64>>, GpuError> {
+        Ok(self
+            .segment_sums("dot", pairs, vectors, 1)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Per vector, `(Σ a·a, Σ b·b, Σ a·b)` in one pass over `a` and `b`, the same sums
+    /// as [`Device::dots`] gives.
+    pub(crate) fn dots3(
+        &mut self,
+        a: &Tensor,
+        b: &Tensor,
+        vectors: Vectors,
+    ) -> Result<[Vec<f64>; 3], GpuError> {
+        let mut sums = self.segment_sums("dot3", &[(a, b)], vectors, 3)?;
+        let mut three = sums.pop().unwrap_or_default().into_iter();
+        let mut next = || three.next().unwrap_or_default();
+        Ok([next(), next(), next()])
+    }
+
+    /// Runs reduction `kernel` (`shaders/reduce.wgsl`: `sums` partial sums of
+    /// (hi, lo, exponent) per invocation) over each pair; per pair, `sums` sums per vector.
+    fn segment_sums(
+        &mut self,
+        kernel: &'static str,
+        pairs: &[(&Tensor, &Tensor)],
+        vectors: Vectors,
+        sums: usize,
+    ) -> Result<Vec<Vec<Vec<f64>>>, GpuError> {
         let seg = SEGMENT as usize;
         let nseg = vectors.len.div_ceil(seg).max(1);
+        let stride = 12 * sums;
         let mut partials: Vec<Buf> = Vec::new();
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (first vector, vectors) per chunk
         let ranges = self.ranges();
         let limit = self.ctx.limits.max_storage_buffer_binding_size;
         for &(lo, hi) in &ranges {
-            let (v0, nv, s0, ns) = chunk_segments(vectors, lo, hi, nseg);
+            let (v0, nv, _, ns) = chunk_segments(vectors, lo, hi, nseg);
             let inv = nv * ns;
-            if (inv * 12) as u64 > limit {
+            if (inv * stride) as u64 > limit {
                 return Err(GpuError::Unsupported(format!(
                     "{inv} partial sums do not fit one storage binding"
                 )));
             }
             plan.push((v0, nv));
-            let _ = s0;
         }
         for (a, b) in pairs {
             for (c, &(lo, hi)) in ranges.iter().enumerate() {
                 let (v0, nv, s0, ns) = chunk_segments(vectors, lo, hi, nseg);
                 let inv = nv * ns;
-                let out = self.take(Role::Work, (inv.max(1) * 12) as u64);
+                let out = self.take(Role::Work, (inv.max(1) * stride) as u64);
                 let p = Params {
                     n: inv as u32,
                     start: lo as u32,
@@ -522,10 +552,10 @@ impl<'a> Device<'a> {
                     SEGMENT,
                     (hi - lo) as u32,
                 ]);
-                self.dispatch("dot", &[&a.chunks[c], &b.chunks[c], &out], p, inv as u64)?;
+                self.dispatch(kernel, &[&a.chunks[c], &b.chunks[c], &out], p, inv as u64)?;
                 partials.push(Buf {
                     buffer: out.buffer,
-                    bytes: (inv * 12) as u64,
+                    bytes: (inv * stride) as u64,
                 });
             }
         }
@@ -536,17 +566,21 @@ impl<'a> Device<'a> {
         let mut out = Vec::with_capacity(pairs.len());
         let mut parts = read.iter();
         for _ in pairs {
-            let mut acc = vec![0f64; vectors.count.max(1)];
+            let mut acc = vec![vec![0f64; vectors.count.max(1)]; sums];
             for &(v0, nv) in &plan {
                 let Some(part) = parts.next() else { break };
-                for (id, t) in part.chunks_exact(12).enumerate() {
+                for (id, t) in part.chunks_exact(stride).enumerate() {
                     let v = v0 + id % nv.max(1);
-                    if let Some(a) = acc.get_mut(v) {
-                        *a += partial(t, 0);
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        if let Some(a) = a.get_mut(v) {
+                            *a += partial(t, 12 * k);
+                        }
                     }
                 }
             }
-            acc.truncate(vectors.count);
+            for a in &mut acc {
+                a.truncate(vectors.count);
+            }
             out.push(acc);
         }
         Ok(out)

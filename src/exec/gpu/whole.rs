@@ -257,7 +257,7 @@ fn slerp(dev: &mut Device, t: f64, xs: &[Tensor]) -> Result<Tensor, GpuError> {
         return Ok(dev.copy(&xs[0]));
     }
     let (a, b) = (&xs[0], &xs[1]);
-    let s = dev.dots(&[(a, a), (b, b), (a, b)], Vectors::flat(dev.n))?;
+    let s = dev.dots3(a, b, Vectors::flat(dev.n))?;
     let c = slerp_coefficients(t, s[0][0], s[1][0], s[2][0]);
     lin2(dev, a, b, None, &[c], [0, 0])
 }
@@ -296,7 +296,7 @@ fn nuslerp(
         Some((a, b)) => (a, b),
         None => (&xs[0], &xs[1]),
     };
-    let s = dev.dots(&[(a, a), (b, b), (a, b)], vectors)?;
+    let s = dev.dots3(a, b, vectors)?;
     let coefs: Vec<(f32, f32)> = (0..vectors.count)
         .map(|v| nuslerp_coefficients(t, s[0][v], s[1][v], s[2][v]))
         .collect();
@@ -1270,6 +1270,47 @@ mod tests {
                 );
             }
             assert_eq!(bad, 0, "{models} models");
+        }
+    }
+
+    /// One pass of `dot3` gives exactly the sums of three `dot` passes, for every layout,
+    /// across chunk boundaries.
+    #[test]
+    fn dot3_is_three_dots() {
+        let Some(gpu) = executor() else { return };
+        let (rows, cols) = (37usize, 91usize);
+        let n = rows * cols;
+        let values = |seed: u32| -> Vec<f32> {
+            (0..n as u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 20_011) as f32 / 1000.0 - 10.0)
+                .collect()
+        };
+        let (x, y) = (values(1), values(7));
+        // 1 KiB bindings: 256-element chunks, so rows and columns cross chunk boundaries.
+        let mut dev = Device::new(&gpu.ctx, &gpu.pipelines, &gpu.pool, 1024, 65535, n, 1).unwrap();
+        assert!(dev.ranges().len() > 10);
+        let a = dev.upload(bytemuck::cast_slice(&x), DType::F32).unwrap();
+        let b = dev.upload(bytemuck::cast_slice(&y), DType::F32).unwrap();
+        for vectors in [
+            Vectors::flat(n),
+            Vectors::rows(n, cols),
+            Vectors::cols(rows, cols),
+        ] {
+            let three = dev.dots3(&a, &b, vectors).unwrap();
+            let one = dev.dots(&[(&a, &a), (&b, &b), (&a, &b)], vectors).unwrap();
+            assert_eq!(three.to_vec(), one, "{vectors:?}");
+            assert_eq!(one[2].len(), vectors.count);
+            // And close to a plain f64 sum.
+            for (v, got) in one[2].iter().enumerate() {
+                let exact: f64 = (0..vectors.len)
+                    .map(|j| v * vectors.sv + j * vectors.sj)
+                    .map(|e| x[e] as f64 * y[e] as f64)
+                    .sum();
+                assert!(
+                    (got - exact).abs() <= 1e-12 * exact.abs().max(1.0),
+                    "{vectors:?} {v}"
+                );
+            }
         }
     }
 }
