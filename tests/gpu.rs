@@ -1347,3 +1347,22 @@ fn a_method_past_65535_workgroups() {
         Agreement::Reduction,
     );
 }
+
+/// With no idle buffers kept, the pool frees every buffer given back: none may be freed
+/// while recorded commands still use it.
+#[test]
+fn methods_run_with_no_pooled_buffers() {
+    let Some(gpu) = gpu() else { return };
+    let gpu = gpu.with_max_idle_bytes(0).with_max_binding_bytes(4096);
+    let cpu = cpu();
+    check_methods(
+        &gpu,
+        &cpu,
+        500,
+        &[9, 130],
+        &[DType::BF16, DType::F32],
+        DType::F16,
+        false,
+    );
+    assert_eq!(gpu.idle_bytes(), 0);
+}

@@ -123,6 +123,8 @@ pub(crate) struct Device<'a> {
     /// Elements per chunk: a multiple of the rows that must stay whole, else of 64.
     pub(crate) cap: usize,
     encoder: Option<wgpu::CommandEncoder>,
+    /// Buffers given back while recorded commands may still use them (see [`Device::give`]).
+    retired: Mutex<Vec<(Role, wgpu::Buffer)>>,
     pub(crate) stats: GpuStats,
 }
 
@@ -162,6 +164,7 @@ impl<'a> Device<'a> {
             n,
             cap,
             encoder: None,
+            retired: Mutex::default(),
             stats: GpuStats::default(),
         })
     }
@@ -183,11 +186,14 @@ impl<'a> Device<'a> {
         Buf { buffer, bytes }
     }
 
+    /// Returns a buffer to the pool once the commands recorded so far are submitted: the
+    /// pool may destroy a buffer it has no room for, and a submission that uses a
+    /// destroyed buffer fails.
     fn give(&self, role: Role, b: Buf) {
-        self.pool
+        self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .give(role, b.buffer);
+            .push((role, b.buffer));
     }
 
     fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
@@ -199,10 +205,21 @@ impl<'a> Device<'a> {
         })
     }
 
-    /// Submits the recorded commands.
+    /// Submits the recorded commands, then returns the buffers they were the last to use
+    /// to the pool (wgpu keeps a destroyed buffer alive until submitted work is done).
     pub(crate) fn flush(&mut self) {
         if let Some(encoder) = self.encoder.take() {
             self.ctx.queue.submit([encoder.finish()]);
+        }
+        let retired: Vec<(Role, wgpu::Buffer)> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for (role, buffer) in retired {
+            pool.give(role, buffer);
         }
     }
 

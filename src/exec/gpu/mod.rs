@@ -192,6 +192,14 @@ impl GpuExecutor {
         self
     }
 
+    /// Caps the bytes of idle buffers the pool keeps between uses (1 GiB by default);
+    /// buffers beyond it are freed. 0 frees every buffer after use.
+    pub fn with_max_idle_bytes(mut self, bytes: u64) -> GpuExecutor {
+        let max_buffer_size = self.ctx.limits.max_buffer_size;
+        self.pool = Mutex::new(BufferPool::new(max_buffer_size, bytes));
+        self
+    }
+
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }
