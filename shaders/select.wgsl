@@ -113,7 +113,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // @kernel row_ranks
 // The 0-based ascending rank of |x| within its row of u0 elements (ties: lower index
-// first); the chunk holds whole rows.
+// first), one invocation per element; for short rows. The chunk holds whole rows.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> ranks: array<u32>;
 @compute @workgroup_size(256)
@@ -131,4 +131,48 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         rank += u32(other < key || (other == key && j < i));
     }
     ranks[i] = rank;
+}
+
+// @kernel row_ranks_tiled
+// The same ranks for rows of at least 256 elements: one workgroup covers 256 elements of one row (u1
+// workgroups per row) and walks the row in tiles of 256 keys held in workgroup memory.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ranks: array<u32>;
+var<workgroup> tile: array<u32, 256>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let len = pu(0u);
+    let per_row = pu(1u);
+    let wg = invocation(gid) / 256u;
+    let r = wg / per_row;
+    let j = (wg % per_row) * 256u + lid;
+    // Past the last row (the grid's padding) or the row's end: no rank, but every
+    // invocation takes part in the barriers.
+    let valid = wg < params.n / 256u && j < len;
+    let i = r * len + j;
+    var key = 0u;
+    if (valid) {
+        key = abs_key(x[i]);
+    }
+    var rank = 0u;
+    let tiles = (len + 255u) / 256u;
+    for (var t = 0u; t < tiles; t++) {
+        let k = t * 256u + lid;
+        if (wg < params.n / 256u && k < len) {
+            tile[lid] = abs_key(x[r * len + k]);
+        }
+        workgroupBarrier();
+        let count = min(256u, len - t * 256u);
+        if (valid) {
+            for (var q = 0u; q < count; q++) {
+                let other = tile[q];
+                let o = t * 256u + q;
+                rank += u32(other < key || (other == key && o < j));
+            }
+        }
+        workgroupBarrier();
+    }
+    if (valid) {
+        ranks[i] = rank;
+    }
 }

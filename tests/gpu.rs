@@ -1288,6 +1288,7 @@ fn methods_match_the_cpu_past_the_binding_and_dispatch_limits() {
         vec![1100],
         vec![2, 3, 333],
         vec![20, 64],
+        vec![5, 256],
     ]
     .iter()
     .enumerate()

@@ -70,6 +70,7 @@ kernels! {
     "mask_budget" in "select": [R, R, W],
     "and_not" in "select": [W, R],
     "row_ranks" in "select": [R, W],
+    "row_ranks_tiled" in "select": [R, W],
     "bernoulli" in "random": [W],
     "della" in "random": [R, W],
     "lin2" in "geometry": [R, R, R, R, W],

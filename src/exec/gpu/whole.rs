@@ -804,19 +804,24 @@ fn sparsify(
         GtaKind::DareTies | GtaKind::DareLinear => random_mask(dev, key, density as f32, None)?,
         GtaKind::Della | GtaKind::DellaLinear => {
             let ranks = dev.alloc();
+            // Rows of 256 or more: 256 elements of one row per workgroup, the row read in
+            // tiles through workgroup memory (see `shaders/select.wgsl`). Shorter rows:
+            // one invocation per element.
+            let per_row = row.div_ceil(256);
+            let tiled = row >= 256;
             for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+                let (name, invocations) = if tiled {
+                    ("row_ranks_tiled", (hi - lo) / row * per_row * 256)
+                } else {
+                    ("row_ranks", hi - lo)
+                };
                 let p = Params {
-                    n: (hi - lo) as u32,
+                    n: invocations as u32,
                     start: lo as u32,
                     ..Params::default()
                 }
-                .u(&[row as u32]);
-                dev.dispatch(
-                    "row_ranks",
-                    &[&delta.chunks[c], &ranks.chunks[c]],
-                    p,
-                    (hi - lo) as u64,
-                )?;
+                .u(&[row as u32, per_row as u32]);
+                dev.dispatch(name, &[&delta.chunks[c], &ranks.chunks[c]], p, invocations as u64)?;
             }
             let low = (density - epsilon) as f32;
             let span = (2.0 * epsilon) as f32;
