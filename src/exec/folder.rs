@@ -130,18 +130,7 @@ fn moe_config(mut config: Map<String, Value>, out: &hir::Output, moe: &hir::MoeO
         }
     }
     if let Some(dtype) = out.dtype {
-        let name = Value::String(dtype.torch_name().to_string());
-        let keys: Vec<&str> = ["torch_dtype", "dtype"]
-            .into_iter()
-            .filter(|k| config.contains_key(*k))
-            .collect();
-        if keys.is_empty() {
-            config.insert("torch_dtype".to_string(), name);
-        } else {
-            for k in keys {
-                config.insert(k.to_string(), name.clone());
-            }
-        }
+        set_dtype(&mut config, dtype);
     }
     config
 }
@@ -158,6 +147,22 @@ fn with_chat_template(path: &std::path::Path, template: &str) -> Option<Vec<u8>>
             Some(text.into_bytes())
         }
         _ => Some(original),
+    }
+}
+
+/// Records `dtype` where the config keeps it (`torch_dtype` and/or transformers 5's
+/// `dtype`; `torch_dtype` when it has neither).
+fn set_dtype(config: &mut Map<String, Value>, dtype: DType) {
+    let name = Value::String(dtype.torch_name().to_string());
+    let mut set_any = false;
+    for key in ["torch_dtype", "dtype"] {
+        if config.contains_key(key) {
+            config.insert(key.to_string(), name.clone());
+            set_any = true;
+        }
+    }
+    if !set_any {
+        config.insert("torch_dtype".to_string(), name);
     }
 }
 
@@ -178,17 +183,7 @@ fn updated_config(
     steps: &[&Step],
 ) -> Map<String, Value> {
     if let Some(dtype) = config_dtype(out, steps) {
-        let name = Value::String(dtype.torch_name().to_string());
-        let mut set_any = false;
-        for key in ["torch_dtype", "dtype"] {
-            if config.contains_key(key) {
-                config.insert(key.to_string(), name.clone());
-                set_any = true;
-            }
-        }
-        if !set_any {
-            config.insert("torch_dtype".to_string(), name);
-        }
+        set_dtype(&mut config, dtype);
     }
     if let Some(layers) = out.layer_count {
         let donor_layers = program.model(donor).info.num_layers();

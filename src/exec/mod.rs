@@ -395,23 +395,20 @@ fn write_all(
     };
     for message in rx {
         match message {
-            Message::Tensor(name, payload) => match begin_part(&mut writer, &name)? {
-                Some((k, n)) => {
-                    writer.write_bytes(payload.bytes())?;
-                    if k + 1 == n {
-                        writer.end_tensor()?;
+            Message::Tensor(name, payload) => {
+                match begin_part(&mut writer, &name)? {
+                    Some((k, n)) => {
+                        writer.write_bytes(payload.bytes())?;
+                        if k + 1 == n {
+                            writer.end_tensor()?;
+                        }
                     }
-                    if let Payload::Mapped(bytes, true) = &payload {
-                        bytes.release();
-                    }
+                    None => writer.write_tensor(&name, payload.bytes())?,
                 }
-                None => {
-                    writer.write_tensor(&name, payload.bytes())?;
-                    if let Payload::Mapped(bytes, true) = &payload {
-                        bytes.release();
-                    }
+                if let Payload::Mapped(bytes, true) = &payload {
+                    bytes.release();
                 }
-            },
+            }
             Message::Begin(name) => match begin_part(&mut writer, &name)? {
                 Some(part) => streaming = Some(part),
                 None => writer.begin_tensor(&name)?,

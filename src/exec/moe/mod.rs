@@ -18,7 +18,7 @@ use crate::exec::cpu::encode;
 use crate::exec::methods::rng;
 use crate::io::{ModelInfo, TensorReader};
 use crate::ops::rng_key;
-use crate::sema::hir::{self, GateMode, Generate, MoeExpert, MoeOutput};
+use crate::sema::hir::{GateMode, Generate, MoeExpert, MoeOutput};
 
 use forward::{DecoderConfig, ForwardError, ModelWeights};
 
@@ -330,11 +330,6 @@ pub(crate) fn condition_number(rows: &[Vec<f32>]) -> f64 {
     } else {
         (max / min).sqrt()
     }
-}
-
-/// The mixture-of-experts part of output `out`, if it is one.
-pub fn spec_of(out: &hir::Output) -> Option<&MoeOutput> {
-    out.moe.as_deref()
 }
 
 #[cfg(test)]
