@@ -2,9 +2,18 @@
 // key and how many keys equal to it are taken; masks hold one bit per element, 32 to a
 // word, element 32·w + b at bit b of word w (chunks start on a word boundary).
 
+// The histograms' key of an element's bits: |x| (abs_key), or with u1 = 1 the bits
+// themselves, for tensors that already hold keys (arcee_fusion's importance).
+fn histogram_key(bits: u32) -> u32 {
+    if (pu(1u) == 1u) {
+        return bits;
+    }
+    return bits & 0x7fffffffu;
+}
+
 // @kernel histogram_high
 // Counts of the high 16 bits of every key of the chunk (params.n elements).
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read_write> hist: array<atomic<u32>>;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -12,12 +21,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= params.n) {
         return;
     }
-    atomicAdd(&hist[abs_key(x[i]) >> 16u], 1u);
+    atomicAdd(&hist[histogram_key(x[i]) >> 16u], 1u);
 }
 
 // @kernel histogram_low
 // Counts of the low 16 bits of the keys whose high 16 bits are u0.
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read_write> hist: array<atomic<u32>>;
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -25,7 +34,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= params.n) {
         return;
     }
-    let key = abs_key(x[i]);
+    let key = histogram_key(x[i]);
     if ((key >> 16u) == pu(0u)) {
         atomicAdd(&hist[key & 0xffffu], 1u);
     }

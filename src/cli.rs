@@ -681,7 +681,7 @@ impl Chosen {
     fn describe(&self) -> String {
         match self {
             Chosen::Cpu(_) => "CPU executor".to_string(),
-            Chosen::Gpu(_, name) => format!("GPU `{name}` (arcee_fusion on the CPU)"),
+            Chosen::Gpu(_, name) => format!("GPU `{name}`"),
         }
     }
 }

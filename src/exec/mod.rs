@@ -56,8 +56,8 @@ impl Executor for CpuExecutor {
 }
 
 /// The GPU executor, with the CPU executor for the steps the GPU refuses
-/// ([`GpuError::is_unsupported`]): methods without a GPU kernel
-/// (`arcee_fusion`), and steps past the adapter's limits. Other GPU errors
+/// ([`GpuError::is_unsupported`]): ops without a GPU kernel (a MoE expert's
+/// `noise`), and steps past the adapter's limits. Other GPU errors
 /// fail the run. [`GpuWithFallback::steps`] counts where the steps ran.
 pub struct GpuWithFallback {
     pub gpu: GpuExecutor,

@@ -18,6 +18,9 @@ const GEOMETRY: &str = include_str!("../../shaders/geometry.wgsl");
 const GTA: &str = include_str!("../../shaders/gta.wgsl");
 const RAM: &str = include_str!("../../shaders/ram.wgsl");
 const SCE: &str = include_str!("../../shaders/sce.wgsl");
+const ARCEE: &str = include_str!("../../shaders/arcee.wgsl");
+/// The software binary64 that the `sce` and `arcee` families build on.
+const F64: &str = include_str!("../../shaders/f64.wgsl");
 
 /// How a kernel binds one storage buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -90,6 +93,12 @@ kernels! {
     "sce_mask" in "sce": [W, R],
     "sce_vote" in "sce": [R, R, W, W],
     "sce_finish" in "sce": [R, W, R],
+    "arcee_row_max" in "arcee": [R, W],
+    "arcee_exp" in "arcee": [R, R, W, W],
+    "arcee_row_sum" in "arcee": [R, R, W],
+    "arcee_term" in "arcee": [W, W, R, R, R],
+    "arcee_importance" in "arcee": [R, R, R, W],
+    "arcee_fuse" in "arcee": [R, R, W],
 }
 
 /// The kernel called `name`.
@@ -97,8 +106,9 @@ pub fn device_kernel(name: &str) -> Option<&'static DeviceKernel> {
     DEVICE_KERNELS.iter().find(|k| k.name == name)
 }
 
-fn family_source(family: &str) -> Option<(&'static str, &'static str)> {
-    Some(match family {
+/// A family's file name, its text, and the library it builds on (or "").
+fn family_source(family: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    let (file, text) = match family {
         "tensor" => ("tensor.wgsl", TENSOR),
         "reduce" => ("reduce.wgsl", REDUCE),
         "select" => ("select.wgsl", SELECT),
@@ -107,8 +117,15 @@ fn family_source(family: &str) -> Option<(&'static str, &'static str)> {
         "gta" => ("gta.wgsl", GTA),
         "ram" => ("ram.wgsl", RAM),
         "sce" => ("sce.wgsl", SCE),
+        "arcee" => ("arcee.wgsl", ARCEE),
         _ => return None,
-    })
+    };
+    let library = if matches!(family, "sce" | "arcee") {
+        F64
+    } else {
+        ""
+    };
+    Some((file, text, library))
 }
 
 const MARKER: &str = "// @kernel ";
@@ -120,7 +137,7 @@ impl DeviceKernel {
             template: "device kernel",
             slot: self.name.to_string(),
         };
-        let (file, text) = family_source(self.family).ok_or_else(missing)?;
+        let (file, text, library) = family_source(self.family).ok_or_else(missing)?;
         let preamble = text.split(MARKER).next().unwrap_or_default();
         let section = text
             .split(MARKER)
@@ -128,7 +145,7 @@ impl DeviceKernel {
             .find(|s| s.lines().next().map(str::trim) == Some(self.name))
             .ok_or_else(missing)?;
         Ok(format!(
-            "{COMMON}\n{DEVICE}\n// {file}\n{preamble}\n// kernel {}{section}",
+            "{COMMON}\n{DEVICE}\n{library}\n// {file}\n{preamble}\n// kernel {}{section}",
             self.name,
             section = section.trim_start_matches(self.name)
         ))

@@ -149,9 +149,9 @@ impl GpuStats {
 const DEFAULT_MAX_IDLE_BYTES: u64 = 1 << 30;
 
 /// Computes steps on a GPU: element-wise ([`Kernel::Fused`]) steps, and whole-tensor
-/// ([`Kernel::Whole`]) steps whose methods have a GPU implementation (every method but
-/// `arcee_fusion`). The others, and steps past the
-/// adapter's limits, are refused with [`GpuError::Unsupported`], so the caller runs them
+/// ([`Kernel::Whole`]) steps whose ops have a GPU implementation (every merge method;
+/// not a MoE expert's `noise`). The others, and steps past the adapter's limits
+/// (rows longer than a binding for `della*` and `arcee_fusion`), are refused with [`GpuError::Unsupported`], so the caller runs them
 /// on the CPU executor instead.
 pub struct GpuExecutor {
     ctx: GpuContext,

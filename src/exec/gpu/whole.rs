@@ -10,6 +10,7 @@
 //! bits; spec/ops.md ("GPU tolerances") states the bound.
 
 use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
+use crate::exec::methods::other::{arcee_threshold, ord_key};
 use crate::io::DType;
 use crate::ops::{GtaKind, MethodOp};
 use crate::plan::Instr;
@@ -29,30 +30,29 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         | MethodOp::Gta { .. }
         | MethodOp::Ram { .. }
         | MethodOp::RamPlusTl { .. }
-        | MethodOp::Sce { .. } => Ok(()),
-        // arcee_fusion's importance is a row KL divergence through f64 `exp` and `ln`,
-        // which WGSL lacks (and a software version would not give libm's bits).
-        MethodOp::ArceeFusion => Err(format!("the method `{}` has no GPU kernel", op.name())),
+        | MethodOp::Sce { .. }
+        | MethodOp::ArceeFusion => Ok(()),
         // A MoE expert's noise draws normals through f64 ln and cos (Box-Muller).
         MethodOp::Noise { .. } => Err("expert noise (`noise_scale`) has no GPU kernel".to_string()),
     }
 }
 
-/// Rows that one chunk must hold whole: DELLA ranks `|δ|` within rows.
+/// Rows that one chunk must hold whole: DELLA ranks `|δ|` within rows, arcee_fusion takes
+/// a KL divergence per row.
 pub(crate) fn row_alignment(program: &[Instr], shape: &[usize]) -> usize {
-    let della = program.iter().any(|i| {
+    let by_rows = program.iter().any(|i| {
         matches!(
             i,
             Instr::Method {
                 op: MethodOp::Gta {
                     kind: GtaKind::Della | GtaKind::DellaLinear,
                     ..
-                },
+                } | MethodOp::ArceeFusion,
                 ..
             }
         )
     });
-    if della {
+    if by_rows {
         shape.last().copied().unwrap_or(1).max(1)
     } else {
         1
@@ -199,6 +199,7 @@ fn method(dev: &mut Device, op: &MethodOp, xs: &[Tensor], shape: &[usize]) -> Re
         MethodOp::Ram { epsilon } => ram(dev, *epsilon, None, xs),
         MethodOp::RamPlusTl { r, alpha, epsilon } => ram(dev, *epsilon, Some((*r, *alpha)), xs),
         MethodOp::Sce { select_topk } => sce(dev, *select_topk, xs),
+        MethodOp::ArceeFusion => arcee_fusion(dev, xs, shape),
         other => Err(GpuError::Unsupported(format!(
             "the method `{}` has no GPU kernel",
             other.name()
@@ -603,8 +604,9 @@ fn bucket_of_kth(hist: &[u32], k: usize) -> (u32, usize) {
     (0, above)
 }
 
-/// A 16-bit histogram of the keys `|x|` (high halves, or low halves under `high`).
-fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>) -> Result<Vec<u32>, GpuError> {
+/// A 16-bit histogram of the keys `|x|`, or of the bits of `x` themselves under `raw`
+/// (high halves, or low halves under `high`).
+fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>, raw: bool) -> Result<Vec<u32>, GpuError> {
     let hist = dev.zeros_small(1 << 16);
     let (name, u) = match high {
         None => ("histogram_high", 0),
@@ -616,7 +618,7 @@ fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>) -> Result<Vec<u32>
             start: lo as u32,
             ..Params::default()
         }
-        .u(&[u]);
+        .u(&[u, u32::from(raw)]);
         dev.dispatch(name, &[&x.chunks[c], &hist], p, (hi - lo) as u64)?;
     }
     let bytes = dev.read(&[&hist])?;
@@ -626,6 +628,11 @@ fn histogram(dev: &mut Device, x: &Tensor, high: Option<u32>) -> Result<Vec<u32>
 
 /// select.rs `select_top_k` over the keys `|x|`, with the same two histograms.
 fn select_top_k(dev: &mut Device, x: &Tensor, k: usize) -> Result<Selection, GpuError> {
+    select_top_k_of(dev, x, k, false)
+}
+
+/// [`select_top_k`] over the keys `|x|`, or over the bits of `x` under `raw`.
+fn select_top_k_of(dev: &mut Device, x: &Tensor, k: usize, raw: bool) -> Result<Selection, GpuError> {
     let k = k.min(dev.n);
     if k == 0 {
         return Ok(Selection {
@@ -635,9 +642,9 @@ fn select_top_k(dev: &mut Device, x: &Tensor, k: usize) -> Result<Selection, Gpu
             any: false,
         });
     }
-    let hist = histogram(dev, x, None)?;
+    let hist = histogram(dev, x, None, raw)?;
     let (high, above_high) = bucket_of_kth(&hist, k);
-    let hist = histogram(dev, x, Some(high))?;
+    let hist = histogram(dev, x, Some(high), raw)?;
     let (low, above_low) = bucket_of_kth(&hist, k - above_high);
     Ok(Selection {
         threshold: (high << 16) | low,
@@ -1110,6 +1117,75 @@ fn sce(dev: &mut Device, select_topk: f64, xs: &[Tensor]) -> Result<Tensor, GpuE
     Ok(num)
 }
 
+// ---------------------------------------------------------------------------------------
+// arcee_fusion
+// ---------------------------------------------------------------------------------------
+
+/// Inputs `[base, m]`: other.rs `arcee_fusion`. The importance keys come out of
+/// `shaders/arcee.wgsl` with the CPU's bits (software f64, the portable exp and ln), so
+/// the quartiles, the threshold and the fused tensor are the CPU's too.
+fn arcee_fusion(dev: &mut Device, xs: &[Tensor], shape: &[usize]) -> Result<Tensor, GpuError> {
+    let [base, ft] = xs else {
+        return Err(GpuError::Unsupported(format!(
+            "`arcee_fusion` of {} tensors (it takes a base and one model)",
+            xs.len()
+        )));
+    };
+    let n = dev.n;
+    let row = shape.last().copied().unwrap_or(1).max(1);
+    let keys = arcee_keys(dev, base, ft, row)?;
+    let threshold = arcee_threshold(n, |rank| {
+        select_top_k_of(dev, &keys, n - rank, true).map(|s| s.threshold)
+    })?;
+    let p = Params::default().u(&[ord_key(threshold), u32::from(threshold.is_nan())]);
+    dev.map("arcee_fuse", &[base, ft, &keys], p)?;
+    Ok(keys)
+}
+
+/// other.rs `arcee_importance_keys` over rows of `row` elements.
+fn arcee_keys(dev: &mut Device, base: &Tensor, ft: &Tensor, row: usize) -> Result<Tensor, GpuError> {
+    let (p_lo, p_hi, b_lo, b_hi) = (dev.alloc(), dev.alloc(), dev.alloc(), dev.alloc());
+    for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
+        // Chunks hold whole rows (`row_alignment`).
+        let rows = (hi - lo) / row;
+        let per_row = |slot: u32| {
+            Params {
+                n: rows as u32,
+                start: lo as u32,
+                ..Params::default()
+            }
+            .u(&[row as u32, slot])
+        };
+        let per_element = Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..Params::default()
+        }
+        .u(&[row as u32]);
+        let (rows64, elements) = (rows as u64, (hi - lo) as u64);
+        let maxes = dev.zeros_small(rows);
+        let sums = dev.zeros_small(4 * rows);
+        for (x, e_lo, e_hi, slot) in [(ft, &p_lo, &p_hi, 0), (base, &b_lo, &b_hi, 2)] {
+            let (x, e_lo, e_hi) = (&x.chunks[c], &e_lo.chunks[c], &e_hi.chunks[c]);
+            dev.dispatch("arcee_row_max", &[x, &maxes], per_row(slot), rows64)?;
+            dev.dispatch("arcee_exp", &[x, &maxes, e_lo, e_hi], per_element, elements)?;
+            dev.dispatch("arcee_row_sum", &[e_lo, e_hi, &sums], per_row(slot), rows64)?;
+        }
+        let (pl, ph) = (&p_lo.chunks[c], &p_hi.chunks[c]);
+        let (bl, bh) = (&b_lo.chunks[c], &b_hi.chunks[c]);
+        dev.dispatch("arcee_term", &[pl, ph, bl, bh, &sums], per_element, elements)?;
+        dev.dispatch("arcee_row_sum", &[pl, ph, &sums], per_row(0), rows64)?;
+        let (f, b) = (&ft.chunks[c], &base.chunks[c]);
+        dev.dispatch("arcee_importance", &[f, b, &sums, pl], per_element, elements)?;
+        dev.give_small(maxes);
+        dev.give_small(sums);
+    }
+    for t in [p_hi, b_lo, b_hi] {
+        dev.free(t);
+    }
+    Ok(p_lo)
+}
+
 /// How many elements have the key `|x|` equal to `key`.
 fn count_key(dev: &mut Device, x: &Tensor, key: u32) -> Result<usize, GpuError> {
     let mut counts = Vec::new();
@@ -1140,6 +1216,8 @@ fn count_key(dev: &mut Device, x: &Tensor, key: u32) -> Result<usize, GpuError> 
 mod tests {
     use super::*;
     use crate::exec::gpu::GpuContext;
+    use crate::exec::methods::other::from_ord_key;
+    use crate::exec::methods::portable;
     use crate::exec::GpuExecutor;
 
     fn executor() -> Option<GpuExecutor> {
@@ -1174,6 +1252,147 @@ mod tests {
             .zip(&hi)
             .map(|(l, h)| f64::from_bits((*h as u64) << 32 | *l as u64))
             .collect()
+    }
+
+    fn device(gpu: &GpuExecutor, n: usize, row: usize) -> Device<'_> {
+        Device::new(
+            &gpu.ctx,
+            &gpu.pipelines,
+            &gpu.pool,
+            4 << 20,
+            gpu.max_workgroups_per_dimension,
+            n,
+            row,
+        )
+        .unwrap()
+    }
+
+    /// `arcee_exp` against portable.rs `exp`, bit for bit, over its whole domain: rows
+    /// `[0, v...]` have max 0, so each element is `exp(v)`.
+    #[test]
+    fn software_exp_is_portable_exp() {
+        let Some(gpu) = executor() else { return };
+        let mut values: Vec<f32> = vec![0.0, -0.0, f32::NEG_INFINITY, -708.0, -708.001, -745.2];
+        let mut v = -800.0f32;
+        while v < 0.0 {
+            values.push(v);
+            v += 0.0137;
+        }
+        // Tiny magnitudes, subnormals included (up to 2^-1).
+        values.extend((0..2000).map(|k| -f32::from_bits(0x0000_0001 + k * 0x0001_fc01)));
+        assert!(values.iter().all(|v| *v <= 0.0));
+        let row = values.len() + 1;
+        let mut x = vec![0.0f32];
+        x.extend(&values);
+        let mut dev = device(&gpu, row, row);
+        let t = dev.upload(bytemuck::cast_slice(&x), DType::F32).unwrap();
+        let maxes = dev.zeros_small(1);
+        let (lo, hi) = (dev.alloc(), dev.alloc());
+        let rows = Params {
+            n: 1,
+            ..Params::default()
+        }
+        .u(&[row as u32]);
+        let elements = Params {
+            n: row as u32,
+            ..Params::default()
+        }
+        .u(&[row as u32]);
+        dev.dispatch("arcee_row_max", &[&t.chunks[0], &maxes], rows, 1)
+            .unwrap();
+        dev.dispatch(
+            "arcee_exp",
+            &[&t.chunks[0], &maxes, &lo.chunks[0], &hi.chunks[0]],
+            elements,
+            row as u64,
+        )
+        .unwrap();
+        let got = f64s(&mut dev, &lo, &hi);
+        let mut bad = 0;
+        for (v, g) in x.iter().zip(&got) {
+            let want = portable::exp(*v as f64);
+            if want.to_bits() != g.to_bits() {
+                bad += 1;
+                eprintln!("exp({v:e}) = {want:e}, GPU {g:e}");
+            }
+        }
+        assert_eq!(bad, 0, "of {row}");
+    }
+
+    /// arcee_fusion's importance keys against the CPU's, bit for bit: rows of several
+    /// lengths; nearly equal rows (KL near rounding), identical rows (KL 0), peaked
+    /// softmaxes, −inf, +inf and NaN elements, large and subnormal differences.
+    #[test]
+    fn arcee_importance_keys_are_the_cpus() {
+        let Some(gpu) = executor() else { return };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut unit = move || ((next() >> 11) as f64 / (1u64 << 53) as f64) as f32;
+        for row in [1usize, 2, 7, 64, 300, 1000] {
+            let rows = 12usize;
+            let n = row * rows;
+            let (mut b, mut p) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for r in 0..rows {
+                for j in 0..row {
+                    let x = unit() * 2.0 - 1.0;
+                    let (bv, pv) = match r {
+                        0 => (x, x),
+                        1 => (x, f32::from_bits(x.to_bits() ^ 1)),
+                        2 => (x * 80.0, x * 80.0 + unit()),
+                        3 => (x, x + 1e-3 * unit()),
+                        4 if j == 0 => (f32::NEG_INFINITY, x),
+                        5 if j == row / 2 => (x, f32::NEG_INFINITY),
+                        6 if j == 0 => (f32::INFINITY, x),
+                        7 if j == row - 1 => (x, f32::NAN),
+                        8 => (x * 1e-38, x * 1e-39),
+                        9 => (x * 3e38, -x * 3e38),
+                        _ => (x, unit() * 2.0 - 1.0),
+                    };
+                    b.push(bv);
+                    p.push(pv);
+                }
+            }
+            let ins = [
+                crate::exec::methods::MethodInput {
+                    bytes: bytemuck::cast_slice(&b),
+                    dtype: DType::F32,
+                },
+                crate::exec::methods::MethodInput {
+                    bytes: bytemuck::cast_slice(&p),
+                    dtype: DType::F32,
+                },
+            ];
+            let shape = [rows, row];
+            let want = crate::exec::methods::other::arcee_importance_keys(&crate::exec::methods::Inputs {
+                tensors: &ins,
+                shape: &shape,
+            });
+            let mut dev = device(&gpu, n, row);
+            let tb = dev.upload(bytemuck::cast_slice(&b), DType::F32).unwrap();
+            let tp = dev.upload(bytemuck::cast_slice(&p), DType::F32).unwrap();
+            let keys = arcee_keys(&mut dev, &tb, &tp, row).unwrap();
+            let got: Vec<u32> = bytemuck::pod_collect_to_vec(&dev.download(&keys, DType::F32).unwrap());
+            let bad: Vec<usize> = (0..n).filter(|&i| want[i] != got[i]).collect();
+            for &i in bad.iter().take(10) {
+                eprintln!(
+                    "row {row}, element {i}: CPU {:e}, GPU {:e}",
+                    from_ord_key(want[i]),
+                    from_ord_key(got[i])
+                );
+            }
+            assert!(bad.is_empty(), "{} of {n} keys differ (rows of {row})", bad.len());
+            // The cases are what they say: zero, NaN and finite nonzero importances occur.
+            let values: Vec<f32> = want.iter().map(|&k| from_ord_key(k)).collect();
+            assert!(values.contains(&0.0));
+            assert!(values.iter().any(|v| v.is_nan()));
+            // (A row of one element has KL 0.)
+            assert!(row == 1 || values.iter().any(|v| v.is_finite() && *v != 0.0));
+        }
     }
 
     fn same(a: f64, b: f64) -> bool {

@@ -6,7 +6,8 @@
 
 pub(crate) mod geometry;
 mod gta;
-mod other;
+pub(crate) mod other;
+pub(crate) mod portable;
 pub mod rng;
 pub mod select;
 

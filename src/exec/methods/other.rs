@@ -21,6 +21,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::portable;
 use super::select::{abs_key, select_top_k, Selection};
 use super::{Inputs, CHUNK};
 use crate::ops::MethodOp;
@@ -331,7 +332,7 @@ fn ram(inputs: &Inputs, epsilon: f64, plus: Option<(f64, f64)>) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------
 
 /// An order-preserving map of f32 values to u32 (negative values below positive ones).
-fn ord_key(x: f32) -> u32 {
+pub(crate) fn ord_key(x: f32) -> u32 {
     let bits = x.to_bits();
     if bits & 0x8000_0000 != 0 {
         !bits
@@ -340,7 +341,7 @@ fn ord_key(x: f32) -> u32 {
     }
 }
 
-fn from_ord_key(key: u32) -> f32 {
+pub(crate) fn from_ord_key(key: u32) -> f32 {
     if key & 0x8000_0000 != 0 {
         f32::from_bits(key & 0x7fff_ffff)
     } else {
@@ -349,13 +350,20 @@ fn from_ord_key(key: u32) -> f32 {
 }
 
 /// `Σ_j P_j·ln(P_j/Q_j)` with `P = softmax(p) + 1e-8`, `Q = softmax(b) + 1e-8`, in f64 in
-/// element order. `ep`, `eb` are scratch rows of `p.len()`.
+/// element order, through [`portable`]'s `exp` and `ln` so that the GPU's software f64
+/// (`shaders/f64.wgsl`) gives the same bits. `ep`, `eb` are scratch rows of `p.len()`.
 fn row_kl(p: &[f32], b: &[f32], ep: &mut [f64], eb: &mut [f64]) -> f64 {
     fn exps(x: &[f32], e: &mut [f64]) -> f64 {
-        let max = x.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+        // The largest non-NaN value, +0 above −0 (the GPU compares order keys).
+        let max = x
+            .iter()
+            .filter(|v| !v.is_nan())
+            .map(|&v| ord_key(v))
+            .max()
+            .map_or(f64::NEG_INFINITY, |k| from_ord_key(k) as f64);
         let mut sum = 0f64;
         for (ej, &v) in e.iter_mut().zip(x) {
-            *ej = (v as f64 - max).exp();
+            *ej = portable::exp(v as f64 - max);
             sum += *ej;
         }
         sum
@@ -366,21 +374,34 @@ fn row_kl(p: &[f32], b: &[f32], ep: &mut [f64], eb: &mut [f64]) -> f64 {
     for (&a, &c) in ep.iter().zip(eb.iter()) {
         let pj = a / sp + 1e-8;
         let qj = c / sb + 1e-8;
-        kl += pj * (pj / qj).ln();
+        kl += pj * portable::ln(pj / qj);
     }
     kl
 }
 
-/// `imp = |p − b| · KL_row` over rows of the last dimension (a 0-D or 1-D tensor is one
-/// row); elements with `imp >= median + 1.5·IQR` take the fine-tune's value.
-fn arcee_fusion(inputs: &Inputs) -> Vec<f32> {
+/// `median + 1.5·IQR` of `n` importance values, given the order key of the element of each
+/// ascending rank.
+pub(crate) fn arcee_threshold<E>(
+    n: usize,
+    mut key_of_rank: impl FnMut(usize) -> Result<u32, E>,
+) -> Result<f32, E> {
+    let last = n.saturating_sub(1);
+    let q1 = from_ord_key(key_of_rank(last / 4)?);
+    let med = from_ord_key(key_of_rank(last / 2)?);
+    let q3 = from_ord_key(key_of_rank(last.saturating_mul(3) / 4)?);
+    Ok(med + 1.5f32 * (q3 - q1))
+}
+
+/// The order keys of arcee_fusion's importance `|p − b| · KL_row` (rows of the last
+/// dimension; a 0-D or 1-D tensor is one row), NaN as `f32::NAN`.
+pub(crate) fn arcee_importance_keys(inputs: &Inputs) -> Vec<u32> {
     let n = inputs.numel();
     let row = inputs.shape.last().copied().unwrap_or(1).max(1);
     let rows_per_group = (CHUNK / row).max(1);
     let group = rows_per_group * row;
 
-    // Importance, as order keys of its f32 values. Decision: softmax and KL in f64 (mergekit:
-    // float32, where the KL of two nearly equal softmaxes is mostly rounding noise).
+    // Decision: softmax and KL in f64 (mergekit: float32, where the KL of two nearly equal
+    // softmaxes is mostly rounding noise).
     let mut keys = vec![0u32; n];
     keys.par_chunks_mut(group).enumerate().for_each(|(g, kc)| {
         let start = g * group;
@@ -395,20 +416,27 @@ fn arcee_fusion(inputs: &Inputs) -> Vec<f32> {
             let kl = row_kl(rp, rb, &mut ep, &mut eb);
             for ((&x, &y), k) in rp.iter().zip(rb).zip(rk.iter_mut()) {
                 let diff = (x - y).abs();
-                *k = ord_key((diff as f64 * kl) as f32);
+                let importance = (diff as f64 * kl) as f32;
+                // One NaN (the GPU's), whatever payload the arithmetic left.
+                *k = ord_key(if importance.is_nan() { f32::NAN } else { importance });
             }
         }
     });
+    keys
+}
+
+/// Elements with `imp >= median + 1.5·IQR` take the fine-tune's value.
+fn arcee_fusion(inputs: &Inputs) -> Vec<f32> {
+    let n = inputs.numel();
+    let keys = arcee_importance_keys(inputs);
 
     // Decision: exact quartiles over all elements, `q(x) = s[floor(x·(n−1))]` of the
     // ascending order (mergekit samples 1M elements with torch.randint above 1M elements).
     // The element of ascending rank r is the threshold of the top n − r.
-    let quantile = |rank: usize| from_ord_key(select_top_k(&keys, n - rank).threshold);
-    let last = n - 1;
-    let q1 = quantile(last / 4);
-    let med = quantile(last / 2);
-    let q3 = quantile(last.saturating_mul(3) / 4);
-    let threshold = med + 1.5f32 * (q3 - q1);
+    let threshold = arcee_threshold(n, |rank| {
+        Ok::<u32, std::convert::Infallible>(select_top_k(&keys, n - rank).threshold)
+    })
+    .unwrap_or_else(|never| match never {});
 
     let mut out = vec![0f32; n];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
