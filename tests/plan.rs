@@ -247,3 +247,73 @@ fn a_run_under_a_small_budget_stays_under_it() {
     let (ok, _, stderr) = run_measured(&["check", "c.merge", "--max-memory", "1MiB"], tmp.path());
     assert!(!ok && stderr.contains("E0501"), "{stderr}");
 }
+
+/// Whole-tensor methods under a budget of exactly the plan's peak (as `mergec plan`
+/// prints it, rounded up to a MiB) run and stay under it: the plan's accounting of each
+/// method's working memory is an upper bound, not a guess. The methods are those with the
+/// most working memory: TIES (sampled and collected keys), arcee_fusion (keys) and
+/// breadcrumbs (keys and bitsets).
+#[cfg(target_os = "linux")]
+#[test]
+fn whole_tensor_methods_stay_under_the_plans_peak() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(&tmp.path().join("base"), 0);
+    write_model(&tmp.path().join("a"), 1);
+    write_model(&tmp.path().join("b"), 2);
+    let models = "model base = \"base\"\nmodel a = \"a\"\nmodel b = \"b\"\n";
+    for (name, call) in [
+        (
+            "ties",
+            "ties(base, a { weight: 0.6, density: 0.3 }, b { weight: 0.4, density: 0.5 })",
+        ),
+        ("arcee", "arcee_fusion(base, a)"),
+        (
+            "breadcrumbs",
+            "breadcrumbs(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.5, density: 0.7 })",
+        ),
+    ] {
+        let file = format!("{name}.merge");
+        std::fs::write(
+            tmp.path().join(&file),
+            format!("{models}save {call} to \"out-{name}\"\n"),
+        )
+        .unwrap();
+        let plan = std::process::Command::new(env!("CARGO_BIN_EXE_mergec"))
+            .args(["plan", &file])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&plan.stdout);
+        let peak: u64 = stdout
+            .rsplit_once("peak ")
+            .and_then(|(_, p)| p.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no peak in {stdout}"));
+        let budget_mib = peak.div_ceil(1 << 20);
+        let (ok, rss, stderr) = run_measured(
+            &[
+                "run",
+                &file,
+                "--backend",
+                "cpu",
+                "--max-memory",
+                &format!("{budget_mib}MiB"),
+                "--threads",
+                "2",
+            ],
+            tmp.path(),
+        );
+        assert!(ok, "{name}: {stderr}");
+        assert!(rss > 0, "{name}: no sample of the run's memory");
+        eprintln!(
+            "{name}: plan peak {} MiB, run peak RSS {} MiB",
+            peak >> 20,
+            rss >> 20
+        );
+        assert!(
+            rss < (budget_mib << 20) + (64 << 20),
+            "{name}: peak RSS {} MiB over the plan's {budget_mib} MiB + 64 MiB",
+            rss >> 20
+        );
+    }
+}

@@ -218,7 +218,11 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
         } else {
             (step.in_bytes(), step.out_bytes())
         };
-        let held = inputs + held_between[i] + output + whole_tensor_bytes(step) + queued.iter().sum::<u64>();
+        let held = inputs
+            + held_between[i]
+            + output
+            + whole_tensor_bytes(step, plan.limits_threads)
+            + queued.iter().sum::<u64>();
         peak = peak.max(held);
         queued.push_back(output);
         if queued.len() > plan.write_queue {
@@ -231,11 +235,35 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
 /// The writer's buffered-I/O buffer (io::writer).
 pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
 
-/// Whole-tensor kernels hold f32 copies: one per stack slot, the result, and a method's own
-/// working arrays (at most four f32/u32 arrays of the tensor's size).
-pub(crate) fn whole_tensor_bytes(step: &super::Step) -> u64 {
-    match &step.kernel {
-        Kernel::Whole(_) => step.numel() * 4 * (step.kernel.stack_depth() as u64 + 5),
-        _ => 0,
+/// What a whole-tensor step allocates besides its mapped inputs and its output bytes,
+/// re-enacting the CPU executor's stack machine (`exec::cpu::whole`): computed values are
+/// f32 tensors; an element-wise instruction holds each operand as one (loaded ones
+/// decoded); a method holds its computed operands twice (the f32 values and the bytes it
+/// reads) plus [`working_bytes`](crate::exec::methods::working_bytes), its result included.
+pub(crate) fn whole_tensor_bytes(step: &super::Step, threads: usize) -> u64 {
+    let Kernel::Whole(program) = &step.kernel else {
+        return 0;
+    };
+    let f32s = step.numel() * 4;
+    // true: a computed f32 tensor; false: a loaded input (mapped, not copied)
+    let mut stack: Vec<bool> = Vec::new();
+    let mut peak = 0;
+    for instr in program {
+        let (pops, _) = instr.stack_effect();
+        let args = stack.split_off(stack.len().saturating_sub(pops));
+        let held = stack.iter().filter(|&&c| c).count() as u64 * f32s;
+        let during = match instr {
+            Instr::Load(_) => 0,
+            Instr::Method { op, .. } => {
+                let computed = args.iter().filter(|&&c| c).count() as u64;
+                2 * computed * f32s
+                    + crate::exec::methods::working_bytes(op, args.len(), &step.shape, threads)
+            }
+            _ => args.len() as u64 * f32s,
+        };
+        peak = peak.max(held + during);
+        stack.push(!matches!(instr, Instr::Load(_)));
     }
+    // A program that ends on a load decodes it into one f32 tensor.
+    peak.max(f32s)
 }

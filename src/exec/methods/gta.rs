@@ -30,8 +30,9 @@
 //! goes, so a TIES merge reads its inputs about twice and decodes the base once per chunk
 //! for all models.
 //!
-//! Memory per call, besides the output (`4n` bytes): for TIES, the keys inside each
-//! model's window (typically well under 1% of `n`, at most `4n` per model); for the other
+//! Memory per call, besides the output (`4n` bytes): for TIES, a sample of 1/16 of each
+//! model's keys, then the keys inside each model's window (typically well under 1% of `n`,
+//! at most [`candidate_cap`] per model; [`working_bytes`] states the bound); for the other
 //! sparsifiers, one bit per element per sparsified model (`n/8` bytes each) and, while a
 //! mask is built, one `u32` per element (`4n`: keys or ranks, reused model after model and
 //! freed before the output is allocated) and, for breadcrumbs, a second bitset; per
@@ -273,10 +274,11 @@ fn sparsify(
     }
 }
 
-/// Buckets of the exact histogram of [`magnitude_tops`]: the key's top bits (bit 31 of an
-/// `abs_key` is always 0). 4096 `u32` counts per model stay in the first-level cache.
-const TOP_SHIFT: u32 = 19;
-const TOP_BUCKETS: usize = 1 << (31 - TOP_SHIFT);
+/// Buckets per level of the exact windows of [`magnitude_tops`]: 4096 `u32` counts per
+/// model stay in the first-level cache. Keys are 31 bits (bit 31 of an `abs_key` is 0):
+/// levels of 12, 12 and 7 bits narrow a window down to one key.
+const LEVEL_BITS: u32 = 12;
+const KEY_BITS: u32 = 31;
 
 /// Tensors with fewer elements skip the sample and find their windows by histogram.
 const SAMPLE_MIN: usize = 1 << 18;
@@ -284,20 +286,57 @@ const SAMPLE_MIN: usize = 1 << 18;
 const SAMPLE_BLOCK: usize = 1024;
 const SAMPLE_STRIDE: usize = 16 * SAMPLE_BLOCK;
 
+/// The bytes a call allocates for `n` elements and `inputs` tensors, its f32 result
+/// included (the per-worker buffers aside): see the module notes.
+pub(super) fn working_bytes(kind: GtaKind, n: u64, inputs: u64) -> u64 {
+    let f32s = 4 * n;
+    let bits = 8 * n.div_ceil(64);
+    let models = inputs.saturating_sub(1);
+    match sparsifier(kind) {
+        Sparsifier::None => f32s,
+        // sampled keys (1/16 of each model's, and a copy of one model's), then the
+        // collected keys under the cap (and a copy of one model's), then the result
+        Sparsifier::Magnitude => {
+            let sample = n / 16 + SAMPLE_BLOCK as u64;
+            let cap = candidate_cap(n as usize) as u64;
+            f32s + 4 * (sample + cap) * (models + 1)
+        }
+        // keys (reused model after model), a bitset per model, a second bitset and the
+        // per-word counts and budgets while one is built, then the result
+        Sparsifier::Outliers => 2 * f32s + bits * (models + 1) + 16 * n.div_ceil(32),
+        Sparsifier::Bernoulli => f32s + bits * models,
+        // ranks (reused), a bitset per model, then the result
+        Sparsifier::Della => 2 * f32s + bits * models,
+    }
+}
+
+/// Most keys collected per model: `max(n/16, CHUNK)`. A window holding more is narrowed
+/// by another histogram level instead, so TIES never holds more than this per model (the
+/// plan's memory bound counts on it; see [`working_bytes`](super::working_bytes)).
+pub(super) fn candidate_cap(n: usize) -> usize {
+    (n / 16).max(CHUNK)
+}
+
 /// The magnitude trims of several models (`(input, k)`: keep the `k` largest `|δ|`, ties
 /// by lower index) as thresholds, so no per-element key or mask is ever stored.
 ///
 /// Each model gets a window `[lo, hi]` of keys meant to hold its `k`-th largest key: from
 /// a sample of 1/16 of the elements (wide enough that missing is a 5-sigma event), or,
-/// for small tensors and when the sample missed, from an exact histogram of the keys' top
-/// bits. One pass over the inputs (decoding each chunk of the base once for every model)
-/// then counts the keys above the window and collects the keys inside it, chunk by chunk;
-/// when the `k`-th largest key is among them, a selection over the collected keys gives
-/// the threshold and each chunk's share of the keys equal to it. With `rescale`, a last
-/// pass sums `|δ|` before and after the trim (per chunk, in f64, as `key_sums` does).
+/// for small tensors and when the sample missed, exactly, from histograms that narrow the
+/// range level by level until it holds at most [`candidate_cap`] keys or is one key. One
+/// pass over the inputs (decoding each chunk of the base once for every model) then counts
+/// the keys above the window and collects the keys inside it, chunk by chunk, up to the
+/// cap; when the `k`-th largest key is among them, a selection over the collected keys
+/// gives the threshold and each chunk's share of the keys equal to it (for a one-key
+/// window, the per-chunk counts give both). With `rescale`, a last pass sums `|δ|` before
+/// and after the trim (per chunk, in f64, as `key_sums` does).
 ///
 /// The result keeps exactly the elements [`select_top_k`] over all keys would.
 fn magnitude_tops(inputs: &Inputs, trims: &[(usize, usize)], rescale: bool) -> Vec<Kept> {
+    magnitude_tops_capped(inputs, trims, rescale, candidate_cap(inputs.numel()))
+}
+
+fn magnitude_tops_capped(inputs: &Inputs, trims: &[(usize, usize)], rescale: bool, cap: usize) -> Vec<Kept> {
     if trims.is_empty() {
         return Vec::new();
     }
@@ -308,15 +347,16 @@ fn magnitude_tops(inputs: &Inputs, trims: &[(usize, usize)], rescale: bool) -> V
     let mut windows: Vec<(u32, u32)> = if n >= SAMPLE_MIN {
         sample_windows(inputs, trims)
     } else {
-        histogram_windows(inputs, trims, &pending)
+        exact_windows(inputs, trims, &pending, cap)
     };
-    // Two rounds at most: the sampled windows, then exact ones for the models they missed.
+    // Two rounds at most: the sampled windows, then exact ones for the models they missed
+    // (an exact window never misses and never overflows the cap).
     for round in 0..2 {
         let subset: Vec<(usize, usize)> = pending.iter().map(|&i| trims[i]).collect();
-        let (above, candidates) = collect_window(inputs, &subset, &windows);
+        let found = collect_window(inputs, &subset, &windows, cap);
         let mut missed = Vec::new();
         for (j, &i) in pending.iter().enumerate() {
-            match resolve(trims[i].1, above[j], &candidates, j) {
+            match resolve(trims[i].1, &found, j, windows[j]) {
                 Some(top) => tops[i] = Some(top),
                 None => missed.push(i),
             }
@@ -324,7 +364,7 @@ fn magnitude_tops(inputs: &Inputs, trims: &[(usize, usize)], rescale: bool) -> V
         if missed.is_empty() || round == 1 {
             break;
         }
-        windows = histogram_windows(inputs, trims, &missed);
+        windows = exact_windows(inputs, trims, &missed, cap);
         pending = missed;
     }
     // An exact window never misses; this only guards against a broken invariant.
@@ -408,66 +448,96 @@ fn sample_windows(inputs: &Inputs, trims: &[(usize, usize)]) -> Vec<(u32, u32)> 
         .collect()
 }
 
-/// Exact windows for models `which`: the histogram bucket of the top bits that holds the
-/// `k`-th largest key.
-fn histogram_windows(inputs: &Inputs, trims: &[(usize, usize)], which: &[usize]) -> Vec<(u32, u32)> {
+/// Exact windows for models `which`: starting from all keys, a histogram of the window's
+/// next bits (counting only keys inside it) finds the bucket holding the `k`-th largest
+/// key, which becomes the window, until it holds at most `cap` keys or one key value.
+fn exact_windows(inputs: &Inputs, trims: &[(usize, usize)], which: &[usize], cap: usize) -> Vec<(u32, u32)> {
     let n = inputs.numel();
-    let q = which.len();
-    let hist: Vec<u32> = (0..n.div_ceil(CHUNK))
-        .into_par_iter()
-        .fold(
-            || (chunk_buffers(), vec![0u32; q * TOP_BUCKETS]),
-            |((mut base, mut x), mut hist), c| {
-                let start = c * CHUNK;
-                let len = CHUNK.min(n - start);
-                inputs.decode(0, start..start + len, &mut base[..len]);
-                for (&i, hist) in which.iter().zip(hist.chunks_mut(TOP_BUCKETS)) {
-                    inputs.decode(trims[i].0, start..start + len, &mut x[..len]);
-                    for (v, b) in x[..len].iter().zip(&base[..len]) {
-                        let bucket = (abs_key(*v - *b) >> TOP_SHIFT) as usize;
-                        hist[bucket & (TOP_BUCKETS - 1)] += 1;
-                    }
-                }
-                ((base, x), hist)
-            },
-        )
-        .map(|(_, hist)| hist)
-        .reduce(
-            || vec![0u32; q * TOP_BUCKETS],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-                a
-            },
-        );
-    which
+    // Per model: the window, the keys above it, and whether it is final.
+    let mut state: Vec<((u32, u32), usize, bool)> = which
         .iter()
-        .zip(hist.chunks(TOP_BUCKETS))
-        .map(|(&i, hist)| {
-            let k = trims[i].1;
-            let mut above = 0usize;
-            let mut bucket = 0u32;
-            for b in (0..TOP_BUCKETS).rev() {
+        .map(|_| ((0, (1 << KEY_BITS) - 1), 0, false))
+        .collect();
+    let mut bits_left = KEY_BITS;
+    while bits_left > 0 && state.iter().any(|s| !s.2) {
+        let level = LEVEL_BITS.min(bits_left);
+        let shift = bits_left - level;
+        let buckets = 1usize << level;
+        let open: Vec<usize> = (0..which.len()).filter(|&j| !state[j].2).collect();
+        let q = open.len();
+        let hist: Vec<u32> = (0..n.div_ceil(CHUNK))
+            .into_par_iter()
+            .fold(
+                || (chunk_buffers(), vec![0u32; q * buckets]),
+                |((mut base, mut x), mut hist), c| {
+                    let start = c * CHUNK;
+                    let len = CHUNK.min(n - start);
+                    inputs.decode(0, start..start + len, &mut base[..len]);
+                    for (&j, hist) in open.iter().zip(hist.chunks_mut(buckets)) {
+                        let ((lo, hi), _, _) = state[j];
+                        inputs.decode(trims[which[j]].0, start..start + len, &mut x[..len]);
+                        for (v, b) in x[..len].iter().zip(&base[..len]) {
+                            let key = abs_key(*v - *b);
+                            if key.wrapping_sub(lo) <= hi - lo {
+                                hist[((key - lo) >> shift) as usize & (buckets - 1)] += 1;
+                            }
+                        }
+                    }
+                    ((base, x), hist)
+                },
+            )
+            .map(|(_, hist)| hist)
+            .reduce(
+                || vec![0u32; q * buckets],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                    a
+                },
+            );
+        for (&j, hist) in open.iter().zip(hist.chunks(buckets)) {
+            let ((lo, _), above, _) = state[j];
+            let k = trims[which[j]].1;
+            let mut above = above;
+            let mut bucket = 0usize;
+            for b in (0..buckets).rev() {
                 let count = hist[b] as usize;
                 if above + count >= k {
-                    bucket = b as u32;
+                    bucket = b;
                     break;
                 }
                 above += count;
             }
-            (bucket << TOP_SHIFT, ((bucket + 1) << TOP_SHIFT) - 1)
-        })
-        .collect()
+            let blo = lo + ((bucket as u32) << shift);
+            let bhi = blo + ((1u32 << shift) - 1);
+            let done = hist[bucket] as usize <= cap || shift == 0;
+            state[j] = ((blo, bhi), above, done);
+        }
+        bits_left = shift;
+    }
+    state.into_iter().map(|(w, _, _)| w).collect()
 }
 
-/// One pass: per model, how many keys lie above its window, and the keys inside it, per
-/// chunk (`[chunk][model]`).
+/// What one pass found for one model in one chunk: keys above the window, keys inside it,
+/// and the inside keys themselves when they were stored.
+struct Found {
+    above: usize,
+    inside: usize,
+    keys: Option<Vec<u32>>,
+}
+
+/// One pass: per chunk and model (`[chunk][model]`), the keys above the model's window and
+/// inside it. Inside keys are stored while the model's total stays within `cap` (not for
+/// a one-key window, where the counts say everything).
 fn collect_window(
     inputs: &Inputs,
     trims: &[(usize, usize)],
     windows: &[(u32, u32)],
-) -> (Vec<usize>, Vec<Vec<Vec<u32>>>) {
+    cap: usize,
+) -> Vec<Vec<Found>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let n = inputs.numel();
-    let per_chunk: Vec<(Vec<usize>, Vec<Vec<u32>>)> = (0..n.div_ceil(CHUNK))
+    let stored: Vec<AtomicUsize> = trims.iter().map(|_| AtomicUsize::new(0)).collect();
+    (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
             || (chunk_buffers(), Scratch::<u32>::new(CHUNK)),
@@ -478,7 +548,8 @@ fn collect_window(
                 trims
                     .iter()
                     .zip(windows)
-                    .map(|(&(input, _), &(lo, hi))| {
+                    .zip(&stored)
+                    .map(|((&(input, _), &(lo, hi)), stored)| {
                         inputs.decode(input, start..start + len, &mut x[..len]);
                         // Branch-free: every key is stored, the count moves only for keys
                         // inside the window.
@@ -489,36 +560,51 @@ fn collect_window(
                             found[count] = key;
                             count += (key.wrapping_sub(lo) <= hi - lo) as usize;
                         }
-                        (above, found[..count].to_vec())
+                        // Reserve room under the cap before allocating.
+                        let keys = (lo != hi && stored.fetch_add(count, Ordering::Relaxed) + count <= cap)
+                            .then(|| found[..count].to_vec());
+                        Found {
+                            above,
+                            inside: count,
+                            keys,
+                        }
                     })
-                    .unzip()
+                    .collect()
             },
         )
-        .collect();
-    let mut above = vec![0usize; trims.len()];
-    let mut candidates = Vec::with_capacity(per_chunk.len());
-    for (a, found) in per_chunk {
-        above.iter_mut().zip(&a).for_each(|(t, x)| *t += *x);
-        candidates.push(found);
-    }
-    (above, candidates)
+        .collect()
 }
 
-/// The [`Top`] of model `j` when its `k`-th largest key is among its collected keys.
-fn resolve(k: usize, above: usize, candidates: &[Vec<Vec<u32>>], j: usize) -> Option<Top> {
-    let total: usize = candidates.iter().map(|c| c[j].len()).sum();
+/// The [`Top`] of model `j` when its `k`-th largest key is inside its window and the
+/// window's keys were stored (or it is one key).
+fn resolve(k: usize, found: &[Vec<Found>], j: usize, window: (u32, u32)) -> Option<Top> {
+    let above: usize = found.iter().map(|c| c[j].above).sum();
+    let total: usize = found.iter().map(|c| c[j].inside).sum();
     if k <= above || k > above + total {
         return None;
     }
-    let mut keys: Vec<u32> = candidates.iter().flat_map(|c| c[j].iter().copied()).collect();
-    let threshold = *keys.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a)).1;
-    let greater = above + keys.iter().filter(|&&key| key > threshold).count();
-    drop(keys);
+    let (threshold, greater) = if window.0 == window.1 {
+        (window.0, above)
+    } else {
+        if found.iter().any(|c| c[j].keys.is_none()) {
+            return None;
+        }
+        let mut keys: Vec<u32> = found
+            .iter()
+            .flat_map(|c| c[j].keys.iter().flatten().copied())
+            .collect();
+        let threshold = *keys.select_nth_unstable_by(k - above - 1, |a, b| b.cmp(a)).1;
+        let greater = above + keys.iter().filter(|&&key| key > threshold).count();
+        (threshold, greater)
+    };
     let mut left = k - greater;
-    let takes = candidates
+    let takes = found
         .iter()
         .map(|c| {
-            let equal = c[j].iter().filter(|&&key| key == threshold).count();
+            let equal = match &c[j].keys {
+                Some(keys) => keys.iter().filter(|&&key| key == threshold).count(),
+                None => c[j].inside,
+            };
             let take = equal.min(left);
             left -= take;
             if take == equal {
@@ -1242,10 +1328,19 @@ mod tests {
                 *v = base[j] + 1.0 / 4096.0;
             }
         }
+        // Few distinct |δ|: masses of keys equal to the threshold.
+        let mut ties = random_models(2 * CHUNK + 9, 3, 13);
+        let base = ties[0].clone();
+        for (i, model) in ties.iter_mut().enumerate().skip(1) {
+            for (j, v) in model.iter_mut().enumerate() {
+                *v = base[j] + ((j * i) % 5) as f32 * 0.25 - 0.5;
+            }
+        }
         let cases = [
             (random_models(sampled, 3, 11), "sampled"),
             (random_models(3 * CHUNK + 5, 3, 12), "histogram"),
             (missed, "missed sample"),
+            (ties, "mass ties"),
         ];
         for (tensors, what) in &cases {
             let n = tensors[0].len();
@@ -1267,8 +1362,15 @@ mod tests {
                     .enumerate()
                     .map(|(i, d)| (i + 1, ((d * n as f64) as usize).max(1)))
                     .collect();
-                for rescale in [false, true] {
-                    let tops = magnitude_tops(&inputs, &trims, rescale);
+                // The default cap, and caps that force narrower windows (down to one key)
+                // and collections that overflow.
+                for (rescale, cap) in [
+                    (false, candidate_cap(n)),
+                    (true, candidate_cap(n)),
+                    (false, 1),
+                    (true, 1000),
+                ] {
+                    let tops = magnitude_tops_capped(&inputs, &trims, rescale, cap);
                     let mut scratch = Vec::new();
                     let mut old = Vec::new();
                     for ((input, k), new) in trims.iter().zip(&tops) {
@@ -1277,7 +1379,11 @@ mod tests {
                         let Mask::Top(top) = &new.mask else {
                             panic!("{what}: not a threshold")
                         };
-                        assert_eq!(top_mask(top, &keys), sel.mask(&keys), "{what} {densities:?}");
+                        assert_eq!(
+                            top_mask(top, &keys),
+                            sel.mask(&keys),
+                            "{what} {densities:?} cap {cap}"
+                        );
                         let bits = selection_bits(&keys, &sel);
                         let sums = key_sums(&keys, &bits, rescale);
                         let scale = if rescale { l1_factor(&sums) } else { 1.0 };
