@@ -8,7 +8,7 @@ fn histogram_key(bits: u32) -> u32 {
     if (pu(1u) == 1u) {
         return bits;
     }
-    return bits & 0x7fffffffu;
+    return abs_key(bitcast<f32>(bits));
 }
 
 // @kernel histogram_high

@@ -10,7 +10,7 @@
 //! bits; spec/ops.md ("GPU tolerances") states the bound.
 
 use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
-use crate::exec::methods::other::{arcee_threshold, ord_key};
+use crate::exec::methods::other::{arcee_quartile_ranks, arcee_threshold, ord_key};
 use crate::io::DType;
 use crate::ops::{GtaKind, MethodOp};
 use crate::plan::Instr;
@@ -1134,9 +1134,11 @@ fn arcee_fusion(dev: &mut Device, xs: &[Tensor], shape: &[usize]) -> Result<Tens
     let n = dev.n;
     let row = shape.last().copied().unwrap_or(1).max(1);
     let keys = arcee_keys(dev, base, ft, row)?;
-    let threshold = arcee_threshold(n, |rank| {
-        select_top_k_of(dev, &keys, n - rank, true).map(|s| s.threshold)
-    })?;
+    let mut quartiles = [0u32; 3];
+    for (key, rank) in quartiles.iter_mut().zip(arcee_quartile_ranks(n)) {
+        *key = select_top_k_of(dev, &keys, n - rank, true)?.threshold;
+    }
+    let threshold = arcee_threshold(quartiles);
     let p = Params::default().u(&[ord_key(threshold), u32::from(threshold.is_nan())]);
     dev.map("arcee_fuse", &[base, ft, &keys], p)?;
     Ok(keys)
@@ -1254,12 +1256,13 @@ mod tests {
             .collect()
     }
 
-    fn device(gpu: &GpuExecutor, n: usize, row: usize) -> Device<'_> {
+    /// A device for `n` elements in rows of `row`, with storage bindings of `binding` bytes.
+    fn device(gpu: &GpuExecutor, n: usize, row: usize, binding: u64) -> Device<'_> {
         Device::new(
             &gpu.ctx,
             &gpu.pipelines,
             &gpu.pool,
-            4 << 20,
+            binding,
             gpu.max_workgroups_per_dimension,
             n,
             row,
@@ -1284,7 +1287,7 @@ mod tests {
         let row = values.len() + 1;
         let mut x = vec![0.0f32];
         x.extend(&values);
-        let mut dev = device(&gpu, row, row);
+        let mut dev = device(&gpu, row, row, 4 << 20);
         let t = dev.upload(bytemuck::cast_slice(&x), DType::F32).unwrap();
         let maxes = dev.zeros_small(1);
         let (lo, hi) = (dev.alloc(), dev.alloc());
@@ -1372,7 +1375,7 @@ mod tests {
                 tensors: &ins,
                 shape: &shape,
             });
-            let mut dev = device(&gpu, n, row);
+            let mut dev = device(&gpu, n, row, 4 << 20);
             let tb = dev.upload(bytemuck::cast_slice(&b), DType::F32).unwrap();
             let tp = dev.upload(bytemuck::cast_slice(&p), DType::F32).unwrap();
             let keys = arcee_keys(&mut dev, &tb, &tp, row).unwrap();
@@ -1438,16 +1441,7 @@ mod tests {
                     d.push(v);
                 }
             }
-            let mut dev = Device::new(
-                &gpu.ctx,
-                &gpu.pipelines,
-                &gpu.pool,
-                4 * 8192,
-                gpu.max_workgroups_per_dimension,
-                n,
-                1,
-            )
-            .unwrap();
+            let mut dev = device(&gpu, n, 1, 4 * 8192);
             let tensors: Vec<Tensor> = ds
                 .iter()
                 .map(|d| dev.upload(bytemuck::cast_slice(d), DType::F32).unwrap())

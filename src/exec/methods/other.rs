@@ -379,17 +379,17 @@ fn row_kl(p: &[f32], b: &[f32], ep: &mut [f64], eb: &mut [f64]) -> f64 {
     kl
 }
 
-/// `median + 1.5·IQR` of `n` importance values, given the order key of the element of each
-/// ascending rank.
-pub(crate) fn arcee_threshold<E>(
-    n: usize,
-    mut key_of_rank: impl FnMut(usize) -> Result<u32, E>,
-) -> Result<f32, E> {
+/// The ascending ranks of the first quartile, the median and the third quartile of `n`
+/// values: `q(x) = s[floor(x·(n−1))]`.
+pub(crate) fn arcee_quartile_ranks(n: usize) -> [usize; 3] {
     let last = n.saturating_sub(1);
-    let q1 = from_ord_key(key_of_rank(last / 4)?);
-    let med = from_ord_key(key_of_rank(last / 2)?);
-    let q3 = from_ord_key(key_of_rank(last.saturating_mul(3) / 4)?);
-    Ok(med + 1.5f32 * (q3 - q1))
+    [last / 4, last / 2, last.saturating_mul(3) / 4]
+}
+
+/// `median + 1.5·IQR` from the order keys of the elements of [`arcee_quartile_ranks`].
+pub(crate) fn arcee_threshold([q1, med, q3]: [u32; 3]) -> f32 {
+    let (q1, med, q3) = (from_ord_key(q1), from_ord_key(med), from_ord_key(q3));
+    med + 1.5f32 * (q3 - q1)
 }
 
 /// The order keys of arcee_fusion's importance `|p − b| · KL_row` (rows of the last
@@ -433,10 +433,8 @@ fn arcee_fusion(inputs: &Inputs) -> Vec<f32> {
     // Decision: exact quartiles over all elements, `q(x) = s[floor(x·(n−1))]` of the
     // ascending order (mergekit samples 1M elements with torch.randint above 1M elements).
     // The element of ascending rank r is the threshold of the top n − r.
-    let threshold = arcee_threshold(n, |rank| {
-        Ok::<u32, std::convert::Infallible>(select_top_k(&keys, n - rank).threshold)
-    })
-    .unwrap_or_else(|never| match never {});
+    let threshold =
+        arcee_threshold(arcee_quartile_ranks(n).map(|rank| select_top_k(&keys, n - rank).threshold));
 
     let mut out = vec![0f32; n];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
