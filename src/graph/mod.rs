@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::Direction;
 
+use crate::ids::ModelId;
 use crate::io::DType;
 use crate::ops::MethodOp;
-use crate::sema::hir::{self, ModelId, TensorExpr};
+use crate::sema::hir::{self, TensorExpr};
 
 pub use dump::dump;
 pub use verify::verify;

@@ -131,8 +131,8 @@ fn bypass(g: &mut Graph, n: NodeIndex, to: NodeIndex) -> usize {
 mod tests {
     use super::*;
     use crate::graph::{verify, Node};
+    use crate::ids::ModelId;
     use crate::io::DType;
-    use crate::sema::hir::ModelId;
     use petgraph::stable_graph::StableDiGraph;
 
     fn graph() -> (Graph, NodeIndex) {

@@ -239,7 +239,7 @@ pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
 /// re-enacting the CPU executor's stack machine (`exec::cpu::whole`): computed values are
 /// f32 tensors; an element-wise instruction holds each operand as one (loaded ones
 /// decoded); a method holds its computed operands twice (the f32 values and the bytes it
-/// reads) plus [`working_bytes`](crate::exec::methods::working_bytes), its result included.
+/// reads) plus the op's declared [`working_bytes`](crate::ops::MethodOp::working_bytes), its result included.
 pub(crate) fn whole_tensor_bytes(step: &super::Step, threads: usize) -> u64 {
     let Kernel::Whole(program) = &step.kernel else {
         return 0;
@@ -256,8 +256,7 @@ pub(crate) fn whole_tensor_bytes(step: &super::Step, threads: usize) -> u64 {
             Instr::Load(_) => 0,
             Instr::Method { op, .. } => {
                 let computed = args.iter().filter(|&&c| c).count() as u64;
-                2 * computed * f32s
-                    + crate::exec::methods::working_bytes(op, args.len(), &step.shape, threads)
+                2 * computed * f32s + op.working_bytes(args.len(), &step.shape, threads)
             }
             _ => args.len() as u64 * f32s,
         };

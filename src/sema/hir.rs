@@ -8,15 +8,10 @@ use crate::io::{DType, ModelInfo};
 use crate::ops::MethodOp;
 use crate::source::Span;
 
-/// Index of an input model in [`Program::models`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelId(pub u32);
-
-impl std::fmt::Display for ModelId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "m{}", self.0)
-    }
-}
+pub use crate::ids::ModelId;
+pub use crate::moe_spec::{
+    Assembled, ExpertLayout, GateMode, Generate, Generated, MoeArch, MoeExpert, MoeOutput,
+};
 
 #[derive(Clone, Debug)]
 pub struct Program {
@@ -70,148 +65,6 @@ pub struct Output {
     pub methods: Vec<String>,
     /// Set when the output is a mixture of experts made by `moe(...)`.
     pub moe: Option<Arc<MoeOutput>>,
-}
-
-/// The sparse architecture a `moe(...)` output is written as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MoeArch {
-    Mixtral,
-    Qwen2Moe,
-    Qwen3Moe,
-}
-
-impl MoeArch {
-    pub const ALL: [MoeArch; 3] = [MoeArch::Mixtral, MoeArch::Qwen2Moe, MoeArch::Qwen3Moe];
-
-    /// The name scripts use (`architecture: "mixtral"`), also config.json's model_type.
-    pub fn name(self) -> &'static str {
-        match self {
-            MoeArch::Mixtral => "mixtral",
-            MoeArch::Qwen2Moe => "qwen2_moe",
-            MoeArch::Qwen3Moe => "qwen3_moe",
-        }
-    }
-
-    pub fn class_name(self) -> &'static str {
-        match self {
-            MoeArch::Mixtral => "MixtralForCausalLM",
-            MoeArch::Qwen2Moe => "Qwen2MoeForCausalLM",
-            MoeArch::Qwen3Moe => "Qwen3MoeForCausalLM",
-        }
-    }
-}
-
-/// How the router (gate) vectors are initialised.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GateMode {
-    /// The base model's hidden state of each prompt's last token, per layer.
-    Hidden,
-    /// As `Hidden`, averaged over the prompt's tokens.
-    HiddenAvg,
-    /// The normalised sum of the prompts' token embeddings, the same for every layer.
-    CheapEmbed,
-    /// Standard normal draws.
-    Random,
-    /// Uniform draws in ±1/sqrt(hidden_size) (torch.nn.Linear's initialisation).
-    UniformRandom,
-}
-
-impl GateMode {
-    pub const NAMES: [&'static str; 5] = ["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random"];
-
-    pub fn from_name(name: &str) -> Option<GateMode> {
-        Some(match name {
-            "hidden" | "hidden_last" => GateMode::Hidden,
-            "hidden_avg" => GateMode::HiddenAvg,
-            "cheap_embed" => GateMode::CheapEmbed,
-            "random" => GateMode::Random,
-            "uniform_random" => GateMode::UniformRandom,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            GateMode::Hidden => "hidden",
-            GateMode::HiddenAvg => "hidden_avg",
-            GateMode::CheapEmbed => "cheap_embed",
-            GateMode::Random => "random",
-            GateMode::UniformRandom => "uniform_random",
-        }
-    }
-
-    /// Whether the gate is computed from prompts (and so needs them).
-    pub fn uses_prompts(self) -> bool {
-        !matches!(self, GateMode::Random | GateMode::UniformRandom)
-    }
-}
-
-/// How expert MLP weights are laid out in the output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpertLayout {
-    /// transformers 5: one `experts.gate_up_proj` [E, 2I, H] and one `experts.down_proj`
-    /// [E, H, I] per layer.
-    Fused,
-    /// One tensor per expert and projection (transformers 4, llama.cpp's converter).
-    PerExpert,
-}
-
-/// One expert's routing prompts.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MoeExpert {
-    /// How the script names the expert's model (for messages).
-    pub label: String,
-    pub positive: Vec<String>,
-    pub negative: Vec<String>,
-}
-
-/// An output tensor written as its parts one after another (the fused layout's
-/// concatenation over experts); each part is an [`OutputTensor`] named `{name}#{k}`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Assembled {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub dtype: DType,
-    pub parts: Vec<String>,
-}
-
-/// A tensor the run computes before the merge starts, not from input tensors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Generated {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub dtype: DType,
-    pub what: Generate,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Generate {
-    /// The routed experts' gate of a layer, [experts, hidden].
-    Router { layer: usize },
-    /// The shared expert's gate of a layer, [1, hidden] (Qwen2-MoE).
-    SharedRouter { layer: usize },
-    /// Zeros (the attention biases Qwen2-MoE needs and Llama models lack).
-    Zeros,
-}
-
-/// What a `moe(...)` output needs beyond its ordinary tensors.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MoeOutput {
-    pub arch: MoeArch,
-    pub gate: GateMode,
-    pub layout: ExpertLayout,
-    /// The model the gate is computed from (its tokenizer, embeddings and layers).
-    pub base: ModelId,
-    pub experts: Vec<MoeExpert>,
-    pub shared: Option<MoeExpert>,
-    pub experts_per_token: usize,
-    pub num_layers: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub shared_intermediate_size: Option<usize>,
-    pub seed: u64,
-    pub assembled: Vec<Assembled>,
-    pub generated: Vec<Generated>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -32,7 +32,7 @@
 //!
 //! Memory per call, besides the output (`4n` bytes): for TIES, a sample of 1/16 of each
 //! model's keys, then the keys inside each model's window (typically well under 1% of `n`,
-//! at most [`candidate_cap`] per model; [`working_bytes`] states the bound); for the other
+//! at most [`candidate_cap`] per model; [`MethodOp::working_bytes`] states the bound); for the other
 //! sparsifiers, one bit per element per sparsified model (`n/8` bytes each) and, while a
 //! mask is built, one `u32` per element (`4n`: keys or ranks, reused model after model and
 //! freed before the output is allocated) and, for breadcrumbs, a second bitset; per
@@ -43,32 +43,14 @@ use rayon::prelude::*;
 use super::rng;
 use super::select::{abs_key, select_top_k, Selection};
 use super::{Inputs, Scratch, CHUNK};
-use crate::ops::{GtaKind, MethodOp};
+use crate::ops::cost::{candidate_cap, SAMPLE_BLOCK};
+use crate::ops::{MethodOp, Sparsifier};
 
 /// Mask words per chunk.
 const WORDS: usize = CHUNK / 64;
 
 /// Norms below this leave the masked delta unscaled (mergekit's `eps`).
 const RESCALE_EPS: f64 = 1e-7;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Sparsifier {
-    None,
-    Magnitude,
-    Outliers,
-    Bernoulli,
-    Della,
-}
-
-fn sparsifier(kind: GtaKind) -> Sparsifier {
-    match kind {
-        GtaKind::TaskArithmetic => Sparsifier::None,
-        GtaKind::Ties => Sparsifier::Magnitude,
-        GtaKind::Breadcrumbs | GtaKind::BreadcrumbsTies => Sparsifier::Outliers,
-        GtaKind::DareTies | GtaKind::DareLinear => Sparsifier::Bernoulli,
-        GtaKind::Della | GtaKind::DellaLinear => Sparsifier::Della,
-    }
-}
 
 /// One model's sparsification: which elements are kept and the rescale factor.
 struct Kept {
@@ -151,7 +133,7 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         .map(|i| weights.get(i).copied().unwrap_or(1.0) as f32)
         .collect();
     let row = inputs.shape.last().copied().unwrap_or(1).max(1);
-    let sparsifier = sparsifier(*kind);
+    let sparsifier = kind.sparsifier();
     let models: Vec<Model> = (0..m)
         .map(|i| Model {
             input: i + 1,
@@ -283,39 +265,7 @@ const KEY_BITS: u32 = 31;
 /// Tensors with fewer elements skip the sample and find their windows by histogram.
 const SAMPLE_MIN: usize = 1 << 18;
 /// The sample: `SAMPLE_BLOCK` consecutive elements every `SAMPLE_STRIDE` (1/16 of them).
-const SAMPLE_BLOCK: usize = 1024;
 const SAMPLE_STRIDE: usize = 16 * SAMPLE_BLOCK;
-
-/// The bytes a call allocates for `n` elements and `inputs` tensors, its f32 result
-/// included (the per-worker buffers aside): see the module notes.
-pub(super) fn working_bytes(kind: GtaKind, n: u64, inputs: u64) -> u64 {
-    let f32s = 4 * n;
-    let bits = 8 * n.div_ceil(64);
-    let models = inputs.saturating_sub(1);
-    match sparsifier(kind) {
-        Sparsifier::None => f32s,
-        // sampled keys (1/16 of each model's, and a copy of one model's), then the
-        // collected keys under the cap (and a copy of one model's), then the result
-        Sparsifier::Magnitude => {
-            let sample = n / 16 + SAMPLE_BLOCK as u64;
-            let cap = candidate_cap(n as usize) as u64;
-            f32s + 4 * (sample + cap) * (models + 1)
-        }
-        // keys (reused model after model), a bitset per model, a second bitset and the
-        // per-word counts and budgets while one is built, then the result
-        Sparsifier::Outliers => 2 * f32s + bits * (models + 1) + 16 * n.div_ceil(32),
-        Sparsifier::Bernoulli => f32s + bits * models,
-        // ranks (reused), a bitset per model, then the result
-        Sparsifier::Della => 2 * f32s + bits * models,
-    }
-}
-
-/// Most keys collected per model: `max(n/16, CHUNK)`. A window holding more is narrowed
-/// by another histogram level instead, so TIES never holds more than this per model (the
-/// plan's memory bound counts on it; see [`working_bytes`](super::working_bytes)).
-pub(super) fn candidate_cap(n: usize) -> usize {
-    (n / 16).max(CHUNK)
-}
 
 /// The magnitude trims of several models (`(input, k)`: keep the `k` largest `|δ|`, ties
 /// by lower index) as thresholds, so no per-element key or mask is ever stored.
@@ -995,7 +945,7 @@ mod tests {
     use super::super::{Inputs, MethodInput, CHUNK};
     use super::*;
     use crate::io::DType;
-    use crate::ops::rng_key;
+    use crate::ops::{rng_key, GtaKind};
 
     fn bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

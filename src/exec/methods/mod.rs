@@ -59,46 +59,8 @@ impl Inputs<'_> {
     }
 }
 
-/// Elements per chunk for chunked passes over inputs.
-pub const CHUNK: usize = 1 << 16;
-
-/// An upper bound on the bytes one application of `op` to `inputs` tensors of `shape`
-/// allocates with `threads` workers, its f32 result included (its inputs stay mapped and
-/// are counted by the plan as inputs). The plan proves its memory budget with this, so
-/// every allocation of the methods that grows with the tensor is accounted for here; the
-/// figures come from reading each method (see the module notes of `gta`, `geometry` and
-/// `other`).
-pub fn working_bytes(op: &MethodOp, inputs: usize, shape: &[usize], threads: usize) -> u64 {
-    let n = shape.iter().product::<usize>() as u64;
-    let m = inputs as u64;
-    let f32s = 4 * n;
-    // Per-vector f64 sums of the geometry methods (one vector, rows or columns) and
-    // their f32 coefficients: at most n / min(first, last dimension) vectors.
-    let first = shape.first().copied().unwrap_or(1).max(1) as u64;
-    let last = shape.last().copied().unwrap_or(1).max(1) as u64;
-    let vectors = n / first.min(last) + 1;
-    let sums = 8 * (m * m + 4) * vectors;
-    // Per worker: the pooled chunk buffers (`Scratch`, f32 and u32) and the per-split
-    // buffers of chunk or row length (bases, deltas, DELLA's orders, arcee's f64 rows).
-    let per_thread = 2 * (POOL_KEEP as u64) * CHUNK as u64 * 4 + 8 * (m + 6) * (CHUNK as u64).max(last);
-    let fixed = per_thread * threads.max(1) as u64;
-    fixed
-        + match op {
-            MethodOp::Slerp { .. }
-            | MethodOp::Nuslerp { .. }
-            | MethodOp::Multislerp { .. }
-            | MethodOp::ModelStock { .. }
-            | MethodOp::Nearswap { .. } => f32s + sums,
-            // the mean (the result) and the tangent
-            MethodOp::Karcher { .. } => 2 * f32s + sums,
-            MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::Noise { .. } => f32s,
-            // the variance keys and the result; per-chunk selections
-            MethodOp::Sce { .. } => 2 * f32s + 64 * n.div_ceil(CHUNK as u64),
-            // the importance keys and the result
-            MethodOp::ArceeFusion => 2 * f32s,
-            MethodOp::Gta { kind, .. } => gta::working_bytes(*kind, n, m),
-        }
-}
+pub use crate::ops::cost::CHUNK;
+use crate::ops::cost::POOL_KEEP;
 
 /// Element types with a per-thread pool of [`Scratch`] buffers.
 pub(crate) trait Pooled: Copy + Default + 'static {
@@ -119,9 +81,6 @@ macro_rules! pooled {
 }
 pooled!(f32);
 pooled!(u32);
-
-/// Buffers a thread keeps between chunked passes.
-const POOL_KEEP: usize = 16;
 
 /// A chunk-sized buffer from this thread's pool, given back when dropped, so the passes
 /// over every tensor neither allocate nor zero fresh pages. Its contents are whatever an

@@ -17,8 +17,8 @@ use std::path::Path;
 use crate::exec::cpu::encode;
 use crate::exec::methods::rng;
 use crate::io::{ModelInfo, TensorReader};
+use crate::moe_spec::{GateMode, Generate, MoeExpert, MoeOutput};
 use crate::ops::rng_key;
-use crate::sema::hir::{GateMode, Generate, MoeExpert, MoeOutput};
 
 use forward::{DecoderConfig, ForwardError, ModelWeights};
 

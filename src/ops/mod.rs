@@ -1,6 +1,8 @@
 //! Whole-tensor merge operations, each defined once: sema builds them with every parameter
 //! resolved for one tensor, the graph carries them, and `exec::methods` computes them.
-//! spec/ops.md gives each formula.
+//! spec/ops.md gives each formula; [`cost`] gives each method's memory.
+
+pub mod cost;
 
 /// The family of a generalized task-arithmetic merge (mergekit's GTA table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -15,7 +17,32 @@ pub enum GtaKind {
     DellaLinear,
 }
 
+/// How a GTA method sparsifies each task vector before combining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sparsifier {
+    /// Keep everything (task arithmetic).
+    None,
+    /// Keep the largest `|delta|` (TIES).
+    Magnitude,
+    /// Drop the largest and the smallest (breadcrumbs).
+    Outliers,
+    /// Keep each element with probability `density` (DARE).
+    Bernoulli,
+    /// Keep with probabilities ranked by magnitude (DELLA).
+    Della,
+}
+
 impl GtaKind {
+    pub fn sparsifier(self) -> Sparsifier {
+        match self {
+            GtaKind::TaskArithmetic => Sparsifier::None,
+            GtaKind::Ties => Sparsifier::Magnitude,
+            GtaKind::Breadcrumbs | GtaKind::BreadcrumbsTies => Sparsifier::Outliers,
+            GtaKind::DareTies | GtaKind::DareLinear => Sparsifier::Bernoulli,
+            GtaKind::Della | GtaKind::DellaLinear => Sparsifier::Della,
+        }
+    }
+
     /// Sign consensus (TIES election) over the weighted deltas.
     pub fn consensus(self) -> bool {
         matches!(

@@ -1,0 +1,86 @@
+//! What each merge method costs in memory: part of the op's definition, so the plan
+//! proves its budget from here and the executors are written to stay within it.
+//!
+//! The figures come from reading each CPU method (`exec::methods`): every allocation that
+//! grows with the tensor is counted. The constants below fix the shapes of the methods'
+//! passes; the executors use them, so a change here changes both sides at once.
+
+use super::{GtaKind, MethodOp, Sparsifier};
+
+/// Elements per chunk for chunked passes over inputs.
+pub const CHUNK: usize = 1 << 16;
+
+/// Chunk buffers a worker thread keeps in its pool between chunked passes.
+pub const POOL_KEEP: usize = 16;
+
+/// TIES's sample of `|delta|` keys: `SAMPLE_BLOCK` consecutive elements every
+/// `16 * SAMPLE_BLOCK` (1/16 of them).
+pub const SAMPLE_BLOCK: usize = 1024;
+
+/// Most keys TIES collects per model: `max(n/16, CHUNK)`. A window holding more is
+/// narrowed by another histogram level instead, so TIES never holds more than this per
+/// model (the bound below counts on it).
+pub fn candidate_cap(n: usize) -> usize {
+    (n / 16).max(CHUNK)
+}
+
+impl MethodOp {
+    /// An upper bound on the bytes one application of the method to `inputs` tensors of
+    /// `shape` allocates with `threads` workers, its f32 result included (its inputs stay
+    /// mapped and are counted by the plan as inputs).
+    pub fn working_bytes(&self, inputs: usize, shape: &[usize], threads: usize) -> u64 {
+        let n = shape.iter().product::<usize>() as u64;
+        let m = inputs as u64;
+        let f32s = 4 * n;
+        // Per-vector f64 sums of the geometry methods (one vector, rows or columns) and
+        // their f32 coefficients: at most n / min(first, last dimension) vectors.
+        let first = shape.first().copied().unwrap_or(1).max(1) as u64;
+        let last = shape.last().copied().unwrap_or(1).max(1) as u64;
+        let vectors = n / first.min(last) + 1;
+        let sums = 8 * (m * m + 4) * vectors;
+        // Per worker: the pooled chunk buffers (f32 and u32) and the per-split buffers of
+        // chunk or row length (bases, deltas, DELLA's orders, arcee's f64 rows).
+        let per_thread = 2 * (POOL_KEEP as u64) * CHUNK as u64 * 4 + 8 * (m + 6) * (CHUNK as u64).max(last);
+        let fixed = per_thread * threads.max(1) as u64;
+        fixed
+            + match self {
+                MethodOp::Slerp { .. }
+                | MethodOp::Nuslerp { .. }
+                | MethodOp::Multislerp { .. }
+                | MethodOp::ModelStock { .. }
+                | MethodOp::Nearswap { .. } => f32s + sums,
+                // the mean (the result) and the tangent
+                MethodOp::Karcher { .. } => 2 * f32s + sums,
+                MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::Noise { .. } => f32s,
+                // the variance keys and the result; per-chunk selections
+                MethodOp::Sce { .. } => 2 * f32s + 64 * n.div_ceil(CHUNK as u64),
+                // the importance keys and the result
+                MethodOp::ArceeFusion => 2 * f32s,
+                MethodOp::Gta { kind, .. } => gta_bytes(*kind, n, m),
+            }
+    }
+}
+
+/// The bytes a GTA call allocates for `n` elements and `inputs` tensors, its f32 result
+/// included (the per-worker buffers aside).
+fn gta_bytes(kind: GtaKind, n: u64, inputs: u64) -> u64 {
+    let f32s = 4 * n;
+    let bits = 8 * n.div_ceil(64);
+    let models = inputs.saturating_sub(1);
+    match kind.sparsifier() {
+        Sparsifier::None => f32s,
+        // sampled keys (1/16 of each model's, and a copy of one model's), then the
+        // collected keys under the cap (and a copy of one model's), then the result
+        Sparsifier::Magnitude => {
+            let sample = n / 16 + SAMPLE_BLOCK as u64;
+            let cap = candidate_cap(n as usize) as u64;
+            f32s + 4 * (sample + cap) * (models + 1)
+        }
+        // keys (reused model after model), a bitset per model, a second bitset and the
+        // per-word counts and budgets while one is built, then the result
+        Sparsifier::Outliers => 2 * f32s + bits * (models + 1) + 16 * n.div_ceil(32),
+        Sparsifier::Bernoulli => f32s + bits * models,
+        // ranks (reused), a bitset per model, then the result
+        Sparsifier::Della => 2 * f32s + bits * models,
+    }
+}
