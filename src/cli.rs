@@ -612,20 +612,13 @@ fn run_script(
     let total = compiled.plan.steps.len();
     let mut done = 0usize;
     let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr()) && format == Format::Human;
-    let result = mergec::exec::run(
-        &compiled.program,
-        &compiled.plan,
-        &executor,
-        &reader,
-        force,
-        |step| {
-            done += 1;
-            if interactive {
-                eprint!("\r[{done}/{total}] {:<60}", truncate(&step.tensor, 60));
-                let _ = std::io::stderr().flush();
-            }
-        },
-    );
+    let result = mergec::exec::run(&compiled.plan, &executor, &reader, |step| {
+        done += 1;
+        if interactive {
+            eprint!("\r[{done}/{total}] {:<60}", truncate(&step.tensor, 60));
+            let _ = std::io::stderr().flush();
+        }
+    });
     if interactive {
         eprint!("\r{:<80}\r", "");
     }
@@ -779,7 +772,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
             text
         }
         Stage::Graph => mergec::graph::dump(&compiled.graph),
-        _ => mergec::plan::dump(&compiled.plan, &compiled.program),
+        _ => mergec::plan::dump(&compiled.plan),
     };
     emit(&text);
     ExitCode::SUCCESS

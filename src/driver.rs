@@ -65,12 +65,7 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
     let internal = |d: Box<Diagnostic>| Diagnostics::from(*d);
     crate::graph::verify(&graph).map_err(internal)?;
     let (graph, _) = crate::opt::optimize(graph).map_err(internal)?;
-    let plan = crate::plan::schedule(&graph, limits);
-    crate::plan::check(&plan, &checked.program).map_err(internal)?;
-    let budget = limits.max_memory.or(checked.program.max_memory);
-    if let Some(budget) = budget.filter(|b| plan.peak_bytes > *b) {
-        return Err(over_budget(&plan, &checked.program, budget).into());
-    }
+    let plan = crate::plan::schedule(&graph, &checked.program, limits, force)?;
     Ok(Compiled {
         ast,
         program: checked.program,
@@ -78,37 +73,4 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
         plan,
         warnings: checked.warnings,
     })
-}
-
-/// E0501: the plan needs more memory at its peak than the budget allows. Says where the
-/// peak is and the smallest budget that works.
-fn over_budget(plan: &Plan, program: &crate::sema::hir::Program, budget: u64) -> Diagnostic {
-    let biggest = plan.steps.iter().max_by_key(|s| s.in_bytes() + s.out_bytes());
-    let mut d = Diagnostic::error(
-        crate::diag::Code::E0501,
-        format!(
-            "the merge needs {} bytes of memory at its peak, over the budget of {budget} bytes",
-            plan.peak_bytes
-        ),
-    )
-    .with_help(format!(
-        "a budget of at least {} bytes works; large tensors are not split into chunks yet, so the largest tensor's inputs and output must fit together",
-        plan.peak_bytes
-    ));
-    if let Some(step) = biggest {
-        let out = program
-            .outputs
-            .get(step.output)
-            .map_or(String::new(), |o| o.dir.display().to_string());
-        d = d.with_note(format!(
-            "the largest step writes `{}` of {out}: {} bytes in, {} bytes out",
-            step.tensor,
-            step.in_bytes(),
-            step.out_bytes()
-        ));
-    }
-    if let Some(first) = program.outputs.first() {
-        d = d.at(first.span, "this output does not fit");
-    }
-    d
 }

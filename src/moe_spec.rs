@@ -116,6 +116,13 @@ pub struct Generated {
     pub what: Generate,
 }
 
+impl Generated {
+    /// Bytes of the tensor as stored.
+    pub fn nbytes(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product::<u64>() * self.dtype.size_bytes() as u64
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Generate {
     /// The routed experts' gate of a layer, [experts, hidden].

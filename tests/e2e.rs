@@ -144,15 +144,7 @@ fn a_failed_run_leaves_no_folder_behind() {
     file.set_len(9000).unwrap();
     let executor = mergec::exec::CpuExecutor::new(1, 1024).unwrap();
     let reader = mergec::io::TensorReader::new();
-    let err = mergec::exec::run(
-        &compiled.program,
-        &compiled.plan,
-        &executor,
-        &reader,
-        false,
-        |_| {},
-    )
-    .unwrap_err();
+    let err = mergec::exec::run(&compiled.plan, &executor, &reader, |_| {}).unwrap_err();
     assert!(
         err.to_string().contains("changed since its header was read"),
         "{err}"

@@ -810,16 +810,9 @@ save 0.5 * slerp(a, c, t: 0.3) + 0.5 * b to "out/slerp-mix"
                     .iter()
                     .filter(|s| matches!(s.kernel, Kernel::Whole(_)))
                     .count();
-                mergec::exec::run(&compiled.program, &compiled.plan, &hybrid, &reader, false, |_| {})
+                mergec::exec::run(&compiled.plan, &hybrid, &reader, |_| {})
             } else {
-                mergec::exec::run(
-                    &compiled.program,
-                    &compiled.plan,
-                    &hybrid.cpu,
-                    &reader,
-                    false,
-                    |_| {},
-                )
+                mergec::exec::run(&compiled.plan, &hybrid.cpu, &reader, |_| {})
             }
             .unwrap_or_else(|e| panic!("{name}: {e}"));
             written.push(files(tmp.path()));
@@ -869,8 +862,7 @@ fn conformance_on_the_gpu() {
         let (_, compiled) = common::compile_text(&text, &common::conformance_dir(), tmp.path())
             .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
         let (_, cpu_before) = hybrid.steps();
-        mergec::exec::run(&compiled.program, &compiled.plan, &hybrid, &reader, false, |_| {})
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        mergec::exec::run(&compiled.plan, &hybrid, &reader, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
         let (_, cpu_after) = hybrid.steps();
         assert_eq!(cpu_after, cpu_before, "{name}: steps left to the CPU");
         (tmp, compiled)

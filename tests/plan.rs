@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::*;
 use mergec::driver::Compiled;
-use mergec::plan::{self, Limits, Plan};
+use mergec::plan::{self, Draft, Limits};
 
 fn limits_variants() -> Vec<Limits> {
     vec![
@@ -60,8 +60,8 @@ fn the_checker_accepts_every_plan_the_scheduler_makes() {
     assert!(scripts.len() >= 30, "only {} scripts", scripts.len());
     for (name, c) in &scripts {
         for limits in limits_variants() {
-            let plan = plan::schedule(&c.graph, &limits);
-            if let Err(d) = plan::check(&plan, &c.program) {
+            let draft = plan::draft(&c.graph, &c.program, &limits, false);
+            if let Err(d) = plan::check(draft, &c.program) {
                 panic!("{name}: {}", d.message);
             }
         }
@@ -69,19 +69,19 @@ fn the_checker_accepts_every_plan_the_scheduler_makes() {
 }
 
 /// A plan with an input read by more than one step.
-fn shared_input_plan(tmp: &Path) -> (Compiled, Plan) {
+fn shared_input_plan(tmp: &Path) -> (Compiled, Draft) {
     let text = "model a = \"models/base\"\nsave a to \"out/one\"\nsave a * 0.5 to \"out/two\"\n";
     write_demo_models(tmp);
     let (_, c) =
         compile_text(text, tmp, &tmp.join("out")).unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
-    let plan = plan::schedule(&c.graph, &Limits::default());
-    plan::check(&plan, &c.program).unwrap();
-    (c, plan)
+    let draft = plan::draft(&c.graph, &c.program, &Limits::default(), false);
+    let plan = plan::check(draft, &c.program).unwrap();
+    (c, plan.into_draft())
 }
 
-fn rejected(c: &Compiled, plan: &Plan, what: &str, expect: &str) {
-    match plan::check(plan, &c.program) {
-        Ok(()) => panic!("{what}: accepted"),
+fn rejected(c: &Compiled, plan: &Draft, what: &str, expect: &str) {
+    match plan::check(plan.clone(), &c.program) {
+        Ok(_) => panic!("{what}: accepted"),
         Err(d) => assert!(d.message.contains(expect), "{what}: {}", d.message),
     }
 }

@@ -5,7 +5,6 @@
 //! the plan's peak); copies go from the input's mapped bytes straight to the writer.
 
 pub mod cpu;
-mod folder;
 pub mod gpu;
 pub mod methods;
 pub mod moe;
@@ -17,8 +16,8 @@ use std::time::Instant;
 
 use crate::io::reader::{ReadError, TensorBytes};
 use crate::io::{ModelWriter, TensorReader, WriteError, WrittenModel};
-use crate::plan::{Kernel, Plan, Step};
-use crate::sema::hir;
+use crate::moe_spec::MoeOutput;
+use crate::plan::{Draft, Kernel, Plan, Step, StepInput};
 
 pub use cpu::CpuExecutor;
 pub use gpu::{GpuContext, GpuError, GpuExecutor, GpuStats};
@@ -142,38 +141,34 @@ impl Payload {
     }
 }
 
-/// Runs every step of `plan` on `executor` and writes every output folder.
+/// Runs every step of the checked `plan` on `executor` and writes every output folder.
 pub fn run(
-    program: &hir::Program,
     plan: &Plan,
     executor: &impl Executor,
     reader: &TensorReader,
-    force: bool,
     mut progress: impl FnMut(&Step),
 ) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let mut outputs = Vec::new();
     let mut warnings = Vec::new();
-    for index in 0..program.outputs.len() {
+    for (index, planned) in plan.outputs.iter().enumerate() {
         let steps: Vec<(usize, &Step)> = plan
             .steps
             .iter()
             .enumerate()
             .filter(|(_, s)| s.output == index)
             .collect();
-        let step_refs: Vec<&Step> = steps.iter().map(|(_, s)| *s).collect();
-        let spec = folder::output_spec(program, index, &step_refs, force);
+        let spec = planned.spec.clone();
         let dir = spec.dir.display().to_string();
-        let moe_spec = program.outputs[index].moe.as_deref();
+        let moe_spec = planned.moe.as_deref();
         // Routers first: they read the base model, and a failure leaves nothing behind.
         let generated = match moe_spec {
             Some(m) => {
-                let g = moe::generate(m, &program.model(m.base).info, reader).map_err(|source| {
-                    RunError::Moe {
+                let g =
+                    moe::generate(m, &plan.model(m.base).info, reader).map_err(|source| RunError::Moe {
                         dir: dir.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 warnings.extend(g.warnings.into_iter().map(|w| format!("{dir}: {w}")));
                 g.tensors
             }
@@ -188,7 +183,7 @@ pub fn run(
                 releases: &plan.releases,
                 block: plan.stream_block,
             };
-            let computed = compute_all(program, &steps, &schedule, executor, reader, &tx, &mut progress);
+            let computed = compute_all(plan, &steps, &schedule, executor, reader, &tx, &mut progress);
             drop(tx);
             let written = handle.join().map_err(|_| RunError::WriterLost(dir.clone()))?;
             // A compute error is the cause when there is one (the writer then only sees its
@@ -215,7 +210,7 @@ struct Schedule<'a> {
 }
 
 fn compute_all(
-    program: &hir::Program,
+    plan: &Draft,
     steps: &[(usize, &Step)],
     schedule: &Schedule,
     executor: &impl Executor,
@@ -227,16 +222,16 @@ fn compute_all(
         progress(step);
         // Read-ahead: the disk reads the next step's inputs while this one computes.
         if let Some((_, next)) = steps.get(position + 1) {
-            read_ahead(program, reader, next);
+            read_ahead(plan, reader, next);
         }
         // An input used again later (a layer a stack repeats, a tensor two outputs read)
         // stays mapped until the step the plan releases it after, so it is read once.
-        let released: Vec<&crate::plan::StepInput> = schedule
+        let released: Vec<&StepInput> = schedule
             .releases
             .get(index)
             .map(|r| r.iter().filter_map(|&j| step.inputs.get(j)).collect())
             .unwrap_or_default();
-        let last = |i: &crate::plan::StepInput| {
+        let last = |i: &StepInput| {
             released
                 .iter()
                 .any(|r| r.model == i.model && r.tensor == i.tensor)
@@ -245,7 +240,7 @@ fn compute_all(
             .inputs
             .iter()
             .map(|i| {
-                let model = &program.model(i.model).info;
+                let model = &plan.model(i.model).info;
                 reader.read(model, &i.tensor).map_err(|source| RunError::Read {
                     model: model.reference.clone(),
                     tensor: i.tensor.clone(),
@@ -286,14 +281,14 @@ fn compute_all(
 const READ_AHEAD_BYTES: usize = 64 << 20;
 
 /// Starts the disk on `step`'s inputs (the page cache holds them, not this process).
-fn read_ahead(program: &hir::Program, reader: &TensorReader, step: &Step) {
+fn read_ahead(plan: &Draft, reader: &TensorReader, step: &Step) {
     let mut left = READ_AHEAD_BYTES;
     for input in &step.inputs {
         if left == 0 {
             break;
         }
         // An error here is reported when the step itself reads the tensor.
-        if let Ok(bytes) = reader.read(&program.model(input.model).info, &input.tensor) {
+        if let Ok(bytes) = reader.read(&plan.model(input.model).info, &input.tensor) {
             bytes.will_need(left);
             left = left.saturating_sub(bytes.len());
         }
@@ -307,7 +302,7 @@ fn stream_step(
     step: &Step,
     block: u64,
     inputs: &[TensorBytes],
-    last: &impl Fn(&crate::plan::StepInput) -> bool,
+    last: &impl Fn(&StepInput) -> bool,
     executor: &impl Executor,
     tx: &mpsc::SyncSender<Message>,
 ) -> Result<bool, RunError> {
@@ -355,7 +350,7 @@ struct Assembly {
 }
 
 impl Assembly {
-    fn new(moe: Option<&hir::MoeOutput>, generated: Vec<(String, Vec<u8>)>) -> Assembly {
+    fn new(moe: Option<&MoeOutput>, generated: Vec<(String, Vec<u8>)>) -> Assembly {
         let mut parts = HashMap::new();
         for a in moe.map(|m| m.assembled.as_slice()).unwrap_or_default() {
             for (k, p) in a.parts.iter().enumerate() {

@@ -84,3 +84,72 @@ fn gta_bytes(kind: GtaKind, n: u64, inputs: u64) -> u64 {
         Sparsifier::Della => 2 * f32s + bits * models,
     }
 }
+
+/// An upper bound on the bytes a MoE router job allocates while it computes the routers
+/// of `moe` from its base model `base` (`exec::moe`), the generated tensors' own bytes
+/// aside (the plan holds those until the output is written).
+///
+/// - `hidden`, `hidden_avg`: one decoder layer decoded to f32 at a time (the largest), the
+///   activations of every prompt token through it (each linear layer's output, the
+///   normed copies and per-prompt rope copies: three times the layer's widths per token),
+///   attention scores (`heads * len^2` per prompt), each prompt's per-layer states, and
+///   the experts' f64 accumulators. A prompt has at most one token per byte, plus the
+///   beginning-of-sequence token and one more for a prefix space.
+/// - `cheap_embed`: the prompts' embedding rows and the accumulators.
+/// - the random modes: the vectors only.
+///
+/// The tokenizer's in-memory form is charged at 16 times its tokenizer.json, an estimate
+/// (its vocabulary and merges as hash maps and strings), not a proof.
+pub fn router_bytes(moe: &crate::moe_spec::MoeOutput, base: &crate::io::ModelInfo) -> u64 {
+    use crate::moe_spec::GateMode;
+    let h = moe.hidden_size as u64;
+    let layers = moe.num_layers as u64;
+    let experts: Vec<_> = moe.experts.iter().chain(moe.shared.as_ref()).collect();
+    let vectors = 2 * 4 * layers * experts.len() as u64 * h;
+    if !moe.gate.uses_prompts() {
+        return vectors;
+    }
+    let prompts: Vec<u64> = experts
+        .iter()
+        .flat_map(|e| e.positive.iter().chain(&e.negative))
+        .map(|p| p.len() as u64 + BOS_BYTES + 1)
+        .collect();
+    let tokens: u64 = prompts.iter().sum();
+    let tokenizer = std::fs::metadata(base.root.join("tokenizer.json")).map_or(0, |m| m.len()) * 16;
+    // per expert and layer, the f64 sum and the vector it becomes
+    let accumulators = 2 * 8 * layers * experts.len() as u64 * h;
+    let fixed = vectors + tokenizer + accumulators + 4 * tokens * h;
+    if moe.gate == GateMode::CheapEmbed {
+        return fixed;
+    }
+    let mut layer_bytes = 0u64;
+    let mut layer_widths = 0u64;
+    for l in 0..moe.num_layers {
+        let prefix = format!("model.layers.{l}.");
+        let (bytes, widths) = base
+            .tensors
+            .range(prefix.clone()..)
+            .take_while(|(name, _)| name.starts_with(&prefix))
+            .fold((0u64, 0u64), |(b, w), (_, t)| {
+                (
+                    b + 4 * t.numel(),
+                    w + t.shape.first().copied().unwrap_or(0) as u64,
+                )
+            });
+        layer_bytes = layer_bytes.max(bytes);
+        layer_widths = layer_widths.max(widths);
+    }
+    let heads = base
+        .config
+        .as_ref()
+        .and_then(|c| c.get("num_attention_heads"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(layer_widths);
+    let activations = 4 * 3 * tokens * (layer_widths + h);
+    let scores: u64 = prompts.iter().map(|&len| 4 * heads * len * len).sum();
+    let states = 2 * 4 * prompts.len() as u64 * layers * h;
+    fixed + layer_bytes + activations + scores + states
+}
+
+/// Bytes a beginning-of-sequence token's text may take (`<|begin_of_text|>` is 17).
+const BOS_BYTES: u64 = 32;

@@ -1,15 +1,22 @@
-//! An independent check of a plan: every kernel is well formed over its inputs, every
-//! input exists in its model with the bytes claimed, and the peak is re-simulated.
+//! An independent check of a draft plan: every kernel is well formed over its inputs,
+//! every input exists in its model with the bytes claimed, the outputs are the program's,
+//! and the peak is re-derived on its own (intervals of each input's use, where the
+//! scheduler keeps a running ledger) from the op-declared costs. Only this turns a
+//! [`Draft`] into a [`Plan`].
 
 use std::collections::HashMap;
 
-use super::{Instr, Kernel, Plan};
+use super::{Draft, Instr, Kernel, Plan};
 use crate::diag::Diagnostic;
-use crate::sema::hir::{self, ModelId};
+use crate::ids::ModelId;
+use crate::sema::hir;
 
-pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
-    check_order(plan, program)?;
-    check_releases(plan)?;
+/// Proves `plan` against `program` (the program it was drafted from); every failure is a
+/// bug in mergec, reported as such.
+pub fn check(plan: Draft, program: &hir::Program) -> Result<Plan, Box<Diagnostic>> {
+    check_order(&plan, program)?;
+    check_models_and_outputs(&plan, program)?;
+    check_releases(&plan)?;
     for (i, step) in plan.steps.iter().enumerate() {
         let bug = |what: String| {
             Box::new(Diagnostic::bug(format!(
@@ -18,7 +25,7 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
             )))
         };
         for input in &step.inputs {
-            let info = program
+            let info = plan
                 .models
                 .get(input.model.0 as usize)
                 .and_then(|m| m.info.tensors.get(&input.tensor))
@@ -59,19 +66,63 @@ pub fn check(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>>
             }
         }
     }
-    let peak = simulate_peak(plan);
+    let peak = simulate_peak(&plan);
     if peak != plan.peak_bytes {
         return Err(Box::new(Diagnostic::bug(format!(
             "plan claims a peak of {} bytes, re-simulation gives {peak}",
             plan.peak_bytes
         ))));
     }
+    Ok(Plan { draft: plan })
+}
+
+/// The plan reads the program's models and writes its outputs, each output's tensors
+/// listed for the writer as the steps make them.
+fn check_models_and_outputs(plan: &Draft, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
+    let bug = |m: String| Box::new(Diagnostic::bug(m));
+    if plan.models.len() != program.models.len()
+        || plan
+            .models
+            .iter()
+            .zip(&program.models)
+            .any(|(p, m)| p.name != m.name || !std::sync::Arc::ptr_eq(&p.info, &m.info))
+    {
+        return Err(bug("plan's input models are not the program's".into()));
+    }
+    if plan.outputs.len() != program.outputs.len() {
+        return Err(bug(format!(
+            "plan writes {} outputs, the program {}",
+            plan.outputs.len(),
+            program.outputs.len()
+        )));
+    }
+    for (index, (planned, out)) in plan.outputs.iter().zip(&program.outputs).enumerate() {
+        if planned.spec.dir != out.dir {
+            return Err(bug(format!(
+                "plan writes output {index} to {}, the program to {}",
+                planned.spec.dir.display(),
+                out.dir.display()
+            )));
+        }
+        // Parts of an assembled tensor (a fused MoE layout) are written as one tensor.
+        let parts = out.moe.as_deref().map_or(0, |m| {
+            m.assembled.iter().map(|a| a.parts.len() - 1).sum::<usize>()
+        });
+        let generated = out.moe.as_deref().map_or(0, |m| m.generated.len());
+        let steps = plan.steps.iter().filter(|s| s.output == index).count();
+        if planned.spec.tensors.len() + parts != steps + generated {
+            return Err(bug(format!(
+                "plan lists {} tensors for output {index}, which has {steps} steps, {parts} assembled parts and {generated} generated tensors",
+                planned.spec.tensors.len()
+            )));
+        }
+    }
     Ok(())
 }
 
 /// One step per output tensor, outputs in script order, each output's tensors in the
 /// order the program lists them (natural name order: shards fill in layer order).
-fn check_order(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
+fn check_order(plan: &Draft, program: &hir::Program) -> Result<(), Box<Diagnostic>> {
     let mut wanted = program
         .outputs
         .iter()
@@ -111,7 +162,7 @@ fn check_order(plan: &Plan, program: &hir::Program) -> Result<(), Box<Diagnostic
 /// Re-simulates liveness: an input stays mapped from its first read to its release, so a
 /// release before a later read (freed too early), a second release, or none at all (held
 /// to the end) is a bug.
-fn check_releases(plan: &Plan) -> Result<(), Box<Diagnostic>> {
+fn check_releases(plan: &Draft) -> Result<(), Box<Diagnostic>> {
     let bug = |m: String| Box::new(Diagnostic::bug(m));
     if plan.releases.len() != plan.steps.len() {
         return Err(bug(format!(
@@ -155,8 +206,10 @@ fn check_releases(plan: &Plan) -> Result<(), Box<Diagnostic>> {
 }
 
 /// Walks the steps in order: while step `i` runs, its inputs are mapped, its output buffer
-/// is filled, and up to `write_queue` earlier outputs wait for (or are in) the writer.
-pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
+/// is filled, and up to `write_queue` earlier outputs of the same output folder wait for
+/// (or are in) the writer; a MoE output's routers are computed before its first step and
+/// held until it is written.
+fn simulate_peak(plan: &Draft) -> u64 {
     // An input stays mapped from its first use to its last (the executor releases its
     // pages then), so inputs used again later are held in between.
     // The last use is where the plan releases the input (the end when it never does).
@@ -193,76 +246,64 @@ pub(crate) fn simulate_peak(plan: &Plan) -> u64 {
         }
     }
     let mut peak = 0;
-    let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-    for (i, step) in plan.steps.iter().enumerate() {
-        // A streamed step holds one block of its output, and of each input it reads for
-        // the last time (pages are released block by block); an input read again later
-        // stays mapped whole.
-        let (inputs, output) = if step.streamed(plan.stream_block) {
-            let block = plan.stream_block;
-            let inputs = step
-                .inputs
+    let mut start = 0;
+    for (index, output) in plan.outputs.iter().enumerate() {
+        let end = start
+            + plan.steps[start..]
                 .iter()
-                .map(|x| {
-                    let last = first_last
-                        .get(&(x.model, x.tensor.as_str()))
-                        .is_some_and(|e| e.1 == i);
-                    if last {
-                        block * x.dtype.size_bytes() as u64
-                    } else {
-                        x.bytes
-                    }
-                })
-                .sum::<u64>();
-            (inputs, block * step.dtype.size_bytes() as u64)
-        } else {
-            (step.in_bytes(), step.out_bytes())
-        };
-        let held = inputs
-            + held_between[i]
-            + output
-            + whole_tensor_bytes(step, plan.limits_threads)
-            + queued.iter().sum::<u64>();
-        peak = peak.max(held);
-        queued.push_back(output);
-        if queued.len() > plan.write_queue {
-            queued.pop_front();
+                .take_while(|s| s.output == index)
+                .count();
+        let mut generated = 0;
+        if let Some(moe) = output.moe.as_deref() {
+            // Before the first step: every input read earlier and released later is mapped.
+            let mapped: u64 = first_last
+                .values()
+                .filter(|&&(first, last, _)| first < start && last >= start)
+                .map(|&(_, _, bytes)| bytes)
+                .sum();
+            let routers = crate::ops::cost::router_bytes(moe, &plan.model(moe.base).info);
+            peak = peak.max(mapped + routers);
+            generated = moe.generated.iter().map(|g| g.nbytes()).sum::<u64>();
         }
-    }
-    peak + super::scratch_bytes(plan) + WRITER_BUFFER_BYTES
-}
-
-/// The writer's buffered-I/O buffer (io::writer).
-pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
-
-/// What a whole-tensor step allocates besides its mapped inputs and its output bytes,
-/// re-enacting the CPU executor's stack machine (`exec::cpu::whole`): computed values are
-/// f32 tensors; an element-wise instruction holds each operand as one (loaded ones
-/// decoded); a method holds its computed operands twice (the f32 values and the bytes it
-/// reads) plus the op's declared [`working_bytes`](crate::ops::MethodOp::working_bytes), its result included.
-pub(crate) fn whole_tensor_bytes(step: &super::Step, threads: usize) -> u64 {
-    let Kernel::Whole(program) = &step.kernel else {
-        return 0;
-    };
-    let f32s = step.numel() * 4;
-    // true: a computed f32 tensor; false: a loaded input (mapped, not copied)
-    let mut stack: Vec<bool> = Vec::new();
-    let mut peak = 0;
-    for instr in program {
-        let (pops, _) = instr.stack_effect();
-        let args = stack.split_off(stack.len().saturating_sub(pops));
-        let held = stack.iter().filter(|&&c| c).count() as u64 * f32s;
-        let during = match instr {
-            Instr::Load(_) => 0,
-            Instr::Method { op, .. } => {
-                let computed = args.iter().filter(|&&c| c).count() as u64;
-                2 * computed * f32s + op.working_bytes(args.len(), &step.shape, threads)
+        // Each output has a writer of its own, so the queue starts empty.
+        let mut queued: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+        for (i, step) in plan.steps.iter().enumerate().take(end).skip(start) {
+            // A streamed step holds one block of its output, and of each input it reads
+            // for the last time (pages are released block by block); an input read again
+            // later stays mapped whole.
+            let (inputs, output) = if step.streamed(plan.stream_block) {
+                let block = plan.stream_block;
+                let inputs = step
+                    .inputs
+                    .iter()
+                    .map(|x| {
+                        let last = first_last
+                            .get(&(x.model, x.tensor.as_str()))
+                            .is_some_and(|e| e.1 == i);
+                        if last {
+                            block * x.dtype.size_bytes() as u64
+                        } else {
+                            x.bytes
+                        }
+                    })
+                    .sum::<u64>();
+                (inputs, block * step.dtype.size_bytes() as u64)
+            } else {
+                (step.in_bytes(), step.out_bytes())
+            };
+            let held = inputs
+                + held_between[i]
+                + output
+                + step.kernel.working_bytes(&step.shape, plan.limits_threads)
+                + queued.iter().sum::<u64>()
+                + generated;
+            peak = peak.max(held);
+            queued.push_back(output);
+            if queued.len() > plan.write_queue {
+                queued.pop_front();
             }
-            _ => args.len() as u64 * f32s,
-        };
-        peak = peak.max(held + during);
-        stack.push(!matches!(instr, Instr::Load(_)));
+        }
+        start = end;
     }
-    // A program that ends on a load decodes it into one f32 tensor.
-    peak.max(f32s)
+    peak + super::scratch_bytes(plan) + super::WRITER_BUFFER_BYTES
 }

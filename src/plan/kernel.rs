@@ -71,6 +71,41 @@ impl Kernel {
             Kernel::Fused(p) | Kernel::Whole(p) => p,
         }
     }
+
+    /// What the kernel allocates besides its mapped inputs and its output bytes, for an
+    /// output of `shape` and `threads` workers: 0 for copies and element-wise kernels
+    /// (their scratch is charged per plan), and for a whole-tensor kernel the CPU
+    /// executor's stack machine (`exec::cpu::whole`) re-enacted: computed values are f32
+    /// tensors; an element-wise instruction holds each operand as one (loaded ones
+    /// decoded); a method holds its computed operands twice (the f32 values and the bytes
+    /// it reads) plus the op's declared [`working_bytes`](crate::ops::MethodOp::working_bytes),
+    /// its result included.
+    pub fn working_bytes(&self, shape: &[usize], threads: usize) -> u64 {
+        let Kernel::Whole(program) = self else {
+            return 0;
+        };
+        let f32s = shape.iter().map(|&d| d as u64).product::<u64>() * 4;
+        // true: a computed f32 tensor; false: a loaded input (mapped, not copied)
+        let mut stack: Vec<bool> = Vec::new();
+        let mut peak = 0;
+        for instr in program {
+            let (pops, _) = instr.stack_effect();
+            let args = stack.split_off(stack.len().saturating_sub(pops));
+            let held = stack.iter().filter(|&&c| c).count() as u64 * f32s;
+            let during = match instr {
+                Instr::Load(_) => 0,
+                Instr::Method { op, .. } => {
+                    let computed = args.iter().filter(|&&c| c).count() as u64;
+                    2 * computed * f32s + op.working_bytes(args.len(), shape, threads)
+                }
+                _ => args.len() as u64 * f32s,
+            };
+            peak = peak.max(held + during);
+            stack.push(!matches!(instr, Instr::Load(_)));
+        }
+        // A program that ends on a load decodes it into one f32 tensor.
+        peak.max(f32s)
+    }
 }
 
 /// Compiles the expression feeding `store` into a kernel; `slots` lists the loads it reads.

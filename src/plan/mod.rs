@@ -1,16 +1,29 @@
-//! Stage 5, schedule: [`Graph`] + [`Limits`] -> [`Plan`]: the order tensors are computed
-//! and written, one fused kernel each, and the peak memory that order needs.
+//! Stage 5, schedule: [`Graph`] + [`Limits`] -> [`Plan`], the complete description of a
+//! run: the input models and the tensors read from them, the order tensors are computed
+//! and written (one fused kernel each), when each input's pages are released, every output
+//! folder's finished contents besides the weights, the MoE router jobs, and the peak memory
+//! all of it needs.
 //!
-//! [`check`] re-derives the plan's claims independently (burn's `is_valid_execution_order`).
+//! The scheduler makes a [`Draft`]; only [`check`], which re-derives every claim on its own
+//! (burn's `is_valid_execution_order`), turns it into a [`Plan`], the one thing executors run.
+//!
+//! Imports: earlier stages (`graph`, `sema::hir` for the program's outputs) and the leaf
+//! modules (`ids`, `io`, `ops`, `moe_spec`, `diag`); never `exec`.
 
+mod budget;
 mod check;
 pub mod kernel;
+mod output;
 
 use std::fmt::Write;
+use std::sync::Arc;
 
+use crate::diag::Diagnostics;
 use crate::graph::{Graph, Op};
-use crate::io::DType;
-use crate::sema::hir::{self, ModelId};
+use crate::ids::ModelId;
+use crate::io::{DType, ModelInfo, OutputSpec};
+use crate::moe_spec::MoeOutput;
+use crate::sema::hir;
 
 pub use check::check;
 pub use kernel::{Instr, Kernel};
@@ -84,8 +97,30 @@ impl Step {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
+/// An input model as the run reads it.
+#[derive(Clone, Debug)]
+pub struct PlanModel {
+    /// The name the script binds it to.
+    pub name: String,
+    pub info: Arc<ModelInfo>,
+}
+
+/// One output folder: everything written besides the computed tensors, and the MoE
+/// router job whose tensors are generated before its merge starts.
+#[derive(Clone, Debug)]
+pub struct PlanOutput {
+    pub spec: OutputSpec,
+    pub moe: Option<Arc<MoeOutput>>,
+}
+
+/// A schedule as the scheduler makes it, not yet checked. [`check`] turns it into a
+/// [`Plan`].
+#[derive(Clone, Debug)]
+pub struct Draft {
+    /// Input models, indexed by [`ModelId`].
+    pub models: Vec<PlanModel>,
+    /// Output folders in script order; [`Step::output`] indexes them.
+    pub outputs: Vec<PlanOutput>,
     pub steps: Vec<Step>,
     pub limits_threads: usize,
     pub limits_chunk: usize,
@@ -106,9 +141,101 @@ pub struct Plan {
     pub releases: Vec<Vec<usize>>,
 }
 
+/// A checked [`Draft`]: only [`check`] makes one, so whatever runs has been proved.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    draft: Draft,
+}
+
+impl std::ops::Deref for Plan {
+    type Target = Draft;
+    fn deref(&self) -> &Draft {
+        &self.draft
+    }
+}
+
+impl Plan {
+    /// The unchecked schedule again (to check it once more, or to corrupt it in a test).
+    pub fn into_draft(self) -> Draft {
+        self.draft
+    }
+}
+
+impl Draft {
+    pub fn model(&self, id: ModelId) -> &PlanModel {
+        &self.models[id.0 as usize]
+    }
+}
+
+/// Drafts the plan of `program` (lowered and optimised to `graph`), checks it, and holds
+/// it to the memory budget (E0501).
+pub fn schedule(
+    graph: &Graph,
+    program: &hir::Program,
+    limits: &Limits,
+    force: bool,
+) -> Result<Plan, Diagnostics> {
+    let plan = check(draft(graph, program, limits, force), program).map_err(|d| Diagnostics::from(*d))?;
+    let budget = limits.max_memory.or(program.max_memory);
+    if let Some(budget) = budget.filter(|b| plan.peak_bytes > *b) {
+        return Err(budget::over_budget(&plan, program, budget).into());
+    }
+    Ok(plan)
+}
+
 /// Outputs in script order; within one, tensors in the order sema listed them (natural
-/// name order, so layers go 0, 1, 2, ... and shards fill in layer order).
-pub fn schedule(graph: &Graph, limits: &Limits) -> Plan {
+/// name order, so layers go 0, 1, 2, ... and shards fill in layer order). `force` lets the
+/// writer replace an existing output folder.
+pub fn draft(graph: &Graph, program: &hir::Program, limits: &Limits, force: bool) -> Draft {
+    let steps = steps(graph);
+    let mut read = std::collections::BTreeSet::new();
+    let mut read_bytes = 0;
+    for s in &steps {
+        for i in &s.inputs {
+            if read.insert((i.model, i.tensor.clone())) {
+                read_bytes += i.bytes;
+            }
+        }
+    }
+    let write_bytes = steps.iter().map(Step::out_bytes).sum();
+    let releases = last_uses(&steps);
+    let models = program
+        .models
+        .iter()
+        .map(|m| PlanModel {
+            name: m.name.clone(),
+            info: m.info.clone(),
+        })
+        .collect();
+    let outputs = (0..program.outputs.len())
+        .map(|index| {
+            let own: Vec<&Step> = steps.iter().filter(|s| s.output == index).collect();
+            PlanOutput {
+                spec: output::output_spec(program, index, &own, force),
+                moe: program.outputs[index].moe.clone(),
+            }
+        })
+        .collect();
+    let mut plan = Draft {
+        models,
+        outputs,
+        steps,
+        limits_threads: limits.threads,
+        limits_chunk: limits.chunk_elems,
+        write_queue: limits.write_queue,
+        stream_block: limits.stream_block_elems.max(1),
+        read_bytes,
+        write_bytes,
+        peak_bytes: 0,
+        releases,
+    };
+    plan.peak_bytes = budget::peak(&plan);
+    plan
+}
+
+/// One step per stored tensor, each a kernel compiled from the expression feeding it, in
+/// the graph's store order.
+pub fn steps(graph: &Graph) -> Vec<Step> {
     let mut steps = Vec::new();
     for stores in &graph.stores {
         for &store in stores {
@@ -143,30 +270,7 @@ pub fn schedule(graph: &Graph, limits: &Limits) -> Plan {
             });
         }
     }
-    let mut read = std::collections::BTreeSet::new();
-    let mut read_bytes = 0;
-    for s in &steps {
-        for i in &s.inputs {
-            if read.insert((i.model, i.tensor.clone())) {
-                read_bytes += i.bytes;
-            }
-        }
-    }
-    let write_bytes = steps.iter().map(Step::out_bytes).sum();
-    let releases = last_uses(&steps);
-    let mut plan = Plan {
-        steps,
-        limits_threads: limits.threads,
-        limits_chunk: limits.chunk_elems,
-        write_queue: limits.write_queue,
-        stream_block: limits.stream_block_elems.max(1),
-        read_bytes,
-        write_bytes,
-        peak_bytes: 0,
-        releases,
-    };
-    plan.peak_bytes = check::simulate_peak(&plan);
-    plan
+    steps
 }
 
 /// Per step, the inputs read there for the last time.
@@ -186,8 +290,11 @@ fn last_uses(steps: &[Step]) -> Vec<Vec<usize>> {
     releases
 }
 
+/// The writer's buffered-I/O buffer (io::writer).
+pub(crate) const WRITER_BUFFER_BYTES: u64 = 8 * 1024 * 1024;
+
 /// Bytes of scratch the CPU workers hold: one chunk per stack slot, per thread.
-pub(crate) fn scratch_bytes(plan: &Plan) -> u64 {
+pub(crate) fn scratch_bytes(plan: &Draft) -> u64 {
     let depth = plan
         .steps
         .iter()
@@ -198,7 +305,7 @@ pub(crate) fn scratch_bytes(plan: &Plan) -> u64 {
 }
 
 /// A stable text form for `mergec plan` / `debug plan` and snapshots.
-pub fn dump(plan: &Plan, program: &hir::Program) -> String {
+pub fn dump(plan: &Draft) -> String {
     let mut out = String::new();
     for (i, s) in plan.steps.iter().enumerate() {
         let kernel = match &s.kernel {
@@ -209,7 +316,7 @@ pub fn dump(plan: &Plan, program: &hir::Program) -> String {
         let inputs: Vec<String> = s
             .inputs
             .iter()
-            .map(|i| format!("{}:{}", program.model(i.model).name, i.tensor))
+            .map(|i| format!("{}:{}", plan.model(i.model).name, i.tensor))
             .collect();
         let _ = writeln!(
             out,

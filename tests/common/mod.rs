@@ -98,7 +98,7 @@ pub fn compile_text(
 pub fn run_compiled(c: &Compiled, threads: usize) -> RunReport {
     let executor = CpuExecutor::new(threads, 1000).unwrap();
     let reader = TensorReader::new();
-    mergec::exec::run(&c.program, &c.plan, &executor, &reader, false, |_| {}).unwrap()
+    mergec::exec::run(&c.plan, &executor, &reader, |_| {}).unwrap()
 }
 
 pub fn render(script: &Script, diags: &mergec::diag::Diagnostics) -> String {

@@ -1,16 +1,17 @@
-//! What goes into an output folder besides the weights: config.json from the donor with
-//! dtype and layer count updated, the donor's tokenizer and generation files, a model card.
+//! What goes into an output folder besides the weights, decided when the plan is made:
+//! config.json from the donor with dtype and layer count updated, the donor's tokenizer and
+//! generation files, the model card's text.
 
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 
+use super::Step;
 use crate::io::{DType, OutputSpec};
-use crate::plan::Step;
 use crate::sema::hir;
 
 /// The writer spec of output `index`, whose tensors are `steps` (in write order).
-pub(crate) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step], force: bool) -> OutputSpec {
+pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step], force: bool) -> OutputSpec {
     let out = &program.outputs[index];
     let tensors = match out.moe.as_deref() {
         Some(moe) => moe_tensors(moe, steps),
