@@ -15,6 +15,7 @@ use std::path::Path;
 
 use mergec::exec::{CpuExecutor, GpuContext, GpuError, GpuExecutor, GpuWithFallback};
 use mergec::io::DType;
+use mergec::ops::Elementwise as E;
 use mergec::plan::{Instr, Kernel, Step, StepInput};
 use mergec::sema::hir::ModelId;
 
@@ -315,22 +316,27 @@ fn dtype_combinations(slots: usize) -> Vec<Vec<DType>> {
 /// cannot (0, -0, huge, tiny: the executor takes any f32).
 fn ops() -> Vec<(&'static str, Vec<Instr>)> {
     use Instr::*;
-    let ws = |weights: &[f32], divisor: Option<f32>| WeightedSum {
-        weights: weights.to_vec(),
-        divisor,
+    let ws = |weights: &[f32], divisor: Option<f32>| {
+        Instr::Elementwise(E::WeightedSum {
+            weights: weights.to_vec(),
+            divisor,
+        })
     };
     vec![
         ("cast", vec![Load(0)]),
-        ("neg", vec![Load(0), Neg]),
-        ("add", vec![Load(0), Load(1), Add]),
-        ("sub", vec![Load(0), Load(1), Sub]),
-        ("scale", vec![Load(0), Scale(0.3)]),
-        ("scale-tiny", vec![Load(0), Scale(1.0e-30)]),
-        ("scale-huge", vec![Load(0), Scale(-3.0e35)]),
-        ("scale-zero", vec![Load(0), Scale(-0.0)]),
-        ("divide", vec![Load(0), Divide(3.0)]),
-        ("divide-frac", vec![Load(0), Divide(0.7)]),
-        ("divide-tiny", vec![Load(0), Divide(-1.0e-37)]),
+        ("neg", vec![Load(0), Instr::Elementwise(E::Neg)]),
+        ("add", vec![Load(0), Load(1), Instr::Elementwise(E::Add)]),
+        ("sub", vec![Load(0), Load(1), Instr::Elementwise(E::Sub)]),
+        ("scale", vec![Load(0), Instr::Elementwise(E::Scale(0.3))]),
+        ("scale-tiny", vec![Load(0), Instr::Elementwise(E::Scale(1.0e-30))]),
+        ("scale-huge", vec![Load(0), Instr::Elementwise(E::Scale(-3.0e35))]),
+        ("scale-zero", vec![Load(0), Instr::Elementwise(E::Scale(-0.0))]),
+        ("divide", vec![Load(0), Instr::Elementwise(E::Divide(3.0))]),
+        ("divide-frac", vec![Load(0), Instr::Elementwise(E::Divide(0.7))]),
+        (
+            "divide-tiny",
+            vec![Load(0), Instr::Elementwise(E::Divide(-1.0e-37))],
+        ),
         ("weighted-sum", vec![Load(0), Load(1), ws(&[0.3, 0.7], None)]),
         (
             "weighted-sum-normalized",
@@ -373,7 +379,10 @@ fn every_16_bit_value_decodes_and_rounds_like_the_cpu() {
     let all: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
     for input in [DType::BF16, DType::F16] {
         for out in DTYPES {
-            for program in [vec![Instr::Load(0)], vec![Instr::Load(0), Instr::Neg]] {
+            for program in [
+                vec![Instr::Load(0)],
+                vec![Instr::Load(0), Instr::Elementwise(E::Neg)],
+            ] {
                 let step = step(program, &[input], out, 1 << 16);
                 let got = gpu.compute(&step, &[&all]).unwrap();
                 assert_same(&step, &[&all], &cpu.compute(&step, &[&all]), &got);
@@ -414,21 +423,21 @@ fn fused_chains_match_the_cpu() {
         Load(0),
         Load(1),
         Load(0),
-        Sub,
-        Scale(0.5),
-        Add,
-        Neg,
+        Instr::Elementwise(E::Sub),
+        Instr::Elementwise(E::Scale(0.5)),
+        Instr::Elementwise(E::Add),
+        Instr::Elementwise(E::Neg),
         Load(2),
         Load(3),
         Load(4),
         Load(5),
-        WeightedSum {
+        Instr::Elementwise(E::WeightedSum {
             weights: vec![1.0, 0.2, -3.0, 0.4, 5.0],
             divisor: Some(3.6),
-        },
-        Divide(7.0),
+        }),
+        Instr::Elementwise(E::Divide(7.0)),
         Load(1),
-        Sub,
+        Instr::Elementwise(E::Sub),
     ];
     let mut rng = Rng(99);
     for seed in 0..24 {
@@ -449,15 +458,15 @@ fn slices_and_2d_grids_match_the_cpu() {
         .with_max_binding_bytes(16 << 10)
         .with_max_workgroups_per_dimension(3);
     let cpu = cpu();
-    let binary = vec![Instr::Load(0), Instr::Load(1), Instr::Sub];
+    let binary = vec![Instr::Load(0), Instr::Load(1), Instr::Elementwise(E::Sub)];
     let ternary = vec![
         Instr::Load(0),
         Instr::Load(1),
         Instr::Load(2),
-        Instr::WeightedSum {
+        Instr::Elementwise(E::WeightedSum {
             weights: vec![0.25, 0.6, 0.15],
             divisor: Some(1.0),
-        },
+        }),
     ];
     let mut seed = 5000;
     for dtypes in dtype_combinations(2) {
@@ -495,10 +504,10 @@ fn past_65535_workgroups() {
     let program = vec![
         Instr::Load(0),
         Instr::Load(1),
-        Instr::WeightedSum {
+        Instr::Elementwise(E::WeightedSum {
             weights: vec![0.3, 0.7],
             divisor: None,
-        },
+        }),
     ];
     check(
         &gpu,
@@ -522,7 +531,12 @@ fn past_the_adapters_binding_limit() {
         eprintln!("the adapter binds {limit} bytes; this tensor fits in one slice there");
     }
     let n = (1 << 25) + 3;
-    let program = vec![Instr::Load(0), Instr::Load(1), Instr::Add, Instr::Scale(0.5)];
+    let program = vec![
+        Instr::Load(0),
+        Instr::Load(1),
+        Instr::Elementwise(E::Add),
+        Instr::Elementwise(E::Scale(0.5)),
+    ];
     check(
         &gpu,
         &cpu(),
@@ -542,10 +556,10 @@ fn pipelines_are_cached_by_key_not_by_constants() {
         let program = vec![
             Instr::Load(0),
             Instr::Load(1),
-            Instr::WeightedSum {
+            Instr::Elementwise(E::WeightedSum {
                 weights: vec![w, 1.0 - w],
                 divisor: Some(1.0),
-            },
+            }),
         ];
         check(
             &gpu,
@@ -562,7 +576,7 @@ fn pipelines_are_cached_by_key_not_by_constants() {
         &gpu,
         &cpu,
         50,
-        &[Instr::Load(0), Instr::Neg],
+        &[Instr::Load(0), Instr::Elementwise(E::Neg)],
         &[DType::BF16],
         DType::BF16,
         999,
@@ -587,7 +601,7 @@ fn methods_without_a_gpu_kernel_are_left_to_the_cpu() {
     // Inside an expression too: nothing of the step runs on the GPU.
     let mut s = s;
     if let Kernel::Whole(program) = &mut s.kernel {
-        program.push(Instr::Scale(0.5));
+        program.push(Instr::Elementwise(E::Scale(0.5)));
     }
     assert!(gpu.compute(&s, &[&data]).unwrap_err().is_unsupported());
     assert_eq!(gpu.stats().whole_steps, 0);
@@ -597,7 +611,7 @@ fn methods_without_a_gpu_kernel_are_left_to_the_cpu() {
 fn wrong_inputs_and_bad_programs_are_errors_not_panics() {
     let Some(gpu) = gpu() else { return };
     let s = step(
-        vec![Instr::Load(0), Instr::Load(1), Instr::Add],
+        vec![Instr::Load(0), Instr::Load(1), Instr::Elementwise(E::Add)],
         &[DType::F16, DType::F32],
         DType::F32,
         3,
@@ -616,7 +630,12 @@ fn wrong_inputs_and_bad_programs_are_errors_not_panics() {
         })
     ));
     assert!(gpu.compute(&s, &[&a, &b]).is_ok());
-    let underflow = step(vec![Instr::Load(0), Instr::Add], &[DType::F32], DType::F32, 3);
+    let underflow = step(
+        vec![Instr::Load(0), Instr::Elementwise(E::Add)],
+        &[DType::F32],
+        DType::F32,
+        3,
+    );
     let err = gpu.compute(&underflow, &[&b]).unwrap_err();
     assert!(
         matches!(err, GpuError::Kernel(_)) && !err.is_unsupported(),
@@ -638,10 +657,10 @@ fn more_inputs_than_storage_bindings_are_left_to_the_cpu() {
     // One binding goes to the output.
     for (inputs, fits) in [(max - 1, true), (max, false)] {
         let mut program: Vec<Instr> = (0..inputs).map(Instr::Load).collect();
-        program.push(Instr::WeightedSum {
+        program.push(Instr::Elementwise(E::WeightedSum {
             weights: vec![1.0 / inputs as f32; inputs],
             divisor: None,
-        });
+        }));
         if fits {
             check(
                 &gpu,
@@ -696,17 +715,21 @@ fn long_sums_are_added_in_order() {
         let mut chain: Vec<Instr> = vec![Load(0)];
         let mut sum: Vec<Instr> = (0..terms).map(Load).collect();
         for k in 1..terms {
-            chain.extend([Load(k), Scale(0.1 * k as f32), Add]);
+            chain.extend([
+                Load(k),
+                Instr::Elementwise(E::Scale(0.1 * k as f32)),
+                Instr::Elementwise(E::Add),
+            ]);
         }
         for weights in [
             vec![1.0; terms],
             (0..terms).map(|k| 1.5 - 0.4 * k as f32).collect(),
         ] {
             let mut program = sum.clone();
-            program.push(WeightedSum {
+            program.push(Instr::Elementwise(E::WeightedSum {
                 weights,
                 divisor: None,
-            });
+            }));
             check(
                 &gpu,
                 &cpu,
@@ -717,10 +740,10 @@ fn long_sums_are_added_in_order() {
                 3000,
             );
         }
-        sum.push(WeightedSum {
+        sum.push(Instr::Elementwise(E::WeightedSum {
             weights: vec![0.7; terms],
             divisor: Some(3.3),
-        });
+        }));
         check(
             &gpu,
             &cpu,

@@ -9,7 +9,7 @@ use mergec::exec::cpu::encode;
 use mergec::exec::CpuExecutor;
 use mergec::graph::{verify, Graph, Node, Op};
 use mergec::io::DType;
-use mergec::ops::MethodOp;
+use mergec::ops::{Elementwise as E, MethodOp};
 use mergec::plan::{self, Step};
 use mergec::sema::hir::ModelId;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -86,29 +86,33 @@ fn expr(
     let n = match rng.below(9) {
         0 => {
             let x = sub(g, rng, memo);
-            add(g, Op::Neg, &[x])
+            add(g, Op::Elementwise(E::Neg), &[x])
         }
         1 => {
             let x = sub(g, rng, memo);
-            let y = add(g, Op::Neg, &[x]);
-            add(g, Op::Neg, &[y])
+            let y = add(g, Op::Elementwise(E::Neg), &[x]);
+            add(g, Op::Elementwise(E::Neg), &[y])
         }
         2 => {
             let (a, b) = (sub(g, rng, memo), sub(g, rng, memo));
-            add(g, Op::Add, &[a, b])
+            add(g, Op::Elementwise(E::Add), &[a, b])
         }
         3 => {
             let (a, b) = (sub(g, rng, memo), sub(g, rng, memo));
-            add(g, Op::Sub, &[a, b])
+            add(g, Op::Elementwise(E::Sub), &[a, b])
         }
         4 => {
             let x = sub(g, rng, memo);
-            add(g, Op::Scale(rng.pick(&CONSTANTS)), &[x])
+            add(g, Op::Elementwise(E::Scale(rng.pick(&CONSTANTS))), &[x])
         }
         5 => {
             let x = sub(g, rng, memo);
             let d = rng.pick(&CONSTANTS);
-            add(g, Op::Divide(if d == 0.0 { 8.0 } else { d }), &[x])
+            add(
+                g,
+                Op::Elementwise(E::Divide(if d == 0.0 { 8.0 } else { d })),
+                &[x],
+            )
         }
         6 => {
             let k = 1 + rng.below(3);
@@ -119,14 +123,14 @@ fn expr(
                 1 => Some(1.0),
                 _ => Some(rng.pick(&[2.0, 3.0, 0.5])),
             };
-            add(g, Op::WeightedSum { weights, divisor }, &xs)
+            add(g, Op::Elementwise(E::WeightedSum { weights, divisor }), &xs)
         }
         7 => {
             // the same subterm built twice (for cse)
             let x = rng.pick(loads);
-            let a = add(g, Op::Scale(0.25), &[x]);
-            let b = add(g, Op::Scale(0.25), &[x]);
-            add(g, Op::Add, &[a, b])
+            let a = add(g, Op::Elementwise(E::Scale(0.25)), &[x]);
+            let b = add(g, Op::Elementwise(E::Scale(0.25)), &[x]);
+            add(g, Op::Elementwise(E::Add), &[a, b])
         }
         _ => {
             let (a, b) = (sub(g, rng, memo), sub(g, rng, memo));
@@ -190,7 +194,7 @@ fn case(seed: u64) -> Case {
             // a dead term nobody stores (for dce)
             if rng.below(3) == 0 {
                 let dead = g.nodes.add_node(Node {
-                    op: Op::Neg,
+                    op: Op::Elementwise(E::Neg),
                     shape: shape.clone(),
                 });
                 g.nodes.add_edge(value, dead, 0);

@@ -7,6 +7,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::io::DType;
+use crate::ops::Elementwise;
 use crate::plan::{Instr, Kernel, Step};
 
 pub struct CpuExecutor {
@@ -110,18 +111,7 @@ impl Scratch {
                     );
                     self.stack.push(b);
                 }
-                Instr::Neg => self.unary(|x| -x),
-                Instr::Scale(f) => {
-                    let f = *f;
-                    self.unary(|x| x * f)
-                }
-                Instr::Divide(d) => {
-                    let d = *d;
-                    self.unary(|x| x / d)
-                }
-                Instr::Add => self.binary(|a, b| a + b),
-                Instr::Sub => self.binary(|a, b| a - b),
-                Instr::WeightedSum { weights, divisor } => self.weighted_sum(weights, *divisor),
+                Instr::Elementwise(op) => self.elementwise(op),
                 // Fused kernels hold no methods (plan::kernel puts those in Whole kernels).
                 Instr::Method { .. } => {}
             }
@@ -129,57 +119,20 @@ impl Scratch {
         self.stack.last().copied().unwrap_or(0)
     }
 
-    fn unary(&mut self, f: impl Fn(f32) -> f32) {
-        if let Some(&top) = self.stack.last() {
-            self.bufs[top].iter_mut().for_each(|x| *x = f(*x));
-        }
-    }
-
-    fn binary(&mut self, f: impl Fn(f32, f32) -> f32) {
-        let (Some(b), Some(&a)) = (self.stack.pop(), self.stack.last()) else {
-            return;
-        };
-        let (a_buf, b_buf) = two_mut(&mut self.bufs, a, b);
-        a_buf
-            .iter_mut()
-            .zip(b_buf.iter())
-            .for_each(|(x, y)| *x = f(*x, *y));
-        self.free.push(b);
-    }
-
-    /// `acc = w₀x₀; acc = acc + wᵢxᵢ ...; acc / divisor`, multiply and add kept separate
-    /// (no fused multiply-add) so every backend rounds the same way.
-    fn weighted_sum(&mut self, weights: &[f32], divisor: Option<f32>) {
-        let k = weights.len();
+    /// Pops the op's operands, computes it into the first one's buffer and pushes that.
+    fn elementwise(&mut self, op: &Elementwise) {
+        let k = op.arity();
         if k == 0 || self.stack.len() < k {
-            return;
+            return; // plan::check rules this out
         }
-        let operands: Vec<usize> = self.stack.split_off(self.stack.len() - k);
+        let operands = self.stack.split_off(self.stack.len() - k);
         let acc = operands[0];
-        let w0 = weights[0];
-        self.bufs[acc].iter_mut().for_each(|x| *x *= w0);
-        for (&b, &w) in operands[1..].iter().zip(&weights[1..]) {
-            let (acc_buf, x_buf) = two_mut(&mut self.bufs, acc, b);
-            acc_buf
-                .iter_mut()
-                .zip(x_buf.iter())
-                .for_each(|(a, x)| *a += w * *x);
-            self.free.push(b);
-        }
-        if let Some(d) = divisor {
-            self.bufs[acc].iter_mut().for_each(|x| *x /= d);
-        }
+        let mut values = std::mem::take(&mut self.bufs[acc]);
+        let rest: Vec<&[f32]> = operands[1..].iter().map(|&b| self.bufs[b].as_slice()).collect();
+        op.apply(&mut values, &rest);
+        self.bufs[acc] = values;
+        self.free.extend_from_slice(&operands[1..]);
         self.stack.push(acc);
-    }
-}
-
-fn two_mut(bufs: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &Vec<f32>) {
-    if a < b {
-        let (lo, hi) = bufs.split_at_mut(b);
-        (&mut lo[a], &hi[0])
-    } else {
-        let (lo, hi) = bufs.split_at_mut(a);
-        (&mut hi[0], &lo[b])
     }
 }
 
@@ -257,38 +210,24 @@ mod whole {
                         },
                     ))
                 }
-                elementwise => {
+                Instr::Elementwise(op) => {
                     let mut bufs: Vec<Vec<f32>> = args.drain(..).map(&values).collect();
                     let mut acc = bufs.remove(0);
-                    apply_elementwise(elementwise, &mut acc, &bufs);
+                    // The op chunk by chunk in parallel: the same arithmetic per element.
+                    acc.par_chunks_mut(methods::CHUNK)
+                        .enumerate()
+                        .for_each(|(c, part)| {
+                            let start = c * methods::CHUNK;
+                            let rest: Vec<&[f32]> =
+                                bufs.iter().map(|b| &b[start..start + part.len()]).collect();
+                            op.apply(part, &rest);
+                        });
                     Item::Values(acc)
                 }
             };
             stack.push(result);
         }
         stack.pop().map(values).unwrap_or_default()
-    }
-
-    /// The element-wise instructions on whole buffers, with the chunked executor's order of
-    /// operations (so both kernels give the same bits).
-    fn apply_elementwise(instr: &Instr, acc: &mut [f32], rest: &[Vec<f32>]) {
-        match instr {
-            Instr::Neg => acc.par_iter_mut().for_each(|x| *x = -*x),
-            Instr::Scale(f) => acc.par_iter_mut().for_each(|x| *x *= *f),
-            Instr::Divide(d) => acc.par_iter_mut().for_each(|x| *x /= *d),
-            Instr::Add => acc.par_iter_mut().zip(&rest[0]).for_each(|(a, b)| *a += *b),
-            Instr::Sub => acc.par_iter_mut().zip(&rest[0]).for_each(|(a, b)| *a -= *b),
-            Instr::WeightedSum { weights, divisor } => {
-                acc.par_iter_mut().for_each(|x| *x *= weights[0]);
-                for (b, w) in rest.iter().zip(&weights[1..]) {
-                    acc.par_iter_mut().zip(b).for_each(|(a, x)| *a += *w * *x);
-                }
-                if let Some(d) = divisor {
-                    acc.par_iter_mut().for_each(|x| *x /= *d);
-                }
-            }
-            Instr::Load(_) | Instr::Method { .. } => {}
-        }
     }
 }
 

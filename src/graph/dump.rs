@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use super::{Graph, Op};
+use crate::ops::Elementwise;
 
 pub fn dump(g: &Graph) -> String {
     let mut out = String::new();
@@ -12,15 +13,16 @@ pub fn dump(g: &Graph) -> String {
         let operands: Vec<String> = g.operands(n).iter().map(|o| format!("n{}", o.index())).collect();
         let detail = match &node.op {
             Op::Load { model, tensor, dtype } => format!(" {model}:{tensor} {dtype}"),
-            Op::Scale(f) | Op::Divide(f) => format!(" {f}"),
-            Op::WeightedSum { weights, divisor } => format!(" w={weights:?} div={divisor:?}"),
+            Op::Elementwise(Elementwise::WeightedSum { weights, divisor }) => {
+                format!(" w={weights:?} div={divisor:?}")
+            }
+            Op::Elementwise(op) => op.constants().iter().map(|c| format!(" {c}")).collect(),
             Op::Store {
                 output,
                 tensor,
                 dtype,
             } => format!(" out{output}:{tensor} {dtype}"),
             Op::Method { op, .. } => format!(" {op:?}"),
-            Op::Neg | Op::Add | Op::Sub => String::new(),
         };
         let _ = writeln!(
             out,

@@ -13,7 +13,7 @@ use petgraph::Direction;
 
 use crate::ids::ModelId;
 use crate::io::DType;
-use crate::ops::MethodOp;
+use crate::ops::{Elementwise, MethodOp};
 use crate::sema::hir::{self, TensorExpr};
 
 pub use dump::dump;
@@ -28,21 +28,10 @@ pub enum Op {
         tensor: String,
         dtype: DType,
     },
-    Neg,
-    Add,
-    Sub,
-    Scale(f32),
-    Divide(f32),
-    /// `(Σ wᵢ·xᵢ) / divisor`, summed in operand order.
-    WeightedSum {
-        weights: Vec<f32>,
-        divisor: Option<f32>,
-    },
+    /// An element-wise op (`ops::elementwise` defines each).
+    Elementwise(Elementwise),
     /// A whole-tensor merge method over `inputs` operands (not element-wise).
-    Method {
-        op: MethodOp,
-        inputs: usize,
-    },
+    Method { op: MethodOp, inputs: usize },
     Store {
         output: usize,
         tensor: String,
@@ -55,12 +44,7 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Load { .. } => "load",
-            Op::Neg => "neg",
-            Op::Add => "add",
-            Op::Sub => "sub",
-            Op::Scale(_) => "scale",
-            Op::Divide(_) => "divide",
-            Op::WeightedSum { .. } => "weighted_sum",
+            Op::Elementwise(op) => op.name(),
             Op::Method { op, .. } => op.name(),
             Op::Store { .. } => "store",
         }
@@ -70,9 +54,8 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         match self {
             Op::Load { .. } => Some(0),
-            Op::Neg | Op::Scale(_) | Op::Divide(_) | Op::Store { .. } => Some(1),
-            Op::Add | Op::Sub => Some(2),
-            Op::WeightedSum { weights, .. } => Some(weights.len()),
+            Op::Store { .. } => Some(1),
+            Op::Elementwise(op) => Some(op.arity()),
             Op::Method { inputs, .. } => Some(*inputs),
         }
     }
@@ -180,25 +163,9 @@ fn lower_expr(
             loads.insert((*model, name.clone()), node);
             node
         }
-        TensorExpr::Neg(x) => {
-            let x = lower(g, x);
-            g.add(Op::Neg, shape, &[x])
-        }
-        TensorExpr::Add(a, b) => {
-            let (a, b) = (lower(g, a), lower(g, b));
-            g.add(Op::Add, shape, &[a, b])
-        }
-        TensorExpr::Sub(a, b) => {
-            let (a, b) = (lower(g, a), lower(g, b));
-            g.add(Op::Sub, shape, &[a, b])
-        }
-        TensorExpr::Scale(x, f) => {
-            let x = lower(g, x);
-            g.add(Op::Scale(*f as f32), shape, &[x])
-        }
-        TensorExpr::Divide(x, d) => {
-            let x = lower(g, x);
-            g.add(Op::Divide(*d as f32), shape, &[x])
+        TensorExpr::Elementwise { op, operands } => {
+            let operands: Vec<NodeIndex> = operands.iter().map(|x| lower(g, x)).collect();
+            g.add(Op::Elementwise(op.clone()), shape, &operands)
         }
         TensorExpr::Method { op, inputs } => {
             let operands: Vec<NodeIndex> = inputs.iter().map(|x| lower(g, x)).collect();
@@ -206,18 +173,6 @@ fn lower_expr(
                 Op::Method {
                     op: op.clone(),
                     inputs: operands.len(),
-                },
-                shape,
-                &operands,
-            )
-        }
-        TensorExpr::WeightedSum { terms, divisor } => {
-            let operands: Vec<NodeIndex> = terms.iter().map(|(x, _)| lower(g, x)).collect();
-            let weights = terms.iter().map(|(_, w)| *w as f32).collect();
-            g.add(
-                Op::WeightedSum {
-                    weights,
-                    divisor: divisor.map(|d| d as f32),
                 },
                 shape,
                 &operands,

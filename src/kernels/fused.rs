@@ -31,24 +31,9 @@ impl ElementwiseKernel {
         for instr in program {
             key_program.push(match instr {
                 Instr::Load(slot) => KeyInstr::Load(*slot),
-                Instr::Neg => KeyInstr::Neg,
-                Instr::Add => KeyInstr::Add,
-                Instr::Sub => KeyInstr::Sub,
-                Instr::Scale(f) => {
-                    constants.push(*f);
-                    KeyInstr::Scale
-                }
-                Instr::Divide(d) => {
-                    constants.push(*d);
-                    KeyInstr::Divide
-                }
-                Instr::WeightedSum { weights, divisor } => {
-                    constants.extend_from_slice(weights);
-                    constants.extend(divisor);
-                    KeyInstr::WeightedSum {
-                        terms: weights.len(),
-                        divided: divisor.is_some(),
-                    }
+                Instr::Elementwise(op) => {
+                    constants.extend(op.constants());
+                    KeyInstr::Elementwise(op.key())
                 }
                 Instr::Method { op, .. } => return Err(KernelError::Method(op.name())),
             });
@@ -141,7 +126,6 @@ fn body(key: &KernelKey) -> Result<String, KernelError> {
     };
     for (index, instr) in key.program.iter().enumerate() {
         let v = index;
-        let pop = |stack: &mut Vec<usize>| stack.pop().ok_or(KernelError::Underflow(index));
         let expr = match instr {
             KeyInstr::Load(slot) => {
                 let dtype = *key.inputs.get(*slot).ok_or(KernelError::Slot {
@@ -160,37 +144,17 @@ fn body(key: &KernelKey) -> Result<String, KernelError> {
                     }
                 }
             }
-            KeyInstr::Neg => format!("-v{}", pop(&mut stack)?),
-            KeyInstr::Add | KeyInstr::Sub => {
-                let b = pop(&mut stack)?;
-                let a = pop(&mut stack)?;
-                let op = if *instr == KeyInstr::Add { '+' } else { '-' };
-                format!("keep(v{a} {op} v{b})")
-            }
-            KeyInstr::Scale => format!("keep(v{} * {})", pop(&mut stack)?, constant()),
-            KeyInstr::Divide => format!("keep(v{} / {})", pop(&mut stack)?, constant()),
-            KeyInstr::WeightedSum { terms, divided } => {
-                if *terms == 0 || stack.len() < *terms {
+            KeyInstr::Elementwise(op) => {
+                let k = op.arity();
+                if k == 0 || stack.len() < k {
                     return Err(KernelError::Underflow(index));
                 }
-                // One `let` per partial sum, in order: `s = w0 * x0; s = s + w1 * x1; ...`.
-                let operands = stack.split_off(stack.len() - terms);
-                let mut sum = String::new();
-                for (k, x) in operands.iter().enumerate() {
-                    let product = format!("keep(v{x} * {})", constant());
-                    let partial = if k == 0 {
-                        product
-                    } else {
-                        format!("keep(v{v}_{} + {product})", k - 1)
-                    };
-                    let _ = writeln!(out, "    let v{v}_{k} = {partial};");
-                    sum = format!("v{v}_{k}");
-                }
-                if *divided {
-                    format!("keep({sum} / {})", constant())
-                } else {
-                    sum
-                }
+                let operands: Vec<String> = stack
+                    .split_off(stack.len() - k)
+                    .iter()
+                    .map(|x| format!("v{x}"))
+                    .collect();
+                op.wgsl(&format!("v{v}"), &operands, &mut constant, &mut out)
             }
         };
         let _ = writeln!(out, "    let v{v} = {expr};");
@@ -206,6 +170,7 @@ mod tests {
     use wgpu::naga;
 
     use super::*;
+    use crate::ops::Elementwise as E;
 
     const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -214,45 +179,45 @@ mod tests {
         use Instr::*;
         vec![
             vec![Load(0)],
-            vec![Load(0), Neg],
-            vec![Load(0), Scale(0.5)],
-            vec![Load(0), Divide(3.0)],
-            vec![Load(0), Load(1), Add],
-            vec![Load(0), Load(1), Sub],
+            vec![Load(0), Instr::Elementwise(E::Neg)],
+            vec![Load(0), Instr::Elementwise(E::Scale(0.5))],
+            vec![Load(0), Instr::Elementwise(E::Divide(3.0))],
+            vec![Load(0), Load(1), Instr::Elementwise(E::Add)],
+            vec![Load(0), Load(1), Instr::Elementwise(E::Sub)],
             vec![
                 Load(0),
                 Load(1),
-                WeightedSum {
+                Instr::Elementwise(E::WeightedSum {
                     weights: vec![0.3, 0.7],
                     divisor: None,
-                },
+                }),
             ],
             vec![
                 Load(0),
                 Load(1),
                 Load(2),
-                WeightedSum {
+                Instr::Elementwise(E::WeightedSum {
                     weights: vec![0.1, 0.2, 0.3],
                     divisor: Some(0.6),
-                },
+                }),
             ],
             vec![
                 Load(0),
                 Load(1),
                 Load(0),
-                Sub,
-                Scale(0.5),
-                Add,
-                Neg,
+                Instr::Elementwise(E::Sub),
+                Instr::Elementwise(E::Scale(0.5)),
+                Instr::Elementwise(E::Add),
+                Instr::Elementwise(E::Neg),
                 Load(2),
                 Load(3),
                 Load(4),
                 Load(5),
-                WeightedSum {
+                Instr::Elementwise(E::WeightedSum {
                     weights: vec![1.0, 2.0, 3.0, 4.0, 5.0],
                     divisor: Some(15.0),
-                },
-                Divide(7.0),
+                }),
+                Instr::Elementwise(E::Divide(7.0)),
             ],
         ]
     }
@@ -307,14 +272,14 @@ mod tests {
         let program = |w: f32| {
             vec![
                 Instr::Load(0),
-                Instr::Scale(w),
+                Instr::Elementwise(E::Scale(w)),
                 Instr::Load(1),
                 Instr::Load(0),
-                Instr::WeightedSum {
+                Instr::Elementwise(E::WeightedSum {
                     weights: vec![w, 2.0],
                     divisor: Some(9.0),
-                },
-                Instr::Divide(4.0),
+                }),
+                Instr::Elementwise(E::Divide(4.0)),
             ]
         };
         let a = ElementwiseKernel::new(&program(0.25), &[DType::BF16, DType::F32], DType::F16).unwrap();
@@ -348,7 +313,7 @@ mod tests {
         let err = |p: &[Instr], inputs: &[DType], out| ElementwiseKernel::new(p, inputs, out).unwrap_err();
         assert_eq!(err(&[], &[], DType::F32), KernelError::Empty);
         assert_eq!(
-            err(&[Load(0), Add], &[DType::F32], DType::F32),
+            err(&[Load(0), Instr::Elementwise(E::Add)], &[DType::F32], DType::F32),
             KernelError::Underflow(1)
         );
         assert_eq!(

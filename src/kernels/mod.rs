@@ -19,6 +19,7 @@ mod template;
 use std::fmt;
 
 use crate::io::DType;
+use crate::ops::Elementwise;
 use crate::plan::{Kernel, Step};
 
 pub use fused::ElementwiseKernel;
@@ -51,28 +52,16 @@ impl Family {
 pub enum KeyInstr {
     /// Push input slot `i`, decoded to f32.
     Load(usize),
-    Neg,
-    Add,
-    Sub,
-    /// Multiply by the next constant.
-    Scale,
-    /// Divide by the next constant.
-    Divide,
-    /// `terms` products with the next `terms` constants, summed in order; divided by one
-    /// more constant when `divided`.
-    WeightedSum {
-        terms: usize,
-        divided: bool,
-    },
+    /// An element-wise op reading its constants from `params` in order.
+    Elementwise(Elementwise<()>),
 }
 
 impl KeyInstr {
     /// Constants the instruction reads.
     pub fn constants(&self) -> usize {
         match self {
-            KeyInstr::Load(_) | KeyInstr::Neg | KeyInstr::Add | KeyInstr::Sub => 0,
-            KeyInstr::Scale | KeyInstr::Divide => 1,
-            KeyInstr::WeightedSum { terms, divided } => terms + usize::from(*divided),
+            KeyInstr::Load(_) => 0,
+            KeyInstr::Elementwise(op) => op.constants().len(),
         }
     }
 }
@@ -81,14 +70,7 @@ impl fmt::Display for KeyInstr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyInstr::Load(i) => write!(f, "load{i}"),
-            KeyInstr::Neg => f.write_str("neg"),
-            KeyInstr::Add => f.write_str("add"),
-            KeyInstr::Sub => f.write_str("sub"),
-            KeyInstr::Scale => f.write_str("scale"),
-            KeyInstr::Divide => f.write_str("divide"),
-            KeyInstr::WeightedSum { terms, divided } => {
-                write!(f, "weighted_sum{terms}{}", if *divided { "/" } else { "" })
-            }
+            KeyInstr::Elementwise(op) => write!(f, "{op}"),
         }
     }
 }

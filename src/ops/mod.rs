@@ -3,6 +3,9 @@
 //! spec/ops.md gives each formula; [`cost`] gives each method's memory.
 
 pub mod cost;
+pub mod elementwise;
+
+pub use elementwise::Elementwise;
 
 /// The family of a generalized task-arithmetic merge (mergekit's GTA table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

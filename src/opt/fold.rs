@@ -1,5 +1,6 @@
 //! Constant folding of per-tensor parameters: arithmetic whose constant makes it an
 //! identity is removed, and constants are put in the cheaper form that gives the same bits.
+//! Each op states its own identities ([`Elementwise::simplified`](crate::ops::Elementwise::simplified)).
 //!
 //! Only rewrites that give the same result for every input value, NaN, infinities and
 //! signed zeros included, are made:
@@ -21,6 +22,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use crate::graph::{Graph, Op};
+use crate::ops::elementwise::Simplified;
 
 pub(super) fn run(g: &mut Graph) -> usize {
     let Ok(order) = petgraph::algo::toposort(&g.nodes, None) else {
@@ -35,35 +37,22 @@ pub(super) fn run(g: &mut Graph) -> usize {
         let Some(&first) = operands.first() else {
             continue;
         };
-        let rewrite = match &node.op {
-            Op::Scale(f) if *f == 1.0 => Rewrite::Bypass(first),
-            Op::Divide(d) if *d == 1.0 => Rewrite::Bypass(first),
-            Op::Divide(d) => match exact_reciprocal(*d) {
-                Some(r) => Rewrite::Replace(Op::Scale(r)),
-                None => Rewrite::Keep,
-            },
-            Op::WeightedSum { weights, divisor } if weights.len() == 1 && weights[0] == 1.0 => {
-                match divisor {
-                    None => Rewrite::Bypass(first),
-                    Some(d) if *d == 1.0 => Rewrite::Bypass(first),
-                    Some(d) => Rewrite::Replace(Op::Divide(*d)),
+        let Op::Elementwise(op) = &node.op else {
+            continue;
+        };
+        let rewrite = match op.simplified() {
+            Simplified::Identity => Rewrite::Bypass(first),
+            Simplified::Replace(op) => Rewrite::Replace(Op::Elementwise(op)),
+            // `f(f(x))` is `x` for an involution (`-(-x)`).
+            Simplified::Keep => match &g.nodes[first].op {
+                Op::Elementwise(inner) if op.is_involution() && inner == op => {
+                    match g.operands(first).first() {
+                        Some(&inner) => Rewrite::Bypass(inner),
+                        None => Rewrite::Keep,
+                    }
                 }
-            }
-            Op::WeightedSum {
-                weights,
-                divisor: Some(d),
-            } if *d == 1.0 => Rewrite::Replace(Op::WeightedSum {
-                weights: weights.clone(),
-                divisor: None,
-            }),
-            Op::Neg => match g.nodes[first].op {
-                Op::Neg => match g.operands(first).first() {
-                    Some(&inner) => Rewrite::Bypass(inner),
-                    None => Rewrite::Keep,
-                },
                 _ => Rewrite::Keep,
             },
-            _ => Rewrite::Keep,
         };
         match rewrite {
             Rewrite::Keep => {}
@@ -80,20 +69,6 @@ enum Rewrite {
     Bypass(NodeIndex),
     /// Same operands, another op.
     Replace(Op),
-}
-
-/// `1/d` when `d` is a power of two and `1/d` is a normal number (so `x / d` and
-/// `x * (1/d)` are the same exact value rounded once).
-fn exact_reciprocal(d: f32) -> Option<f32> {
-    if !d.is_normal() {
-        return None;
-    }
-    let bits = d.to_bits();
-    if bits & 0x007f_ffff != 0 {
-        return None; // a mantissa: not a power of two
-    }
-    let r = 1.0 / d;
-    (r.is_normal() && r * d == 1.0).then_some(r)
 }
 
 /// Redirects the users of `n` to `to`, removes `n` and every operand left unused; returns
@@ -133,6 +108,7 @@ mod tests {
     use crate::graph::{verify, Node};
     use crate::ids::ModelId;
     use crate::io::DType;
+    use crate::ops::Elementwise as E;
     use petgraph::stable_graph::StableDiGraph;
 
     fn graph() -> (Graph, NodeIndex) {
@@ -176,16 +152,16 @@ mod tests {
     #[test]
     fn identities_go_and_the_store_reads_the_operand() {
         let (mut g, load) = graph();
-        let a = add(&mut g, Op::Scale(1.0), &[load]);
-        let b = add(&mut g, Op::Divide(1.0), &[a]);
-        let c = add(&mut g, Op::Neg, &[b]);
-        let d = add(&mut g, Op::Neg, &[c]);
+        let a = add(&mut g, Op::Elementwise(E::Scale(1.0)), &[load]);
+        let b = add(&mut g, Op::Elementwise(E::Divide(1.0)), &[a]);
+        let c = add(&mut g, Op::Elementwise(E::Neg), &[b]);
+        let d = add(&mut g, Op::Elementwise(E::Neg), &[c]);
         let e = add(
             &mut g,
-            Op::WeightedSum {
+            Op::Elementwise(E::WeightedSum {
                 weights: vec![1.0],
                 divisor: None,
-            },
+            }),
             &[d],
         );
         let s = store(&mut g, e);
@@ -198,8 +174,8 @@ mod tests {
     #[test]
     fn shared_operands_stay() {
         let (mut g, load) = graph();
-        let neg = add(&mut g, Op::Neg, &[load]);
-        let twice = add(&mut g, Op::Neg, &[neg]);
+        let neg = add(&mut g, Op::Elementwise(E::Neg), &[load]);
+        let twice = add(&mut g, Op::Elementwise(E::Neg), &[neg]);
         store(&mut g, twice);
         store(&mut g, neg);
         assert_eq!(run(&mut g), 1);
@@ -210,15 +186,15 @@ mod tests {
     #[test]
     fn unsafe_constants_are_kept() {
         for op in [
-            Op::Scale(0.0),
-            Op::Scale(-1.0),
-            Op::Scale(1.5),
-            Op::Divide(3.0),
-            Op::Divide(0.0),
-            Op::WeightedSum {
+            Op::Elementwise(E::Scale(0.0)),
+            Op::Elementwise(E::Scale(-1.0)),
+            Op::Elementwise(E::Scale(1.5)),
+            Op::Elementwise(E::Divide(3.0)),
+            Op::Elementwise(E::Divide(0.0)),
+            Op::Elementwise(E::WeightedSum {
                 weights: vec![1.0, 0.0],
                 divisor: None,
-            },
+            }),
         ] {
             let (mut g, load) = graph();
             let operands = vec![load; op.arity().unwrap()];
@@ -232,48 +208,34 @@ mod tests {
     #[test]
     fn constants_take_their_cheaper_exact_form() {
         let (mut g, load) = graph();
-        let half = add(&mut g, Op::Divide(4.0), &[load]);
+        let half = add(&mut g, Op::Elementwise(E::Divide(4.0)), &[load]);
         let ws = add(
             &mut g,
-            Op::WeightedSum {
+            Op::Elementwise(E::WeightedSum {
                 weights: vec![0.5, 0.25],
                 divisor: Some(1.0),
-            },
+            }),
             &[half, load],
         );
         let one = add(
             &mut g,
-            Op::WeightedSum {
+            Op::Elementwise(E::WeightedSum {
                 weights: vec![1.0],
                 divisor: Some(3.0),
-            },
+            }),
             &[ws],
         );
         store(&mut g, one);
         assert_eq!(run(&mut g), 0);
         verify(&g).unwrap();
-        assert_eq!(g.nodes[half].op, Op::Scale(0.25));
+        assert_eq!(g.nodes[half].op, Op::Elementwise(E::Scale(0.25)));
         assert_eq!(
             g.nodes[ws].op,
-            Op::WeightedSum {
+            Op::Elementwise(E::WeightedSum {
                 weights: vec![0.5, 0.25],
                 divisor: None
-            }
+            })
         );
-        assert_eq!(g.nodes[one].op, Op::Divide(3.0));
-    }
-
-    #[test]
-    fn reciprocals_are_exact() {
-        for d in [2.0f32, 0.5, -8.0, 1024.0] {
-            let r = exact_reciprocal(d).unwrap();
-            for x in [1.0f32, 3.3, -7.1e-30, 1e-40, f32::MAX, f32::INFINITY, -0.0] {
-                assert_eq!((x / d).to_bits(), (x * r).to_bits(), "{x} / {d}");
-            }
-        }
-        assert_eq!(exact_reciprocal(3.0), None);
-        assert_eq!(exact_reciprocal(f32::MAX), None);
-        assert_eq!(exact_reciprocal(2f32.powi(127)), None);
-        assert_eq!(exact_reciprocal(f32::MIN_POSITIVE), Some(2f32.powi(126)));
+        assert_eq!(g.nodes[one].op, Op::Elementwise(E::Divide(3.0)));
     }
 }

@@ -6,28 +6,17 @@ use std::collections::HashMap;
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Graph, Op};
-use crate::ops::MethodOp;
+use crate::ops::{Elementwise, MethodOp};
 
 /// One instruction of a fused kernel; operands are popped from a stack of chunk buffers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Instr {
     /// Push input slot `i`, decoded to f32.
     Load(usize),
-    Neg,
-    Add,
-    Sub,
-    Scale(f32),
-    Divide(f32),
-    /// Pops `weights.len()` values (first operand deepest), pushes `(Σ wᵢ·xᵢ) / divisor`.
-    WeightedSum {
-        weights: Vec<f32>,
-        divisor: Option<f32>,
-    },
+    /// Pops the op's arity (first operand deepest), pushes its result.
+    Elementwise(Elementwise),
     /// Pops `arity` whole tensors (first operand deepest), pushes the method's result.
-    Method {
-        op: MethodOp,
-        arity: usize,
-    },
+    Method { op: MethodOp, arity: usize },
 }
 
 impl Instr {
@@ -35,9 +24,7 @@ impl Instr {
     pub fn stack_effect(&self) -> (usize, usize) {
         match self {
             Instr::Load(_) => (0, 1),
-            Instr::Neg | Instr::Scale(_) | Instr::Divide(_) => (1, 1),
-            Instr::Add | Instr::Sub => (2, 1),
-            Instr::WeightedSum { weights, .. } => (weights.len(), 1),
+            Instr::Elementwise(op) => (op.arity(), 1),
             Instr::Method { arity, .. } => (*arity, 1),
         }
     }
@@ -147,15 +134,7 @@ fn emit(
             });
             Instr::Load(slot)
         }
-        Op::Neg => Instr::Neg,
-        Op::Add => Instr::Add,
-        Op::Sub => Instr::Sub,
-        Op::Scale(f) => Instr::Scale(*f),
-        Op::Divide(d) => Instr::Divide(*d),
-        Op::WeightedSum { weights, divisor } => Instr::WeightedSum {
-            weights: weights.clone(),
-            divisor: *divisor,
-        },
+        Op::Elementwise(op) => Instr::Elementwise(op.clone()),
         Op::Method { op, inputs } => Instr::Method {
             op: op.clone(),
             arity: *inputs,

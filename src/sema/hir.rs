@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::io::{DType, ModelInfo};
-use crate::ops::MethodOp;
+use crate::ops::{Elementwise, MethodOp};
 use crate::source::Span;
 
 pub use crate::ids::ModelId;
@@ -85,28 +85,82 @@ impl OutputTensor {
     }
 }
 
-/// An element-wise expression over input tensors of one shape. Computation is in f32.
+/// An expression over input tensors of one shape. Computation is in f32.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorExpr {
     Load {
         model: ModelId,
         name: String,
     },
-    Neg(Box<TensorExpr>),
-    Add(Box<TensorExpr>, Box<TensorExpr>),
-    Sub(Box<TensorExpr>, Box<TensorExpr>),
-    /// `x * factor`
-    Scale(Box<TensorExpr>, f64),
-    /// `x / divisor`
-    Divide(Box<TensorExpr>, f64),
-    /// `(Σ weight·x) / divisor`, summed in the order given (mergekit's `linear`).
-    WeightedSum {
-        terms: Vec<(TensorExpr, f64)>,
-        divisor: Option<f64>,
+    /// An element-wise op over `operands` (as many as the op's arity).
+    Elementwise {
+        op: Elementwise,
+        operands: Vec<TensorExpr>,
     },
     /// A whole-tensor merge method over `inputs`, in the order the op documents.
     Method {
         op: MethodOp,
         inputs: Vec<TensorExpr>,
     },
+}
+
+impl std::ops::Neg for TensorExpr {
+    type Output = TensorExpr;
+    fn neg(self) -> TensorExpr {
+        TensorExpr::op(Elementwise::Neg, vec![self])
+    }
+}
+
+impl std::ops::Add for TensorExpr {
+    type Output = TensorExpr;
+    fn add(self, b: TensorExpr) -> TensorExpr {
+        TensorExpr::op(Elementwise::Add, vec![self, b])
+    }
+}
+
+impl std::ops::Sub for TensorExpr {
+    type Output = TensorExpr;
+    fn sub(self, b: TensorExpr) -> TensorExpr {
+        TensorExpr::op(Elementwise::Sub, vec![self, b])
+    }
+}
+
+/// Parameters are resolved in f64 and rounded to f32 here, once, where they enter the
+/// computation.
+impl TensorExpr {
+    fn op(op: Elementwise, operands: Vec<TensorExpr>) -> TensorExpr {
+        TensorExpr::Elementwise { op, operands }
+    }
+
+    /// `x * factor`
+    pub fn scale(x: TensorExpr, factor: f64) -> TensorExpr {
+        TensorExpr::op(Elementwise::Scale(factor as f32), vec![x])
+    }
+
+    /// `x / divisor`
+    pub fn divide(x: TensorExpr, divisor: f64) -> TensorExpr {
+        TensorExpr::op(Elementwise::Divide(divisor as f32), vec![x])
+    }
+
+    /// `(Σ weight·x) / divisor`, summed in the order given (mergekit's `linear`).
+    pub fn weighted_sum(terms: Vec<(TensorExpr, f64)>, divisor: Option<f64>) -> TensorExpr {
+        let (operands, weights): (Vec<TensorExpr>, Vec<f32>) =
+            terms.into_iter().map(|(x, w)| (x, w as f32)).unzip();
+        TensorExpr::op(
+            Elementwise::WeightedSum {
+                weights,
+                divisor: divisor.map(|d| d as f32),
+            },
+            operands,
+        )
+    }
+
+    /// The expressions this one computes from, in operand order.
+    pub fn operands(&self) -> &[TensorExpr] {
+        match self {
+            TensorExpr::Load { .. } => &[],
+            TensorExpr::Elementwise { operands, .. } => operands,
+            TensorExpr::Method { inputs, .. } => inputs,
+        }
+    }
 }

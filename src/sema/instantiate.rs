@@ -182,18 +182,12 @@ impl Ctx<'_> {
                 let inner_name = map.get(name).map_or(name, String::as_str);
                 return self.tensor(inner, inner_name, t, under_op);
             }
-            MExpr::Neg(inner) => TensorExpr::Neg(Box::new(self.tensor(inner, name, t, true)?)),
-            MExpr::Add(a, b) => TensorExpr::Add(
-                Box::new(self.tensor(a, name, t, true)?),
-                Box::new(self.tensor(b, name, t, true)?),
-            ),
-            MExpr::Sub(a, b) => TensorExpr::Sub(
-                Box::new(self.tensor(a, name, t, true)?),
-                Box::new(self.tensor(b, name, t, true)?),
-            ),
+            MExpr::Neg(inner) => -self.tensor(inner, name, t, true)?,
+            MExpr::Add(a, b) => self.tensor(a, name, t, true)? + self.tensor(b, name, t, true)?,
+            MExpr::Sub(a, b) => self.tensor(a, name, t, true)? - self.tensor(b, name, t, true)?,
             MExpr::Scale(inner, p, span) => {
                 let factor = self.param(p, *span, name, t)?;
-                TensorExpr::Scale(Box::new(self.tensor(inner, name, t, true)?), factor)
+                TensorExpr::scale(self.tensor(inner, name, t, true)?, factor)
             }
             MExpr::Divide(inner, p, span) => {
                 let divisor = self.param(p, *span, name, t)?;
@@ -202,7 +196,7 @@ impl Ctx<'_> {
                         .add(*span, Code::E0305, "division by zero", "this is 0 here", name);
                     return None;
                 }
-                TensorExpr::Divide(Box::new(self.tensor(inner, name, t, true)?), divisor)
+                TensorExpr::divide(self.tensor(inner, name, t, true)?, divisor)
             }
             MExpr::Method(call) => self.method(call, name, t)?,
             MExpr::Moe(moe) => {
@@ -233,7 +227,7 @@ impl Ctx<'_> {
             };
         }
         if name.ends_with("down_proj.weight") && m.residual_scale != 1.0 {
-            x = TensorExpr::Scale(Box::new(x), m.residual_scale);
+            x = TensorExpr::scale(x, m.residual_scale);
         }
         Some(x)
     }
@@ -413,7 +407,7 @@ impl Ctx<'_> {
                 } else {
                     None
                 };
-                Some(TensorExpr::WeightedSum { terms, divisor })
+                Some(TensorExpr::weighted_sum(terms, divisor))
             }
             _ => self.whole_tensor_method(call, name, t),
         }
@@ -441,7 +435,7 @@ impl Ctx<'_> {
                 return Some(if scale[0] == 1.0 {
                     x
                 } else {
-                    TensorExpr::Scale(Box::new(x), scale[0])
+                    TensorExpr::scale(x, scale[0])
                 });
             }
             "slerp" => MethodOp::Slerp {
@@ -503,13 +497,13 @@ impl Ctx<'_> {
                 let terms = models
                     .into_iter()
                     .zip(&weights)
-                    .map(|(x, w)| (TensorExpr::Sub(Box::new(x), Box::new(base.clone())), *w))
+                    .map(|(x, w)| (x - base.clone(), *w))
                     .collect();
-                let mut mixed = TensorExpr::WeightedSum { terms, divisor };
+                let mut mixed = TensorExpr::weighted_sum(terms, divisor);
                 if lambda as f32 != 1.0 {
-                    mixed = TensorExpr::Scale(Box::new(mixed), lambda);
+                    mixed = TensorExpr::scale(mixed, lambda);
                 }
-                return Some(TensorExpr::Add(Box::new(base), Box::new(mixed)));
+                return Some(base + mixed);
             }
             other => {
                 let kind = gta_kind(other)?;
@@ -657,13 +651,7 @@ fn collect_loads<'a>(e: &'a TensorExpr, out: &mut BTreeSet<(ModelId, &'a str)>) 
         TensorExpr::Load { model, name } => {
             out.insert((*model, name.as_str()));
         }
-        TensorExpr::Neg(x) | TensorExpr::Scale(x, _) | TensorExpr::Divide(x, _) => collect_loads(x, out),
-        TensorExpr::Add(a, b) | TensorExpr::Sub(a, b) => {
-            collect_loads(a, out);
-            collect_loads(b, out);
-        }
-        TensorExpr::WeightedSum { terms, .. } => terms.iter().for_each(|(x, _)| collect_loads(x, out)),
-        TensorExpr::Method { inputs, .. } => inputs.iter().for_each(|x| collect_loads(x, out)),
+        e => e.operands().iter().for_each(|x| collect_loads(x, out)),
     }
 }
 

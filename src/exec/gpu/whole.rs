@@ -12,7 +12,7 @@
 use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
 use crate::exec::methods::other::{arcee_quartile_ranks, arcee_threshold, ord_key};
 use crate::io::DType;
-use crate::ops::{GtaKind, MethodOp};
+use crate::ops::{Elementwise, GtaKind, MethodOp};
 use crate::plan::Instr;
 
 use super::device::{Buf, Device, Mask, Params, Tensor, Vectors};
@@ -100,13 +100,13 @@ pub(crate) fn run(
                 }
                 Item::Dev(out)
             }
-            elementwise => {
+            Instr::Elementwise(op) => {
                 let mut it = tensors.into_iter();
                 let acc = it
                     .next()
                     .ok_or_else(|| internal("an operation without operands"))?;
                 let rest: Vec<Tensor> = it.collect();
-                elementwise_op(dev, elementwise, &acc, &rest)?;
+                elementwise_op(dev, op, &acc, &rest)?;
                 for t in rest {
                     dev.free(t);
                 }
@@ -143,16 +143,17 @@ fn tensor(dev: &mut Device, item: Item, inputs: &[&[u8]], dtypes: &[DType]) -> R
     }
 }
 
-/// `exec::cpu::whole::apply_elementwise` on device tensors.
-fn elementwise_op(dev: &mut Device, instr: &Instr, acc: &Tensor, rest: &[Tensor]) -> Result<(), GpuError> {
+/// An element-wise op on device tensors (`Elementwise::apply`'s arithmetic through the
+/// device's map kernels, in the same order), into `acc`.
+fn elementwise_op(dev: &mut Device, op: &Elementwise, acc: &Tensor, rest: &[Tensor]) -> Result<(), GpuError> {
     let p = Params::default();
-    match instr {
-        Instr::Neg => dev.map("neg", &[acc], p),
-        Instr::Scale(f) => dev.map("scale", &[acc], p.f(&[*f])),
-        Instr::Divide(d) => dev.map("divide", &[acc], p.f(&[*d])),
-        Instr::Add => dev.map("add", &[acc, operand(rest, 0)?], p),
-        Instr::Sub => dev.map("sub", &[acc, operand(rest, 0)?], p),
-        Instr::WeightedSum { weights, divisor } => {
+    match op {
+        Elementwise::Neg => dev.map("neg", &[acc], p),
+        Elementwise::Scale(f) => dev.map("scale", &[acc], p.f(&[*f])),
+        Elementwise::Divide(d) => dev.map("divide", &[acc], p.f(&[*d])),
+        Elementwise::Add => dev.map("add", &[acc, operand(rest, 0)?], p),
+        Elementwise::Sub => dev.map("sub", &[acc, operand(rest, 0)?], p),
+        Elementwise::WeightedSum { weights, divisor } => {
             let w0 = weights.first().copied().unwrap_or(1.0);
             dev.map("scale", &[acc], p.f(&[w0]))?;
             for (b, w) in rest.iter().zip(weights.iter().skip(1)) {
@@ -163,7 +164,6 @@ fn elementwise_op(dev: &mut Device, instr: &Instr, acc: &Tensor, rest: &[Tensor]
             }
             Ok(())
         }
-        Instr::Load(_) | Instr::Method { .. } => Ok(()),
     }
 }
 
