@@ -196,8 +196,27 @@ impl YamlArgs {
 enum Stage {
     Ast,
     Hir,
+    /// The graph as lowered.
     Graph,
+    /// The graph after optimisation.
+    Opt,
     Plan,
+    /// The generated WGSL kernels.
+    Wgsl,
+}
+
+impl From<Stage> for mergec::driver::Stage {
+    fn from(stage: Stage) -> Self {
+        use mergec::driver::Stage as S;
+        match stage {
+            Stage::Ast => S::Ast,
+            Stage::Hir => S::Hir,
+            Stage::Graph => S::Graph,
+            Stage::Opt => S::Opt,
+            Stage::Plan => S::Plan,
+            Stage::Wgsl => S::Wgsl,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -757,23 +776,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let text = match stage {
-        Stage::Hir => {
-            let mut text = String::new();
-            for o in &compiled.program.outputs {
-                text.push_str(&format!("output {}\n", o.dir.display()));
-                for t in &o.tensors {
-                    text.push_str(&format!(
-                        "  {} {} {:?} = {:?}\n",
-                        t.name, t.dtype, t.shape, t.expr
-                    ));
-                }
-            }
-            text
-        }
-        Stage::Graph => mergec::graph::dump(&compiled.graph),
-        _ => mergec::plan::dump(&compiled.plan),
-    };
+    let text = mergec::driver::dump(&compiled, stage.into());
     emit(&text);
     ExitCode::SUCCESS
 }

@@ -15,6 +15,9 @@ use crate::syntax::ast;
 pub struct Compiled {
     pub ast: ast::Script,
     pub program: hir::Program,
+    /// The graph as lowered, before optimisation.
+    pub lowered: Graph,
+    /// The optimised graph the plan is made from.
     pub graph: Graph,
     pub plan: Plan,
     pub warnings: Diagnostics,
@@ -64,13 +67,63 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
     let graph = crate::graph::lower(&checked.program);
     let internal = |d: Box<Diagnostic>| Diagnostics::from(*d);
     crate::graph::verify(&graph).map_err(internal)?;
-    let (graph, _) = crate::opt::optimize(graph).map_err(internal)?;
-    let plan = crate::plan::schedule(&graph, &checked.program, limits, force)?;
+    let (optimised, _) = crate::opt::optimize(graph.clone()).map_err(internal)?;
+    let plan = crate::plan::schedule(&optimised, &checked.program, limits, force)?;
     Ok(Compiled {
         ast,
         program: checked.program,
-        graph,
+        lowered: graph,
+        graph: optimised,
         plan,
         warnings: checked.warnings,
     })
+}
+
+/// A stage whose output `mergec debug` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Ast,
+    Hir,
+    /// The graph as lowered.
+    Graph,
+    /// The graph after optimisation.
+    Opt,
+    Plan,
+    /// The WGSL of every generated element-wise kernel of the plan.
+    Wgsl,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::Ast,
+        Stage::Hir,
+        Stage::Graph,
+        Stage::Opt,
+        Stage::Plan,
+        Stage::Wgsl,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Ast => "ast",
+            Stage::Hir => "hir",
+            Stage::Graph => "graph",
+            Stage::Opt => "opt",
+            Stage::Plan => "plan",
+            Stage::Wgsl => "wgsl",
+        }
+    }
+}
+
+/// The stable text form of one stage's output: what `mergec debug STAGE` prints and the
+/// stage snapshots record.
+pub fn dump(compiled: &Compiled, stage: Stage) -> String {
+    match stage {
+        Stage::Ast => format!("{:#?}\n", compiled.ast),
+        Stage::Hir => hir::dump(&compiled.program),
+        Stage::Graph => crate::graph::dump(&compiled.lowered),
+        Stage::Opt => crate::graph::dump(&compiled.graph),
+        Stage::Plan => crate::plan::dump(&compiled.plan),
+        Stage::Wgsl => crate::kernels::dump(&compiled.plan),
+    }
 }

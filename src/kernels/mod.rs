@@ -152,3 +152,38 @@ pub fn for_step(step: &Step) -> Result<ElementwiseKernel, KernelError> {
         Kernel::Copy => Err(KernelError::Copy),
     }
 }
+
+/// Every distinct element-wise kernel of `plan`: its key, the steps that use it and its
+/// WGSL, for `mergec debug wgsl` and snapshots. Whole-tensor steps use the device's fixed
+/// kernels (`shaders/`), not generated ones.
+pub fn dump(plan: &crate::plan::Plan) -> String {
+    use std::fmt::Write;
+    let mut keys: Vec<(KernelKey, Vec<usize>)> = Vec::new();
+    let mut out = String::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let Kernel::Fused(program) = &step.kernel else {
+            continue;
+        };
+        let inputs: Vec<DType> = step.inputs.iter().map(|x| x.dtype).collect();
+        match ElementwiseKernel::new(program, &inputs, step.dtype) {
+            Ok(k) => match keys.iter_mut().find(|(key, _)| *key == k.key) {
+                Some((_, steps)) => steps.push(i),
+                None => keys.push((k.key, vec![i])),
+            },
+            Err(e) => {
+                let _ = writeln!(out, "// step {i} (`{}`): no kernel: {e}", step.tensor);
+            }
+        }
+    }
+    for (key, steps) in keys {
+        let _ = writeln!(out, "// ==== {key}\n// steps {steps:?}");
+        match key.wgsl() {
+            Ok(source) => out.push_str(&source),
+            Err(e) => {
+                let _ = writeln!(out, "// no source: {e}");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -164,3 +164,18 @@ impl TensorExpr {
         }
     }
 }
+
+/// A stable text form of the program for `mergec debug hir` and snapshots.
+pub fn dump(program: &Program) -> String {
+    let mut text = String::new();
+    for o in &program.outputs {
+        text.push_str(&format!("output {}\n", o.dir.display()));
+        for t in &o.tensors {
+            text.push_str(&format!(
+                "  {} {} {:?} = {:?}\n",
+                t.name, t.dtype, t.shape, t.expr
+            ));
+        }
+    }
+    text
+}
