@@ -317,3 +317,27 @@ fn whole_tensor_methods_stay_under_the_plans_peak() {
         );
     }
 }
+
+/// A MoE output's router job is part of the plan's peak: a gate that runs the base model
+/// over the prompts costs more than random vectors, and longer prompts cost more still.
+#[test]
+fn router_jobs_are_charged() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_demo_models(tmp.path());
+    let peak = |gate: &str, prompt: &str| {
+        let text = format!(
+            "model base = \"models/base\"\nmodel chat = \"models/chat\"\nmodel math = \"models/math\"\n\
+             save moe(base, chat {{ positive: [\"{prompt}\"] }}, math {{ positive: [\"what is 12 * 7?\"] }}, \
+             gate: \"{gate}\", allow_same_experts: true) to \"out/moe\"\n"
+        );
+        let (_, c) = compile_text(&text, tmp.path(), &tmp.path().join("out"))
+            .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+        c.plan.peak_bytes
+    };
+    let random = peak("random", "hello");
+    let hidden = peak("hidden", "hello");
+    let long = peak("hidden", &"hello there ".repeat(300));
+    assert!(hidden > random, "hidden {hidden}, random {random}");
+    // 3600 more bytes of prompt: at least 3600 more tokens' hidden states (32 floats each)
+    assert!(long >= hidden + 3600 * 32 * 4, "long {long}, hidden {hidden}");
+}
