@@ -9,6 +9,20 @@
 //!
 //! Each stage is one module with one entry point, its own output type and its own errors;
 //! data flows forward only. [`driver::compile`] chains parse..schedule.
+//!
+//! A stage imports earlier stages and the leaf modules, never a later stage:
+//!
+//! | module | may import |
+//! |---|---|
+//! | leaves: `source`, `diag`, `ids`, `io`, `ops`, `moe_spec` | each other's lower layers only (`diag` <- `source`; `io` <- `diag`; `ops`, `moe_spec` <- `io`, `ids`) |
+//! | `syntax` | leaves |
+//! | `sema` | `syntax`, leaves |
+//! | `graph` | `sema::hir`, leaves |
+//! | `opt` | `graph`, leaves |
+//! | `plan` | `graph`, `sema::hir`, leaves |
+//! | `kernels` | `plan`, leaves |
+//! | `exec` | `plan`, `kernels`, leaves |
+//! | `driver`, `import`, `cli` | everything (they chain the stages) |
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 

@@ -1,6 +1,8 @@
 //! Diagnostics: one renderer-agnostic type shared by every stage.
 //!
 //! Stages build [`Diagnostic`]s; only [`render`] turns them into text (ariadne) or JSON.
+//!
+//! A leaf module: it imports only `source`.
 
 pub mod codes;
 pub mod render;

@@ -3,6 +3,10 @@
 //! Outputs are written one after another. For each, a writer thread streams tensors into
 //! shards while the executor computes the next ones (a bounded queue keeps memory within
 //! the plan's peak); copies go from the input's mapped bytes straight to the writer.
+//!
+//! Imports: `plan` (its only input: the checked [`Plan`] names every file, step and output),
+//! `kernels` (WGSL for the GPU), the leaf modules `io`, `ops`, `moe_spec`. Never `sema` or
+//! `syntax`: what the program said reaches a run only through the plan.
 
 pub mod cpu;
 pub mod gpu;

@@ -2,6 +2,8 @@
 //!
 //! Every input tensor becomes one `Load` node however many outputs read it; every output
 //! tensor ends in a `Store`. Edges carry the operand index.
+//!
+//! Imports: `sema::hir` (its input), the leaf modules `ids`, `io` (dtypes), `ops`, `diag`.
 
 mod dump;
 mod verify;

@@ -5,6 +5,8 @@
 //!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
 //! - [`reader`]: memory-mapped access to tensor bytes.
 //! - [`writer`]: a streaming, sharded, atomic writer of a Hugging Face model folder.
+//!
+//! A leaf module every stage may use; it imports only `diag`.
 
 pub mod dtype;
 pub mod header;

@@ -11,6 +11,8 @@
 //! | --- | --- | --- |
 //! | [`Family::Elementwise`] | `shaders/elementwise.wgsl` | [`crate::plan::Kernel::Fused`] |
 //! | [`device`] catalogue | `shaders/{tensor,reduce,select,random,geometry,gta}.wgsl` | the steps of [`crate::plan::Kernel::Whole`] methods |
+//!
+//! Imports: `plan` (the kernels it compiles), the leaf modules `io`, `ops`.
 
 pub mod device;
 mod fused;

@@ -1,6 +1,9 @@
 //! Whole-tensor merge operations, each defined once: sema builds them with every parameter
 //! resolved for one tensor, the graph carries them, and `exec::methods` computes them.
-//! spec/ops.md gives each formula; [`cost`] gives each method's memory.
+//! spec/ops.md gives each formula; [`cost`] gives each method's memory, [`elementwise`]
+//! every element-wise op.
+//!
+//! A leaf module every stage may use; it imports only `io` (dtypes, headers) and `moe_spec`.
 
 pub mod cost;
 pub mod elementwise;

@@ -8,6 +8,8 @@
 //! separate fusion pass here: the planner turns each stored tensor's whole expression into
 //! one fused kernel (see `plan::kernel`), and a tensor stored unchanged in its own dtype
 //! becomes a raw copy.
+//!
+//! Imports: `graph`, the leaf modules `ids`, `io`, `ops`, `diag`.
 
 mod cse;
 mod dce;

@@ -1,4 +1,6 @@
 //! Stage 1, parse: source text -> [`ast::Script`], a span on every node (diagnostics E01xx).
+//!
+//! Imports: `diag`, `source` only.
 
 pub mod ast;
 mod parser;
