@@ -39,6 +39,31 @@ pub enum Sparsifier {
 }
 
 impl GtaKind {
+    pub const ALL: [GtaKind; 8] = [
+        GtaKind::TaskArithmetic,
+        GtaKind::Ties,
+        GtaKind::DareTies,
+        GtaKind::DareLinear,
+        GtaKind::Breadcrumbs,
+        GtaKind::BreadcrumbsTies,
+        GtaKind::Della,
+        GtaKind::DellaLinear,
+    ];
+
+    /// The method's name as scripts write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GtaKind::TaskArithmetic => "task_arithmetic",
+            GtaKind::Ties => "ties",
+            GtaKind::DareTies => "dare_ties",
+            GtaKind::DareLinear => "dare_linear",
+            GtaKind::Breadcrumbs => "breadcrumbs",
+            GtaKind::BreadcrumbsTies => "breadcrumbs_ties",
+            GtaKind::Della => "della",
+            GtaKind::DellaLinear => "della_linear",
+        }
+    }
+
     pub fn sparsifier(self) -> Sparsifier {
         match self {
             GtaKind::TaskArithmetic => Sparsifier::None,
@@ -55,6 +80,50 @@ impl GtaKind {
             self,
             GtaKind::Ties | GtaKind::DareTies | GtaKind::BreadcrumbsTies | GtaKind::Della
         )
+    }
+}
+
+/// Every merge method a script can call: the typed handle the registry
+/// (`sema::methods`) gives each entry, so building a method's op is an exhaustive match,
+/// never a lookup by name that can miss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// Element-wise: lowers to a weighted sum.
+    Linear,
+    Slerp,
+    Nuslerp,
+    Multislerp,
+    Karcher,
+    /// The generalized task-arithmetic family (task_arithmetic lowers to arithmetic).
+    Gta(GtaKind),
+    Sce,
+    Ram,
+    RamPlusTl,
+    ModelStock,
+    Nearswap,
+    ArceeFusion,
+    /// A model's tensors, optionally scaled.
+    Passthrough,
+}
+
+impl Method {
+    /// The method's name as scripts write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Linear => "linear",
+            Method::Slerp => "slerp",
+            Method::Nuslerp => "nuslerp",
+            Method::Multislerp => "multislerp",
+            Method::Karcher => "karcher",
+            Method::Gta(kind) => kind.name(),
+            Method::Sce => "sce",
+            Method::Ram => "ram",
+            Method::RamPlusTl => "ramplus_tl",
+            Method::ModelStock => "model_stock",
+            Method::Nearswap => "nearswap",
+            Method::ArceeFusion => "arcee_fusion",
+            Method::Passthrough => "passthrough",
+        }
     }
 }
 
@@ -121,16 +190,7 @@ impl MethodOp {
             MethodOp::Nuslerp { .. } => "nuslerp",
             MethodOp::Multislerp { .. } => "multislerp",
             MethodOp::Karcher { .. } => "karcher",
-            MethodOp::Gta { kind, .. } => match kind {
-                GtaKind::TaskArithmetic => "task_arithmetic",
-                GtaKind::Ties => "ties",
-                GtaKind::DareTies => "dare_ties",
-                GtaKind::DareLinear => "dare_linear",
-                GtaKind::Breadcrumbs => "breadcrumbs",
-                GtaKind::BreadcrumbsTies => "breadcrumbs_ties",
-                GtaKind::Della => "della",
-                GtaKind::DellaLinear => "della_linear",
-            },
+            MethodOp::Gta { kind, .. } => kind.name(),
             MethodOp::Sce { .. } => "sce",
             MethodOp::Ram { .. } => "ram",
             MethodOp::RamPlusTl { .. } => "ramplus_tl",

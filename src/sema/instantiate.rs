@@ -9,7 +9,7 @@ use super::names;
 use super::params::Param;
 use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource};
 use crate::diag::{Code, Diagnostic, Diagnostics};
-use crate::ops::{GtaKind, MethodOp};
+use crate::ops::{GtaKind, Method, MethodOp};
 use crate::source::Span;
 
 /// Problems found while resolving tensors, reported once per place with a count.
@@ -369,48 +369,50 @@ impl Ctx<'_> {
     }
 
     fn method(&mut self, call: &MethodCall, name: &str, t: f64) -> Option<TensorExpr> {
-        let sig = call.sig;
-        match sig.name {
-            "linear" => {
-                let mut terms = Vec::with_capacity(call.models.len());
-                for m in &call.models {
-                    let w = self.number(m, call, "weight", name, t).filter(|w| {
-                        let finite = (*w as f32).is_finite();
-                        if !finite {
-                            self.problems.add(
-                                m.span,
-                                Code::E0305,
-                                "the weight is too large for f32",
-                                "this model's weight",
-                                name,
-                            );
-                        }
-                        finite
-                    });
-                    let x = self.tensor(&m.expr, name, t, true);
-                    terms.push((x?, w?));
-                }
-                let divisor = if Self::flag(sig, call, "normalize") {
-                    // mergekit sums the weights in the tensor dtype; f32 here, as we compute.
-                    let sum: f32 = terms.iter().map(|(_, w)| *w as f32).sum();
-                    if sum == 0.0 {
-                        self.problems.add(
-                            call.span,
-                            Code::E0305,
-                            "the weights sum to 0, so they cannot be normalized",
-                            "these weights",
-                            name,
-                        );
-                        return None;
-                    }
-                    Some(sum as f64)
-                } else {
-                    None
-                };
-                Some(TensorExpr::weighted_sum(terms, divisor))
-            }
+        match call.sig.method {
+            Method::Linear => self.linear(call, name, t),
             _ => self.whole_tensor_method(call, name, t),
         }
+    }
+
+    /// `linear`: element-wise, a weighted sum.
+    fn linear(&mut self, call: &MethodCall, name: &str, t: f64) -> Option<TensorExpr> {
+        let mut terms = Vec::with_capacity(call.models.len());
+        for m in &call.models {
+            let w = self.number(m, call, "weight", name, t).filter(|w| {
+                let finite = (*w as f32).is_finite();
+                if !finite {
+                    self.problems.add(
+                        m.span,
+                        Code::E0305,
+                        "the weight is too large for f32",
+                        "this model's weight",
+                        name,
+                    );
+                }
+                finite
+            });
+            let x = self.tensor(&m.expr, name, t, true);
+            terms.push((x?, w?));
+        }
+        let divisor = if Self::flag(call.sig, call, "normalize") {
+            // mergekit sums the weights in the tensor dtype; f32 here, as we compute.
+            let sum: f32 = terms.iter().map(|(_, w)| *w as f32).sum();
+            if sum == 0.0 {
+                self.problems.add(
+                    call.span,
+                    Code::E0305,
+                    "the weights sum to 0, so they cannot be normalized",
+                    "these weights",
+                    name,
+                );
+                return None;
+            }
+            Some(sum as f64)
+        } else {
+            None
+        };
+        Some(TensorExpr::weighted_sum(terms, divisor))
     }
 
     /// Every method but `linear`: a [`MethodOp`] over the base (first) and the models.
@@ -427,8 +429,9 @@ impl Ctx<'_> {
         let models: Vec<TensorExpr> = models.into_iter().collect::<Option<_>>()?;
         let with_base = base.is_some();
         let flag = |key: &str| Self::flag(sig, call, key);
-        let op = match sig.name {
-            "passthrough" => {
+        let op = match sig.method {
+            Method::Linear => return self.linear(call, name, t),
+            Method::Passthrough => {
                 let scale = self.per_model(call, "scale", 1.0, name, t)?;
                 let x = models.into_iter().next()?;
                 // A scale of exactly 1 is the tensor itself (copied as raw bytes when it can be).
@@ -438,10 +441,10 @@ impl Ctx<'_> {
                     TensorExpr::scale(x, scale[0])
                 });
             }
-            "slerp" => MethodOp::Slerp {
+            Method::Slerp => MethodOp::Slerp {
                 t: self.required(call, "t", name, t)?,
             },
-            "nuslerp" => {
+            Method::Nuslerp => {
                 let w = self.per_model(call, "weight", 1.0, name, t)?;
                 MethodOp::Nuslerp {
                     weights: [w[0], w[1]],
@@ -450,35 +453,35 @@ impl Ctx<'_> {
                     with_base,
                 }
             }
-            "multislerp" => MethodOp::Multislerp {
+            Method::Multislerp => MethodOp::Multislerp {
                 weights: self.per_model(call, "weight", 1.0, name, t)?,
                 normalize_weights: flag("normalize_weights"),
                 eps: self.required(call, "eps", name, t)?,
                 with_base,
             },
-            "karcher" => MethodOp::Karcher {
+            Method::Karcher => MethodOp::Karcher {
                 max_iter: self.required(call, "max_iter", name, t)? as u32,
                 tol: self.required(call, "tol", name, t)?,
             },
-            "sce" => MethodOp::Sce {
+            Method::Sce => MethodOp::Sce {
                 select_topk: self.required(call, "select_topk", name, t)?,
             },
-            "ram" => MethodOp::Ram {
+            Method::Ram => MethodOp::Ram {
                 epsilon: self.required(call, "epsilon", name, t)?,
             },
-            "ramplus_tl" => MethodOp::RamPlusTl {
+            Method::RamPlusTl => MethodOp::RamPlusTl {
                 r: self.required(call, "r", name, t)?,
                 alpha: self.required(call, "alpha", name, t)?,
                 epsilon: self.required(call, "epsilon", name, t)?,
             },
-            "model_stock" => MethodOp::ModelStock {
+            Method::ModelStock => MethodOp::ModelStock {
                 filter_wise: flag("filter_wise"),
             },
-            "nearswap" => MethodOp::Nearswap {
+            Method::Nearswap => MethodOp::Nearswap {
                 t: self.required(call, "t", name, t)?,
             },
-            "arcee_fusion" => MethodOp::ArceeFusion,
-            "task_arithmetic" => {
+            Method::ArceeFusion => MethodOp::ArceeFusion,
+            Method::Gta(GtaKind::TaskArithmetic) => {
                 // Element-wise, so it lowers to arithmetic the fused kernels (CPU chunks, GPU)
                 // run in one pass, with the GTA kernel's order of operations: each
                 // (x − base)·w summed in model order, divided by Σw (|Σw| < 1e-8 -> 1) when
@@ -505,8 +508,7 @@ impl Ctx<'_> {
                 }
                 return Some(base + mixed);
             }
-            other => {
-                let kind = gta_kind(other)?;
+            Method::Gta(kind) => {
                 let densities = self.per_model(call, "density", 1.0, name, t)?;
                 let epsilons = self.per_model(call, "epsilon", 0.15, name, t)?;
                 if matches!(kind, GtaKind::Della | GtaKind::DellaLinear) {
@@ -543,20 +545,6 @@ impl Ctx<'_> {
         inputs.extend(models);
         Some(TensorExpr::Method { op, inputs })
     }
-}
-
-fn gta_kind(name: &str) -> Option<GtaKind> {
-    Some(match name {
-        "task_arithmetic" => GtaKind::TaskArithmetic,
-        "ties" => GtaKind::Ties,
-        "dare_ties" => GtaKind::DareTies,
-        "dare_linear" => GtaKind::DareLinear,
-        "breadcrumbs" => GtaKind::Breadcrumbs,
-        "breadcrumbs_ties" => GtaKind::BreadcrumbsTies,
-        "della" => GtaKind::Della,
-        "della_linear" => GtaKind::DellaLinear,
-        _ => return None,
-    })
 }
 
 /// The tensor name `expr` reads for output name `name` (following layer renumbering).

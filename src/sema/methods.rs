@@ -80,6 +80,7 @@ pub(crate) struct ParamSpec {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct MethodSig {
+    pub method: Method,
     pub name: &'static str,
     pub summary: &'static str,
     pub base: Base,
@@ -116,6 +117,7 @@ const fn p(
 }
 
 use self::Default::{Bool as B, Number as N, Required as Req};
+use crate::ops::{GtaKind, Method};
 use ParamKind::{Bool, Integer, Number};
 
 const WEIGHT: ParamSpec = p("weight", Number, true, Req, Range::Any, "the model's weight");
@@ -182,6 +184,8 @@ const fn rescale(default: bool) -> ParamSpec {
 
 pub(crate) static METHODS: &[MethodSig] = &[
     MethodSig {
+        method: Method::Linear,
+
         name: "linear",
         summary: "weighted average: Σ wᵢ·xᵢ, divided by Σ wᵢ when normalize is on",
         base: Base::None,
@@ -191,6 +195,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Slerp,
+
         name: "slerp",
         summary: "spherical interpolation between two models, the first at t = 0",
         base: Base::None,
@@ -207,6 +213,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Nuslerp,
+
         name: "nuslerp",
         summary: "spherical interpolation by weights, of models or of task vectors from a base",
         base: Base::Optional,
@@ -234,6 +242,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Multislerp,
+
         name: "multislerp",
         summary: "spherical barycenter of several models (one tangent-space step)",
         base: Base::Optional,
@@ -254,6 +264,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Karcher,
+
         name: "karcher",
         summary: "Karcher (Riemannian) mean of several models, equal weights",
         base: Base::None,
@@ -280,6 +292,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::TaskArithmetic),
+
         name: "task_arithmetic",
         summary: "base + λ·Σ wᵢ·(xᵢ − base)",
         base: Base::Required,
@@ -289,6 +303,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::Ties),
+
         name: "ties",
         summary: "task vectors trimmed to the largest |δ|, sign election, mean of the agreeing",
         base: Base::Required,
@@ -305,6 +321,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::DareTies),
+
         name: "dare_ties",
         summary: "task vectors randomly dropped and L1-rescaled, then sign election",
         base: Base::Required,
@@ -321,6 +339,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: true,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::DareLinear),
+
         name: "dare_linear",
         summary: "task vectors randomly dropped and L1-rescaled, then summed",
         base: Base::Required,
@@ -330,6 +350,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: true,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::Breadcrumbs),
+
         name: "breadcrumbs",
         summary: "task vectors without their smallest and largest |δ|, summed",
         base: Base::Required,
@@ -339,6 +361,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::BreadcrumbsTies),
+
         name: "breadcrumbs_ties",
         summary: "breadcrumbs sparsification, then sign election",
         base: Base::Required,
@@ -356,6 +380,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::Della),
+
         name: "della",
         summary: "magnitude-ranked random drop (DELLA), L1-rescaled, then sign election",
         base: Base::Required,
@@ -373,6 +399,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: true,
     },
     MethodSig {
+        method: Method::Gta(GtaKind::DellaLinear),
+
         name: "della_linear",
         summary: "magnitude-ranked random drop (DELLA), L1-rescaled, then summed",
         base: Base::Required,
@@ -389,6 +417,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: true,
     },
     MethodSig {
+        method: Method::Sce,
+
         name: "sce",
         summary: "select high-variance elements, elect signs, weight by task-vector energy",
         base: Base::Required,
@@ -408,6 +438,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Ram,
+
         name: "ram",
         summary: "per element, the mean of the task vectors above epsilon",
         base: Base::Required,
@@ -424,6 +456,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::RamPlusTl,
+
         name: "ramplus_tl",
         summary: "RAM with unique elements boosted by the model's overlap ratio",
         base: Base::Required,
@@ -451,6 +485,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::ModelStock,
+
         name: "model_stock",
         summary: "interpolate the fine-tunes' mean toward the base by their task vectors' angle",
         base: Base::Required,
@@ -467,6 +503,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Nearswap,
+
         name: "nearswap",
         summary: "take the other model where it is within t of the base",
         base: Base::Required,
@@ -476,6 +514,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::ArceeFusion,
+
         name: "arcee_fusion",
         summary: "keep the changes whose importance passes an outlier threshold",
         base: Base::Required,
@@ -485,6 +525,8 @@ pub(crate) static METHODS: &[MethodSig] = &[
         random: false,
     },
     MethodSig {
+        method: Method::Passthrough,
+
         name: "passthrough",
         summary: "one model unchanged, optionally scaled",
         base: Base::None,
@@ -565,4 +607,36 @@ pub fn registry_markdown(name: &str) -> Option<String> {
 /// Every method's name, in registry order.
 pub fn method_names() -> impl Iterator<Item = &'static str> {
     METHODS.iter().map(|m| m.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each registry entry's handle names it, and every method has exactly one entry.
+    #[test]
+    fn every_method_has_one_entry_named_by_its_handle() {
+        let mut handles: Vec<Method> = vec![
+            Method::Linear,
+            Method::Slerp,
+            Method::Nuslerp,
+            Method::Multislerp,
+            Method::Karcher,
+            Method::Sce,
+            Method::Ram,
+            Method::RamPlusTl,
+            Method::ModelStock,
+            Method::Nearswap,
+            Method::ArceeFusion,
+            Method::Passthrough,
+        ];
+        handles.extend(GtaKind::ALL.map(Method::Gta));
+        for sig in METHODS {
+            assert_eq!(sig.name, sig.method.name());
+        }
+        for h in handles {
+            let entries = METHODS.iter().filter(|m| m.method == h).count();
+            assert_eq!(entries, 1, "{}", h.name());
+        }
+    }
 }
