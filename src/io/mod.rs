@@ -1,11 +1,14 @@
 //! Model files: reading safetensors headers and tensor bytes, writing Hugging Face folders.
 //!
+//! - [`decoder_config`]: the decoder shape a `config.json` describes (for the MoE forward
+//!   pass).
 //! - [`header`]: parse and fully validate one safetensors header (no tensor data read).
 //! - [`model`]: resolve a model reference (folder, file, `hf:org/name[@rev]`) into a
 //!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
 //! - [`reader`]: memory-mapped access to tensor bytes.
 //! - [`writer`]: a streaming, sharded, atomic writer of a Hugging Face model folder.
 
+pub mod decoder_config;
 pub mod dtype;
 pub mod header;
 pub mod model;

@@ -832,7 +832,7 @@ impl Checker<'_> {
             return false;
         }
         if matches!(gate, GateMode::Hidden | GateMode::HiddenAvg) {
-            if let Err(e) = crate::exec::moe::forward::DecoderConfig::from_model(info) {
+            if let Err(e) = crate::io::decoder_config::DecoderConfig::from_model(info) {
                 self.diags.push(
                     Diagnostic::error(Code::E0704, format!("the `{}` gate cannot run the base model", gate.name()))
                         .at(base.span, e.to_string())
