@@ -9,8 +9,9 @@
 //! order than the CPU's, so coefficients derived from them may differ in their last
 //! bits; spec/ops.md ("GPU tolerances") states the bound.
 
+use crate::exec::methods::arcee::{arcee_quartile_ranks, arcee_threshold};
 use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
-use crate::exec::methods::other::{arcee_quartile_ranks, arcee_threshold, ord_key};
+use crate::exec::methods::select::ord_key;
 use crate::io::DType;
 use crate::ops::{GtaKind, MethodOp};
 use crate::plan::Instr;
@@ -1218,8 +1219,8 @@ fn count_key(dev: &mut Device, x: &Tensor, key: u32) -> Result<usize, GpuError> 
 mod tests {
     use super::*;
     use crate::exec::gpu::GpuContext;
-    use crate::exec::methods::other::from_ord_key;
     use crate::exec::methods::portable;
+    use crate::exec::methods::select::from_ord_key;
     use crate::exec::GpuExecutor;
 
     fn executor() -> Option<GpuExecutor> {
@@ -1371,7 +1372,7 @@ mod tests {
                 },
             ];
             let shape = [rows, row];
-            let want = crate::exec::methods::other::arcee_importance_keys(&crate::exec::methods::Inputs {
+            let want = crate::exec::methods::arcee::arcee_importance_keys(&crate::exec::methods::Inputs {
                 tensors: &ins,
                 shape: &shape,
             });
