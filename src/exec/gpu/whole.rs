@@ -10,7 +10,8 @@
 //! bits; spec/ops.md ("GPU tolerances") states the bound.
 
 use crate::exec::methods::arcee::{arcee_quartile_ranks, arcee_threshold};
-use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients, Layout};
+use crate::exec::methods::chunks::Layout;
+use crate::exec::methods::geometry::{model_stock_t, nuslerp_coefficients, slerp_coefficients};
 use crate::exec::methods::select::ord_key;
 use crate::io::DType;
 use crate::ops::{GtaKind, MethodOp};

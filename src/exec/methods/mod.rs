@@ -5,7 +5,7 @@
 //! never depend on the thread count. Each method returns its f32 result.
 
 pub(crate) mod arcee;
-mod chunks;
+pub(crate) mod chunks;
 mod deltas;
 pub(crate) mod geometry;
 mod gta;
