@@ -17,6 +17,7 @@ use super::buffers::{BufferPool, Role};
 use super::dispatch::{align4, binding, grid, read_back, upload};
 use super::pipelines::PipelineCache;
 use super::{GpuContext, GpuError, GpuStats};
+use crate::exec::methods::chunks::chunk_range_of;
 use crate::io::DType;
 use crate::kernels::device::device_kernel;
 use crate::kernels::WORKGROUP_SIZE;
@@ -172,7 +173,8 @@ impl<'a> Device<'a> {
     /// The element ranges of the chunks.
     pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
         (0..self.n.div_ceil(self.cap))
-            .map(|c| (c * self.cap, ((c + 1) * self.cap).min(self.n)))
+            .map(|c| chunk_range_of(c, self.n, self.cap))
+            .map(|r| (r.start, r.end))
             .collect()
     }
 

@@ -16,8 +16,13 @@ pub(crate) fn num_chunks(n: usize) -> usize {
 
 /// The elements of chunk `c` of a tensor of `n` elements.
 pub(crate) fn chunk_range(c: usize, n: usize) -> Range<usize> {
-    let start = c * CHUNK;
-    start..n.min(start + CHUNK)
+    chunk_range_of(c, n, CHUNK)
+}
+
+/// The elements of chunk `c` of `n` elements in chunks of `len` (the last may be shorter).
+pub(crate) fn chunk_range_of(c: usize, n: usize, len: usize) -> Range<usize> {
+    let start = c * len;
+    start..n.min(start + len)
 }
 
 /// How a tensor splits into the vectors a method normalises.
