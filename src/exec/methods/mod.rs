@@ -70,8 +70,8 @@ pub const CHUNK: usize = 1 << 16;
 /// allocates with `threads` workers, its f32 result included (its inputs stay mapped and
 /// are counted by the plan as inputs). The plan proves its memory budget with this, so
 /// every allocation of the methods that grows with the tensor is accounted for here; the
-/// figures come from reading each method (see the module notes of `gta`, `geometry` and
-/// `other`).
+/// figures come from reading each method (see the module notes of `gta`, `geometry`,
+/// `sce`, `ram` and `arcee`).
 pub fn working_bytes(op: &MethodOp, inputs: usize, shape: &[usize], threads: usize) -> u64 {
     let n = shape.iter().product::<usize>() as u64;
     let m = inputs as u64;

@@ -38,7 +38,7 @@ pub(super) fn sce(dev: &mut Device, select_topk: f64, xs: &[Tensor]) -> Result<T
             0
         } else {
             let nonzero = n - count_key(dev, &variance, 0)?;
-            // other.rs: a float32 product, truncated.
+            // methods/sce.rs: a float32 product, truncated.
             ((nonzero as f32) * (select_topk as f32)) as usize
         };
         let sel = select_top_k(dev, &variance, k)?;

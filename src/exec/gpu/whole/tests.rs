@@ -19,7 +19,7 @@ fn executor() -> Option<GpuExecutor> {
     }
 }
 
-/// other.rs's variance key: f64 sum, mean, sum of squares, rounded to f32; also the
+/// sce.rs's variance key: f64 sum, mean, sum of squares, rounded to f32; also the
 /// mean and the sum of squares.
 fn cpu_variance(ds: &[f32]) -> (f64, f64, f32) {
     let m = ds.len() as f64;
