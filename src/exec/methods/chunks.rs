@@ -144,8 +144,13 @@ where
             acc
         })
         .collect();
+    sum_in_chunk_order(&partials, p)
+}
+
+/// The element-wise sum of the chunks' `p` accumulators, added in chunk order.
+fn sum_in_chunk_order(partials: &[Vec<f64>], p: usize) -> Vec<f64> {
     let mut total = vec![0.0f64; p];
-    for part in &partials {
+    for part in partials {
         for (t, v) in total.iter_mut().zip(part) {
             *t += *v;
         }
@@ -182,13 +187,7 @@ where
             acc
         })
         .collect();
-    let mut total = vec![0.0f64; p];
-    for part in &partials {
-        for (t, v) in total.iter_mut().zip(part) {
-            *t += *v;
-        }
-    }
-    total
+    sum_in_chunk_order(&partials, p)
 }
 
 /// `acc[q] += Σ_{e in local} xs[i][e]·xs[j][e]` for each `pairs[q] = (i, j)`, element by
