@@ -48,12 +48,7 @@ pub(super) fn arcee_keys(
             }
             .u(&[row as u32, slot])
         };
-        let per_element = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        }
-        .u(&[row as u32]);
+        let per_element = Params::default().over(lo, hi).u(&[row as u32]);
         let (rows64, elements) = (rows as u64, (hi - lo) as u64);
         let maxes = dev.zeros_small(rows);
         let sums = dev.zeros_small(4 * rows);

@@ -31,11 +31,7 @@ pub(super) fn lin2(
     let p = Params::default().u(&[mode[0], mode[1], u32::from(base.is_some())]);
     let base = base.unwrap_or(a);
     for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
-        let p = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..p
-        };
+        let p = p.over(lo, hi);
         let bufs = [
             &a.chunks[c],
             &b.chunks[c],

@@ -31,11 +31,7 @@ pub(super) fn random_mask(
     let key = [key as u32, (key >> 32) as u32];
     for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
         let words = (hi - lo).div_ceil(32) as u64;
-        let base = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        };
+        let base = Params::default().over(lo, hi);
         match della {
             None => {
                 dev.dispatch("bernoulli", &[&mask.chunks[c]], base.u(&key).f(&[p]), words)?;
@@ -206,11 +202,7 @@ pub(super) fn gta(
                 mask.map_or(&base.chunks[c], |m| &m.chunks[c]),
             ];
             bufs.extend(extra.iter().map(|t| &t.chunks[c]));
-            let p = Params {
-                n: (hi - lo) as u32,
-                start: lo as u32,
-                ..p
-            };
+            let p = p.over(lo, hi);
             dev.dispatch(name, &bufs, p, (hi - lo) as u64)?;
         }
         Ok(())

@@ -45,11 +45,7 @@ pub(super) fn sce(dev: &mut Device, select_topk: f64, xs: &[Tensor]) -> Result<T
         let mask = selection_mask(dev, &variance, &sel)?;
         for d in &deltas {
             for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
-                let p = Params {
-                    n: (hi - lo) as u32,
-                    start: lo as u32,
-                    ..Params::default()
-                };
+                let p = Params::default().over(lo, hi);
                 dev.dispatch("sce_mask", &[&d.chunks[c], &mask.chunks[c]], p, (hi - lo) as u64)?;
             }
         }

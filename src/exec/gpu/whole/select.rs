@@ -40,12 +40,7 @@ pub(super) fn histogram(
         Some(h) => ("histogram_low", h),
     };
     for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
-        let p = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        }
-        .u(&[u, u32::from(raw)]);
+        let p = Params::default().over(lo, hi).u(&[u, u32::from(raw)]);
         dev.dispatch(name, &[&x.chunks[c], &hist], p, (hi - lo) as u64)?;
     }
     let bytes = dev.read(&[&hist])?;
@@ -98,12 +93,7 @@ pub(super) fn selection_mask(dev: &mut Device, x: &Tensor, sel: &Selection) -> R
     let t = sel.threshold;
     if sel.take_equal == sel.equal_total {
         for (c, &(lo, hi)) in ranges.iter().enumerate() {
-            let p = Params {
-                n: (hi - lo) as u32,
-                start: lo as u32,
-                ..Params::default()
-            }
-            .u(&[t]);
+            let p = Params::default().over(lo, hi).u(&[t]);
             dev.dispatch(
                 "mask_at_least",
                 &[&x.chunks[c], &mask.chunks[c]],
@@ -117,12 +107,7 @@ pub(super) fn selection_mask(dev: &mut Device, x: &Tensor, sel: &Selection) -> R
     let mut counts = Vec::new();
     for (c, &(lo, hi)) in ranges.iter().enumerate() {
         let out = dev.zeros_small(words((lo, hi)));
-        let p = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        }
-        .u(&[t]);
+        let p = Params::default().over(lo, hi).u(&[t]);
         dev.dispatch("count_equal", &[&x.chunks[c], &out], p, words((lo, hi)) as u64)?;
         counts.push(out);
     }
@@ -141,12 +126,7 @@ pub(super) fn selection_mask(dev: &mut Device, x: &Tensor, sel: &Selection) -> R
             })
             .collect();
         let budget = dev.small(&budgets);
-        let p = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        }
-        .u(&[t]);
+        let p = Params::default().over(lo, hi).u(&[t]);
         dev.dispatch(
             "mask_budget",
             &[&x.chunks[c], &budget, &mask.chunks[c]],
@@ -164,12 +144,7 @@ pub(super) fn count_key(dev: &mut Device, x: &Tensor, key: u32) -> Result<usize,
     for (c, (lo, hi)) in dev.ranges().into_iter().enumerate() {
         let words = (hi - lo).div_ceil(32);
         let out = dev.zeros_small(words);
-        let p = Params {
-            n: (hi - lo) as u32,
-            start: lo as u32,
-            ..Params::default()
-        }
-        .u(&[key]);
+        let p = Params::default().over(lo, hi).u(&[key]);
         dev.dispatch("count_equal", &[&x.chunks[c], &out], p, words as u64)?;
         counts.push(out);
     }
