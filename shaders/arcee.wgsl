@@ -1,4 +1,4 @@
-// arcee_fusion (exec/methods/other.rs `arcee_fusion`, `row_kl`). The importance of an
+// arcee_fusion (exec/methods/arcee.rs `arcee_fusion`, `row_kl`). The importance of an
 // element is |p − b| times its row's KL divergence of softmax(p) from softmax(b), computed
 // in f64 with the software binary64 of `f64.wgsl` and the portable `exp`/`ln`, so the
 // importance keys are the CPU's bits. Rows (u0 elements) lie whole in one chunk; the
@@ -11,7 +11,7 @@ fn is_nan32(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
-// other.rs `ord_key`: unsigned order of keys is the order of the values.
+// select.rs `ord_key`: unsigned order of keys is the order of the values.
 fn ord_key(x: f32) -> u32 {
     let bits = bitcast<u32>(x);
     if ((bits & 0x80000000u) != 0u) {

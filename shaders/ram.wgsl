@@ -1,4 +1,4 @@
-// ram and ramplus_tl (exec/methods/other.rs `ram`), one model per dispatch: a delta
+// ram and ramplus_tl (exec/methods/ram.rs `ram`), one model per dispatch: a delta
 // δ = x − base is active when |δ| > f0. Counts are integers, so exact in any order.
 
 @group(0) @binding(1) var<storage, read> base: array<f32>;

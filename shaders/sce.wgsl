@@ -1,4 +1,4 @@
-// sce (exec/methods/other.rs `sce`). Its ranking key is a per-element variance over the
+// sce (exec/methods/sce.rs `sce`). Its ranking key is a per-element variance over the
 // models computed in f64 and rounded to f32, here with the software binary64 of
 // `f64.wgsl` (no f64 subnormals arise from f32 inputs, and a non-finite delta makes the
 // CPU's variance NaN too: inf − inf), so the keys are the CPU's bits.

@@ -38,22 +38,12 @@ fn parse_size(text: &str) -> Result<u64, String> {
     let value: f64 = number
         .parse()
         .map_err(|_| format!("`{text}` is not a size (e.g. 8GB, 512MiB)"))?;
-    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
+    let scale = mergec::units::size_unit_scale(unit).ok_or_else(|| {
+        format!(
+            "unknown size unit `{}` (use B, KB, MB, GB, KiB, MiB, GiB)",
+            unit.to_ascii_lowercase()
+        )
+    })?;
     let bytes = value * scale;
     if bytes < 1.0 || bytes.fract() != 0.0 || bytes >= u64::MAX as f64 {
         return Err(format!("`{text}` is not a whole number of bytes"));

@@ -42,6 +42,7 @@ pub mod sema;
 pub mod source;
 pub mod syntax;
 pub mod synth;
+pub mod units;
 
 pub use exec::run;
 pub use graph::lower;

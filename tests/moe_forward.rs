@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use mergec::exec::moe::forward::{
-    hidden_states, DecoderConfig, ForwardError, ModelWeights, PromptStates, Weights,
-};
+use mergec::exec::moe::forward::{hidden_states, ForwardError, ModelWeights, PromptStates, Weights};
+use mergec::io::decoder_config::{ConfigError, DecoderConfig};
 use mergec::io::model::load_model;
 use mergec::io::TensorReader;
 use serde_json::{json, Value};
@@ -393,7 +392,7 @@ fn unsupported_rope_type_is_an_error_naming_it() {
     let mut c = read_config(&fixture("micro-llama-base-f32"));
     c["rope_parameters"] = json!({"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0});
     let err = DecoderConfig::from_config_json(&c).unwrap_err();
-    assert!(matches!(err, ForwardError::Unsupported { .. }), "{err:?}");
+    assert!(matches!(err, ConfigError::Unsupported { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
         "unsupported rope type `yarn` (the forward pass supports rope types default and llama3)"

@@ -95,6 +95,19 @@ impl Graph {
         edges.into_iter().map(|(_, n)| n).collect()
     }
 
+    /// Makes every user of `from` read `to` in the same operand slot instead (`from` keeps
+    /// its own operands; the caller removes it).
+    pub fn redirect_users(&mut self, from: NodeIndex, to: NodeIndex) {
+        let users: Vec<(NodeIndex, usize)> = self
+            .nodes
+            .edges_directed(from, Direction::Outgoing)
+            .map(|e| (petgraph::visit::EdgeRef::target(&e), *e.weight()))
+            .collect();
+        for (user, slot) in users {
+            self.nodes.add_edge(to, user, slot);
+        }
+    }
+
     fn add(&mut self, op: Op, shape: &[usize], operands: &[NodeIndex]) -> NodeIndex {
         let node = self.nodes.add_node(Node {
             op,

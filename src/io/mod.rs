@@ -1,5 +1,7 @@
 //! Model files: reading safetensors headers and tensor bytes, writing Hugging Face folders.
 //!
+//! - [`decoder_config`]: the decoder shape a `config.json` describes (for the MoE forward
+//!   pass).
 //! - [`header`]: parse and fully validate one safetensors header (no tensor data read).
 //! - [`model`]: resolve a model reference (folder, file, `hf:org/name[@rev]`) into a
 //!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
@@ -8,6 +10,7 @@
 //!
 //! A leaf module every stage may use; it imports only `diag`.
 
+pub mod decoder_config;
 pub mod dtype;
 pub mod header;
 pub mod model;

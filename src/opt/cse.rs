@@ -4,8 +4,6 @@
 use std::collections::HashMap;
 
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
-use petgraph::Direction;
 
 use crate::graph::{Graph, Op};
 
@@ -23,14 +21,7 @@ pub(super) fn run(g: &mut Graph) -> usize {
         let key = format!("{:?}|{:?}|{:?}", g.nodes[n].op, g.nodes[n].shape, g.operands(n));
         match seen.get(&key) {
             Some(&keep) => {
-                let users: Vec<(NodeIndex, usize)> = g
-                    .nodes
-                    .edges_directed(n, Direction::Outgoing)
-                    .map(|e| (e.target(), *e.weight()))
-                    .collect();
-                for (user, slot) in users {
-                    g.nodes.add_edge(keep, user, slot);
-                }
+                g.redirect_users(n, keep);
                 g.nodes.remove_node(n);
                 removed += 1;
             }

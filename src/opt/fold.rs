@@ -18,7 +18,6 @@
 //! stored (as a copy of the tensor does).
 
 use petgraph::stable_graph::NodeIndex;
-use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use crate::graph::{Graph, Op};
@@ -74,14 +73,7 @@ enum Rewrite {
 /// Redirects the users of `n` to `to`, removes `n` and every operand left unused; returns
 /// how many nodes went.
 fn bypass(g: &mut Graph, n: NodeIndex, to: NodeIndex) -> usize {
-    let users: Vec<(NodeIndex, usize)> = g
-        .nodes
-        .edges_directed(n, Direction::Outgoing)
-        .map(|e| (e.target(), *e.weight()))
-        .collect();
-    for (user, slot) in users {
-        g.nodes.add_edge(to, user, slot);
-    }
+    g.redirect_users(n, to);
     let mut dead = g.operands(n);
     g.nodes.remove_node(n);
     let mut removed = 1;

@@ -11,7 +11,7 @@ use serde_json::Value as Json;
 
 use super::hir::{ExpertLayout, GateMode, Generate, MoeArch, MoeExpert, MoeOutput};
 use super::value::{MExpr, ModelVal, MoeExpr, MoeMember, MoeSource, TensorSig, Value};
-use super::{names, union_inputs, Checker};
+use super::{names, union_inputs, wrong_type, Checker};
 use crate::diag::{Code, Diagnostic};
 use crate::source::Span;
 use crate::syntax::ast::{Arg, Expr, ExprKind, Named};
@@ -141,10 +141,11 @@ impl Checker<'_> {
                 Value::Bool(b) => Some(b),
                 Value::Error => None,
                 other => {
-                    self.diags.push(
-                        Diagnostic::error(Code::E0301, "`allow_same_experts` expects true or false")
-                            .at(n.value.span, format!("this is {}", other.describe())),
-                    );
+                    self.diags.push(wrong_type(
+                        "`allow_same_experts` expects true or false",
+                        n.value.span,
+                        &other,
+                    ));
                     None
                 }
             },
@@ -485,11 +486,11 @@ impl Checker<'_> {
             Value::Error => return None,
             other => {
                 self.diags.push(
-                    Diagnostic::error(
-                        Code::E0301,
+                    wrong_type(
                         format!("`moe` takes models, found {}", other.describe()),
+                        target.span,
+                        &other,
                     )
-                    .at(target.span, format!("this is {}", other.describe()))
                     .with_help(format!("for example: `{EXAMPLE}`")),
                 );
                 return None;
@@ -518,10 +519,11 @@ impl Checker<'_> {
                         Value::Param(super::params::Param::Number(x)) => x,
                         Value::Error => return None,
                         other => {
-                            self.diags.push(
-                                Diagnostic::error(Code::E0301, format!("`{key}` expects a number"))
-                                    .at(p.value.span, format!("this is {}", other.describe())),
-                            );
+                            self.diags.push(wrong_type(
+                                format!("`{key}` expects a number"),
+                                p.value.span,
+                                &other,
+                            ));
                             ok = false;
                             continue;
                         }
@@ -567,8 +569,7 @@ impl Checker<'_> {
                 _ => {
                     let found = self.expr(item);
                     self.diags.push(
-                        Diagnostic::error(Code::E0301, "prompts are strings")
-                            .at(item.span, format!("this is {}", found.describe()))
+                        wrong_type("prompts are strings", item.span, &found)
                             .with_help("for example: `positive: [\"Write a poem\", \"Tell me a story\"]`"),
                     );
                     return None;
@@ -589,8 +590,7 @@ impl Checker<'_> {
         let ExprKind::Str(text) = &n.value.kind else {
             let found = self.expr(&n.value);
             self.diags.push(
-                Diagnostic::error(Code::E0301, format!("`{what}` expects a string"))
-                    .at(n.value.span, format!("this is {}", found.describe()))
+                wrong_type(format!("`{what}` expects a string"), n.value.span, &found)
                     .with_help(format!("one of: {}", choices.join(", "))),
             );
             return None;
@@ -832,7 +832,7 @@ impl Checker<'_> {
             return false;
         }
         if matches!(gate, GateMode::Hidden | GateMode::HiddenAvg) {
-            if let Err(e) = crate::exec::moe::forward::DecoderConfig::from_model(info) {
+            if let Err(e) = crate::io::decoder_config::DecoderConfig::from_model(info) {
                 self.diags.push(
                     Diagnostic::error(Code::E0704, format!("the `{}` gate cannot run the base model", gate.name()))
                         .at(base.span, e.to_string())

@@ -357,21 +357,9 @@ impl Builder {
         let pair_text = pair.as_str().to_string();
         let mut inner = pair.into_inner();
         let number = inner.next().map(|p| p.as_str()).unwrap_or("0");
-        let unit = inner
-            .next()
-            .map(|p| p.as_str().to_ascii_lowercase())
-            .unwrap_or_default();
-        let scale: f64 = match unit.as_str() {
-            "b" => 1.0,
-            "k" | "kb" => 1e3,
-            "m" | "mb" => 1e6,
-            "g" | "gb" => 1e9,
-            "t" | "tb" => 1e12,
-            "kib" => 1024.0,
-            "mib" => 1024.0 * 1024.0,
-            "gib" => 1024.0 * 1024.0 * 1024.0,
-            _ => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        };
+        let unit = inner.next().map(|p| p.as_str()).unwrap_or_default();
+        // The grammar admits only the units `size_unit_scale` knows.
+        let scale = crate::units::size_unit_scale(unit).unwrap_or(1.0);
         let bytes = self.number(number, span) * scale;
         if bytes.fract() != 0.0 || bytes >= u64::MAX as f64 {
             self.diags.push(

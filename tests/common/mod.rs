@@ -11,6 +11,30 @@ use mergec::exec::{CpuExecutor, RunReport};
 use mergec::io::TensorReader;
 use mergec::plan::Limits;
 
+/// Expands to `$suite! { case, ... }` with every conformance case (a script in
+/// tests/conformance/scripts and a mergekit config in tests/conformance/configs each), so
+/// the script and the YAML suites test the same list.
+#[allow(unused_macros)] // used by conformance.rs and import.rs only
+macro_rules! conformance_cases {
+    ($suite:ident) => {
+        $suite! {
+            linear_f32, linear_nonorm_f32, linear_bf16, linear_sharded_f32,
+            slerp_f32, slerp_bf16, nuslerp_flat_f32, nuslerp_rowwise_base_f32,
+            multislerp_f32, multislerp_base_f32, karcher_f32,
+            task_arithmetic_f32, task_arithmetic_bf16, task_arithmetic_f32compute_bf16out,
+            ties_f32, ties_bf16, ties_gradient_f32,
+            dare_ties_f32, dare_linear_f32, della_f32, della_linear_f32,
+            breadcrumbs_f32, breadcrumbs_bf16, breadcrumbs_ties_f32,
+            sce_f32, ram_f32, ramplus_tl_f32,
+            model_stock_2_f32, model_stock_3_f32, nearswap_f32, arcee_fusion_f32,
+            vlm_linear_f32, vlm_slerp_f32,
+            passthrough_stack_f32, passthrough_stack_bf16, passthrough_scale_f32, slices_blend_f32,
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use conformance_cases;
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

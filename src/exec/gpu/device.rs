@@ -17,6 +17,7 @@ use super::buffers::{BufferPool, Role};
 use super::dispatch::{align4, binding, grid, read_back, upload};
 use super::pipelines::PipelineCache;
 use super::{GpuContext, GpuError, GpuStats};
+use crate::exec::methods::chunks::chunk_range_of;
 use crate::io::DType;
 use crate::kernels::device::device_kernel;
 use crate::kernels::WORKGROUP_SIZE;
@@ -51,6 +52,15 @@ pub(crate) struct Params {
 }
 
 impl Params {
+    /// These parameters for the elements `lo..hi` (one chunk's count and start).
+    pub(crate) fn over(self, lo: usize, hi: usize) -> Params {
+        Params {
+            n: (hi - lo) as u32,
+            start: lo as u32,
+            ..self
+        }
+    }
+
     pub(crate) fn u(mut self, values: &[u32]) -> Params {
         self.u[..values.len()].copy_from_slice(values);
         self
@@ -172,7 +182,8 @@ impl<'a> Device<'a> {
     /// The element ranges of the chunks.
     pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
         (0..self.n.div_ceil(self.cap))
-            .map(|c| (c * self.cap, ((c + 1) * self.cap).min(self.n)))
+            .map(|c| chunk_range_of(c, self.n, self.cap))
+            .map(|r| (r.start, r.end))
             .collect()
     }
 
@@ -340,11 +351,7 @@ impl<'a> Device<'a> {
                 Some(name) => {
                     let staged = self.take(Role::Input, align4(part.len()));
                     upload(&self.ctx.queue, &staged.buffer, part);
-                    let p = Params {
-                        n: (b - a) as u32,
-                        start: a as u32,
-                        ..Params::default()
-                    };
+                    let p = Params::default().over(a, b);
                     self.dispatch(name, &[&staged, dst], p, (b - a) as u64)?;
                     // Reused only by a later upload, which flushes first.
                     self.give(Role::Input, staged);
@@ -413,11 +420,7 @@ impl<'a> Device<'a> {
     pub(crate) fn map(&mut self, name: &'static str, tensors: &[&Tensor], p: Params) -> Result<(), GpuError> {
         for (c, (a, b)) in self.ranges().into_iter().enumerate() {
             let bufs: Vec<&Buf> = tensors.iter().map(|t| &t.chunks[c]).collect();
-            let p = Params {
-                n: (b - a) as u32,
-                start: a as u32,
-                ..p
-            };
+            let p = p.over(a, b);
             self.dispatch(name, &bufs, p, (b - a) as u64)?;
         }
         Ok(())
@@ -470,11 +473,7 @@ impl<'a> Device<'a> {
         if let Some(name) = kernel {
             for (&(a, b), src) in ranges.iter().zip(&t.chunks) {
                 let words = self.take(Role::Work, ((b - a).div_ceil(2) * 4) as u64);
-                let p = Params {
-                    n: (b - a) as u32,
-                    start: a as u32,
-                    ..Params::default()
-                };
+                let p = Params::default().over(a, b);
                 self.dispatch(name, &[src, &words], p, (b - a).div_ceil(2) as u64)?;
                 encoded.push(words);
             }

@@ -164,6 +164,28 @@ pub struct GpuExecutor {
     stats: Mutex<GpuStats>,
 }
 
+/// The step's inputs: one per input it reads, each `numel` values of that input's dtype.
+fn check_inputs(step: &Step, inputs: &[&[u8]]) -> Result<(), GpuError> {
+    if inputs.len() != step.inputs.len() {
+        return Err(GpuError::InputCount {
+            expected: step.inputs.len(),
+            got: inputs.len(),
+        });
+    }
+    let numel = step.numel();
+    for (slot, (input, bytes)) in step.inputs.iter().zip(inputs).enumerate() {
+        let expected = numel * input.dtype.size_bytes() as u64;
+        if bytes.len() as u64 != expected {
+            return Err(GpuError::InputSize {
+                slot,
+                expected,
+                got: bytes.len() as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl GpuExecutor {
     pub fn new(ctx: GpuContext) -> GpuExecutor {
         let limits = &ctx.limits;
@@ -245,22 +267,7 @@ impl GpuExecutor {
             }
         };
         let numel = step.numel();
-        if inputs.len() != step.inputs.len() {
-            return Err(GpuError::InputCount {
-                expected: step.inputs.len(),
-                got: inputs.len(),
-            });
-        }
-        for (slot, (input, bytes)) in step.inputs.iter().zip(inputs).enumerate() {
-            let expected = numel * input.dtype.size_bytes() as u64;
-            if bytes.len() as u64 != expected {
-                return Err(GpuError::InputSize {
-                    slot,
-                    expected,
-                    got: bytes.len() as u64,
-                });
-            }
-        }
+        check_inputs(step, inputs)?;
         let in_dtypes: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
         let kernel = ElementwiseKernel::new(program, &in_dtypes, step.dtype)?;
         self.check_limits(&kernel)?;
@@ -326,23 +333,10 @@ impl GpuExecutor {
                 whole::supported(op).map_err(GpuError::Unsupported)?;
             }
         }
-        if inputs.len() != step.inputs.len() {
-            return Err(GpuError::InputCount {
-                expected: step.inputs.len(),
-                got: inputs.len(),
-            });
-        }
+        check_inputs(step, inputs)?;
         let numel = step.numel();
         let mut dtypes = Vec::with_capacity(inputs.len());
-        for (slot, (input, bytes)) in step.inputs.iter().zip(inputs).enumerate() {
-            let expected = numel * input.dtype.size_bytes() as u64;
-            if bytes.len() as u64 != expected {
-                return Err(GpuError::InputSize {
-                    slot,
-                    expected,
-                    got: bytes.len() as u64,
-                });
-            }
+        for input in &step.inputs {
             if !crate::kernels::computable(input.dtype) {
                 return Err(GpuError::Unsupported(format!(
                     "no GPU arithmetic on {} inputs",

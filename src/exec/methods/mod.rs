@@ -4,11 +4,15 @@
 //! chunks as a method needs them; reductions accumulate in f64 in a fixed order, so results
 //! never depend on the thread count. Each method returns its f32 result.
 
+pub(crate) mod arcee;
+pub(crate) mod chunks;
+mod deltas;
 pub(crate) mod geometry;
 mod gta;
-pub(crate) mod other;
 pub(crate) mod portable;
+mod ram;
 pub mod rng;
+mod sce;
 pub mod select;
 
 use std::ops::Range;
@@ -135,7 +139,7 @@ pub fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         | MethodOp::Nearswap { .. } => geometry::apply(op, inputs),
         MethodOp::Gta { .. } => gta::apply(op, inputs),
         MethodOp::Sce { .. } | MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::ArceeFusion => {
-            other::apply(op, inputs)
+            deltas::apply(op, inputs)
         }
         MethodOp::Noise { scale, key } => rng::add_noise(inputs, *scale, *key),
     }

@@ -114,9 +114,39 @@ fn bucket_of_kth(hist: &[usize], k: usize) -> (u32, usize) {
     (0, above)
 }
 
+/// An order-preserving map of f32 values to u32 (negative values below positive ones).
+pub(crate) fn ord_key(x: f32) -> u32 {
+    let bits = x.to_bits();
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// The f32 value of an [`ord_key`].
+pub(crate) fn from_ord_key(key: u32) -> f32 {
+    if key & 0x8000_0000 != 0 {
+        f32::from_bits(key & 0x7fff_ffff)
+    } else {
+        f32::from_bits(!key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ord_key_orders_like_values() {
+        let vals = [-f32::INFINITY, -2.0, -1e-30, -0.0, 0.0, 1e-40, 1.0, f32::INFINITY];
+        for w in vals.windows(2) {
+            assert!(ord_key(w[0]) < ord_key(w[1]), "{w:?}");
+        }
+        for v in vals {
+            assert_eq!(from_ord_key(ord_key(v)).to_bits(), v.to_bits());
+        }
+    }
 
     /// The reference: a stable sort by key descending, then index ascending.
     fn by_sorting(keys: &[u32], k: usize) -> Vec<bool> {

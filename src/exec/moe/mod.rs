@@ -20,7 +20,8 @@ use crate::io::{ModelInfo, TensorReader};
 use crate::moe_spec::{GateMode, Generate, MoeExpert, MoeOutput};
 use crate::ops::rng_key;
 
-use forward::{DecoderConfig, ForwardError, ModelWeights};
+use crate::io::decoder_config::DecoderConfig;
+use forward::{ForwardError, ModelWeights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoeError {
@@ -141,7 +142,7 @@ fn gate_vectors(
         }
         _ => {
             let config = serde_json::Value::Object(base.config.clone().unwrap_or_default());
-            let cfg = DecoderConfig::from_config_json(&config)?;
+            let cfg = DecoderConfig::from_config_json(&config).map_err(ForwardError::from)?;
             let weights = ModelWeights::new(base, reader);
             // Every prompt of every expert in one forward pass (each layer decoded once).
             let mut all: Vec<Vec<u32>> = Vec::new();
