@@ -229,7 +229,11 @@ fn run(
                 .iter()
                 .map(|i| inputs[&(i.model.0, i.tensor.clone())].as_slice())
                 .collect();
-            (step.output, step.tensor.clone(), cpu.compute(step, &slices))
+            (
+                step.output,
+                step.tensor.clone(),
+                cpu.compute(step, &slices).unwrap(),
+            )
         })
         .collect()
 }

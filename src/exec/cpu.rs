@@ -6,6 +6,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::exec::methods::MethodError;
 use crate::io::DType;
 use crate::ops::Elementwise;
 use crate::plan::{Instr, Kernel, Step};
@@ -28,7 +29,8 @@ impl CpuExecutor {
     }
 
     /// Computes `step` over `inputs` (raw bytes, one per input slot) into its output bytes.
-    pub fn compute(&self, step: &Step, inputs: &[&[u8]]) -> Vec<u8> {
+    /// Fails only on what the plan checker rules out (a bug in mergec).
+    pub fn compute(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, MethodError> {
         let in_dtypes: Vec<DType> = step.inputs.iter().map(|i| i.dtype).collect();
         let out_size = step.dtype.size_bytes();
         let mut out = vec![0u8; step.out_bytes() as usize];
@@ -37,13 +39,13 @@ impl CpuExecutor {
             Kernel::Whole(program) => {
                 let values = self
                     .pool
-                    .install(|| whole::run(program, inputs, &in_dtypes, &step.shape));
+                    .install(|| whole::run(program, inputs, &in_dtypes, &step.shape))?;
                 self.pool.install(|| {
                     out.par_chunks_mut(self.chunk * out_size)
                         .zip(values.par_chunks(self.chunk))
                         .for_each(|(o, v)| encode(v, step.dtype, o));
                 });
-                return out;
+                return Ok(out);
             }
             Kernel::Copy => {
                 // Copies normally go straight to the writer; this keeps the executor total.
@@ -51,7 +53,7 @@ impl CpuExecutor {
                     let n = out.len().min(first.len());
                     out[..n].copy_from_slice(&first[..n]);
                 }
-                return out;
+                return Ok(out);
             }
         };
         let chunk = self.chunk;
@@ -66,7 +68,7 @@ impl CpuExecutor {
                 },
             );
         });
-        out
+        Ok(out)
     }
 }
 
@@ -142,7 +144,7 @@ mod whole {
     use rayon::prelude::*;
 
     use super::decode;
-    use crate::exec::methods::{self, Inputs, MethodInput};
+    use crate::exec::methods::{self, Inputs, MethodError, MethodInput};
     use crate::io::DType;
     use crate::plan::Instr;
 
@@ -151,7 +153,12 @@ mod whole {
         Values(Vec<f32>),
     }
 
-    pub(super) fn run(program: &[Instr], inputs: &[&[u8]], dtypes: &[DType], shape: &[usize]) -> Vec<f32> {
+    pub(super) fn run(
+        program: &[Instr],
+        inputs: &[&[u8]],
+        dtypes: &[DType],
+        shape: &[usize],
+    ) -> Result<Vec<f32>, MethodError> {
         let numel: usize = shape.iter().product();
         let values = |item: Item| -> Vec<f32> {
             match item {
@@ -208,7 +215,7 @@ mod whole {
                             tensors: &tensors,
                             shape,
                         },
-                    ))
+                    )?)
                 }
                 Instr::Elementwise(op) => {
                     let mut bufs: Vec<Vec<f32>> = args.drain(..).map(&values).collect();
@@ -227,7 +234,7 @@ mod whole {
             };
             stack.push(result);
         }
-        stack.pop().map(values).unwrap_or_default()
+        Ok(stack.pop().map(values).unwrap_or_default())
     }
 }
 

@@ -42,6 +42,11 @@ pub enum RunError {
     Gpu { tensor: String, source: GpuError },
     #[error("cannot compute the routers of `{dir}`: {source}")]
     Moe { dir: String, source: moe::MoeError },
+    #[error("cannot compute tensor `{tensor}`: {source}")]
+    Method {
+        tensor: String,
+        source: methods::MethodError,
+    },
     #[error("tensor `{0}` is a part of a mixture-of-experts tensor written out of order (a bug in mergec)")]
     PartOrder(String),
 }
@@ -54,7 +59,10 @@ pub trait Executor {
 
 impl Executor for CpuExecutor {
     fn compute_step(&self, step: &Step, inputs: &[&[u8]]) -> Result<Vec<u8>, RunError> {
-        Ok(self.compute(step, inputs))
+        self.compute(step, inputs).map_err(|source| RunError::Method {
+            tensor: step.tensor.clone(),
+            source,
+        })
     }
 }
 
@@ -97,7 +105,7 @@ impl Executor for GpuWithFallback {
             }
             Err(e) if e.is_unsupported() => {
                 self.on_cpu.fetch_add(1, Ordering::Relaxed);
-                Ok(self.cpu.compute(step, inputs))
+                self.cpu.compute_step(step, inputs)
             }
             Err(source) => Err(RunError::Gpu {
                 tensor: step.tensor.clone(),

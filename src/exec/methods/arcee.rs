@@ -117,7 +117,7 @@ pub(super) fn arcee_fusion(inputs: &Inputs) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::methods::deltas::apply;
+    use crate::exec::methods::deltas::tests::apply;
     use crate::exec::methods::deltas::tests::{noise, run};
     use crate::exec::methods::MethodInput;
     use crate::io::DType;

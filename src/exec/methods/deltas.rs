@@ -21,29 +21,14 @@
 use std::ops::Range;
 
 use super::Inputs;
-use crate::ops::MethodOp;
 
-pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-    let n = inputs.numel();
-    if n == 0 {
-        return Vec::new();
-    }
-    if inputs.is_empty() {
-        // sema never builds a method op without inputs; make the mistake visible.
-        return vec![f32::NAN; n];
-    }
+/// `f` over `inputs` (`[base, m...]`), or the base unchanged when there is no model
+/// besides it (mergekit: "if not tensors: return base").
+pub(super) fn or_base(inputs: &Inputs, f: impl FnOnce(&Inputs) -> Vec<f32>) -> Vec<f32> {
     if inputs.len() == 1 {
-        // Only the base: mergekit returns it unchanged ("if not tensors: return base").
         return inputs.to_f32(0);
     }
-    match op {
-        MethodOp::Sce { select_topk } => super::sce::sce(inputs, *select_topk),
-        MethodOp::Ram { epsilon } => super::ram::ram(inputs, *epsilon, None),
-        MethodOp::RamPlusTl { r, alpha, epsilon } => super::ram::ram(inputs, *epsilon, Some((*r, *alpha))),
-        MethodOp::ArceeFusion => super::arcee::arcee_fusion(inputs),
-        // Dispatched elsewhere by `methods::apply`.
-        _ => vec![f32::NAN; n],
-    }
+    f(inputs)
 }
 
 /// One chunk of the base and of the task vectors `δ_i = m_i − base` (f32 subtraction).
@@ -72,6 +57,12 @@ pub(crate) mod tests {
     use super::super::{MethodInput, CHUNK};
     use super::*;
     use crate::io::DType;
+    use crate::ops::MethodOp;
+
+    /// The method through the one dispatch, unwrapped (tests give it inputs).
+    pub(crate) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
+        crate::exec::methods::apply(op, inputs).unwrap()
+    }
 
     fn bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()

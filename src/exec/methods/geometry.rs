@@ -15,37 +15,6 @@ use super::chunks::{
     copy_of, map_chunks, norms_pairs, reduce_chunks, update_chunks, vector_sums, Block, Layout,
 };
 use super::Inputs;
-use crate::ops::MethodOp;
-
-pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-    let numel = inputs.numel();
-    if numel == 0 {
-        return Vec::new();
-    }
-    if inputs.is_empty() {
-        // Sema never builds a merge of nothing; NaN marks it rather than inventing values.
-        return vec![f32::NAN; numel];
-    }
-    match op {
-        MethodOp::Slerp { t } => slerp(*t, inputs),
-        MethodOp::Nuslerp {
-            weights,
-            flatten,
-            row_wise,
-            with_base,
-        } => nuslerp(*weights, *flatten, *row_wise, *with_base, inputs),
-        MethodOp::Multislerp {
-            weights,
-            normalize_weights,
-            eps,
-            with_base,
-        } => multislerp(weights, *normalize_weights, *eps, *with_base, inputs),
-        MethodOp::Karcher { max_iter, tol } => karcher(*max_iter, *tol, inputs),
-        MethodOp::ModelStock { filter_wise } => model_stock(*filter_wise, inputs),
-        MethodOp::Nearswap { t } => nearswap(*t, inputs),
-        _ => vec![f32::NAN; numel],
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // slerp
@@ -54,7 +23,7 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
 /// Inputs `[v0, v1]`. One angle for the whole flattened tensor (mergekit's numpy slerp):
 /// each side is normalised only when its norm exceeds 1e-8, and `|cos| > 0.9995` (also
 /// anti-parallel) falls back to lerp.
-fn slerp(t: f64, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn slerp(t: f64, inputs: &Inputs) -> Vec<f32> {
     if inputs.len() < 2 {
         return copy_of(inputs, 0);
     }
@@ -94,7 +63,13 @@ pub(crate) fn slerp_coefficients(t: f64, s00: f64, s11: f64, s01: f64) -> (f32, 
 // ---------------------------------------------------------------------------------------
 
 /// Inputs `[a, b]` or `[base, a, b]`; with a base, `base + nuslerp(t, a - base, b - base)`.
-fn nuslerp(weights: [f64; 2], flatten: bool, row_wise: bool, with_base: bool, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn nuslerp(
+    weights: [f64; 2],
+    flatten: bool,
+    row_wise: bool,
+    with_base: bool,
+    inputs: &Inputs,
+) -> Vec<f32> {
     let first = usize::from(with_base);
     let models = inputs.len().saturating_sub(first);
     if models < 2 {
@@ -187,7 +162,13 @@ impl Multi {
 /// Inputs `[m...]` or `[base, m...]` (then on task vectors). mergekit's one-step
 /// tangent-space barycenter, eps placed as there: `u_i = x_i/(‖x_i‖+eps)`,
 /// `θ = ‖τ‖ + eps`. The whole tensor is one vector.
-fn multislerp(weights: &[f64], normalize: bool, eps: f64, with_base: bool, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn multislerp(
+    weights: &[f64],
+    normalize: bool,
+    eps: f64,
+    with_base: bool,
+    inputs: &Inputs,
+) -> Vec<f32> {
     let first = usize::from(with_base);
     let m = inputs.len().saturating_sub(first);
     if m < 2 {
@@ -281,7 +262,7 @@ fn multislerp(weights: &[f64], normalize: bool, eps: f64, with_base: bool, input
 
 /// Inputs `[m...]`, equal weights. mergekit's Riemannian gradient iteration on the unit
 /// sphere, then scaled by the mean input norm.
-fn karcher(max_iter: u32, tol: f64, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn karcher(max_iter: u32, tol: f64, inputs: &Inputs) -> Vec<f32> {
     let n = inputs.len();
     if n == 1 {
         return copy_of(inputs, 0);
@@ -409,7 +390,7 @@ fn karcher(max_iter: u32, tol: f64, inputs: &Inputs) -> Vec<f32> {
 /// Inputs `[base, m_1..m_N]`. `cos` = mean pairwise cosine of the task vectors (per tensor,
 /// or per row when `filter_wise`), `t = N·cos / (1 + (N-1)·cos)`,
 /// `out = t·mean(m) + (1 - t)·base`.
-fn model_stock(filter_wise: bool, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn model_stock(filter_wise: bool, inputs: &Inputs) -> Vec<f32> {
     let n = inputs.len().saturating_sub(1);
     if n < 2 {
         // Only the base: mergekit returns it. One fine-tune: mergekit raises (there is no
@@ -483,7 +464,7 @@ pub(crate) fn model_stock_t(s: &[f64], pairs: &[(usize, usize)], n: usize) -> (f
 
 /// Inputs `[base, m]`. `w = clamp(t / max(|base - m|, 1e-6), 0, 1)`,
 /// `out = w·m + (1 - w)·base`.
-fn nearswap(t: f64, inputs: &Inputs) -> Vec<f32> {
+pub(super) fn nearswap(t: f64, inputs: &Inputs) -> Vec<f32> {
     if inputs.len() < 2 {
         return copy_of(inputs, 0);
     }
@@ -507,6 +488,12 @@ mod tests {
 
     use super::*;
     use crate::exec::methods::MethodInput;
+    use crate::ops::MethodOp;
+
+    /// The method through the one dispatch, unwrapped (tests give it inputs).
+    pub(crate) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
+        crate::exec::methods::apply(op, inputs).unwrap()
+    }
     use crate::io::DType;
 
     // ------------------------------------------------------------------------------

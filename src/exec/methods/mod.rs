@@ -128,19 +128,70 @@ impl<T: Pooled> Drop for Scratch<T> {
     }
 }
 
-/// Computes `op` over `inputs`; the result has `inputs.numel()` values.
-pub fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-    match op {
-        MethodOp::Slerp { .. }
-        | MethodOp::Nuslerp { .. }
-        | MethodOp::Multislerp { .. }
-        | MethodOp::Karcher { .. }
-        | MethodOp::ModelStock { .. }
-        | MethodOp::Nearswap { .. } => geometry::apply(op, inputs),
-        MethodOp::Gta { .. } => gta::apply(op, inputs),
-        MethodOp::Sce { .. } | MethodOp::Ram { .. } | MethodOp::RamPlusTl { .. } | MethodOp::ArceeFusion => {
-            deltas::apply(op, inputs)
-        }
-        MethodOp::Noise { scale, key } => rng::add_noise(inputs, *scale, *key),
+/// What a method refuses: inputs that sema and the plan checker rule out, so any of these
+/// is a bug in mergec, reported as one rather than written as made-up values.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    #[error("`{0}` was given no input tensors (a bug in mergec)")]
+    NoInputs(&'static str),
+}
+
+/// Computes `op` over `inputs`; the result has `inputs.numel()` values. The one dispatch
+/// of every method to its CPU reference.
+pub fn apply(op: &MethodOp, inputs: &Inputs) -> Result<Vec<f32>, MethodError> {
+    if inputs.is_empty() {
+        return Err(MethodError::NoInputs(op.name()));
     }
+    if inputs.numel() == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(match op {
+        MethodOp::Slerp { t } => geometry::slerp(*t, inputs),
+        MethodOp::Nuslerp {
+            weights,
+            flatten,
+            row_wise,
+            with_base,
+        } => geometry::nuslerp(*weights, *flatten, *row_wise, *with_base, inputs),
+        MethodOp::Multislerp {
+            weights,
+            normalize_weights,
+            eps,
+            with_base,
+        } => geometry::multislerp(weights, *normalize_weights, *eps, *with_base, inputs),
+        MethodOp::Karcher { max_iter, tol } => geometry::karcher(*max_iter, *tol, inputs),
+        MethodOp::ModelStock { filter_wise } => geometry::model_stock(*filter_wise, inputs),
+        MethodOp::Nearswap { t } => geometry::nearswap(*t, inputs),
+        MethodOp::Gta {
+            kind,
+            weights,
+            densities,
+            gammas,
+            epsilons,
+            lambda,
+            normalize,
+            rescale,
+            keys,
+        } => gta::apply(
+            &gta::Params {
+                kind: *kind,
+                weights,
+                densities,
+                gammas,
+                epsilons,
+                lambda: *lambda,
+                normalize: *normalize,
+                rescale: *rescale,
+                keys,
+            },
+            inputs,
+        ),
+        MethodOp::Sce { select_topk } => deltas::or_base(inputs, |i| sce::sce(i, *select_topk)),
+        MethodOp::Ram { epsilon } => deltas::or_base(inputs, |i| ram::ram(i, *epsilon, None)),
+        MethodOp::RamPlusTl { r, alpha, epsilon } => {
+            deltas::or_base(inputs, |i| ram::ram(i, *epsilon, Some((*r, *alpha))))
+        }
+        MethodOp::ArceeFusion => deltas::or_base(inputs, arcee::arcee_fusion),
+        MethodOp::Noise { scale, key } => rng::add_noise(inputs, *scale, *key),
+    })
 }

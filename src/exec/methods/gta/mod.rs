@@ -39,7 +39,7 @@
 //! worker, chunk buffers of `(M + 3)·CHUNK` f32, kept by the thread between calls.
 
 use super::{Inputs, Scratch, CHUNK};
-use crate::ops::{MethodOp, Sparsifier};
+use crate::ops::{GtaKind, Sparsifier};
 
 mod combine;
 mod masks;
@@ -125,9 +125,22 @@ fn keeps(key: u32, threshold: u32, take: Take, left: &mut usize) -> bool {
     }
 }
 
-pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-    let n = inputs.numel();
-    let MethodOp::Gta {
+/// A GTA call's parameters (`MethodOp::Gta`'s fields).
+pub(super) struct Params<'a> {
+    pub kind: GtaKind,
+    pub weights: &'a [f64],
+    pub densities: &'a [f64],
+    pub gammas: &'a [f64],
+    pub epsilons: &'a [f64],
+    pub lambda: f64,
+    pub normalize: bool,
+    pub rescale: bool,
+    pub keys: &'a [u64],
+}
+
+/// The merge over `inputs` (`[base, m...]`, at least the base: `methods::apply` checks).
+pub(super) fn apply(params: &Params, inputs: &Inputs) -> Vec<f32> {
+    let Params {
         kind,
         weights,
         densities,
@@ -137,16 +150,8 @@ pub(super) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
         normalize,
         rescale,
         keys,
-    } = op
-    else {
-        return vec![f32::NAN; n];
-    };
-    if n == 0 {
-        return Vec::new();
-    }
-    if inputs.is_empty() {
-        return vec![f32::NAN; n];
-    }
+    } = params;
+    let n = inputs.numel();
     let m = inputs.len() - 1;
     if m == 0 {
         return inputs.to_f32(0);

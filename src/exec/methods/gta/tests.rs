@@ -7,7 +7,12 @@ use super::masks::*;
 use super::threshold::*;
 use super::*;
 use crate::io::DType;
-use crate::ops::{rng_key, GtaKind};
+use crate::ops::{rng_key, GtaKind, MethodOp};
+
+/// The method through the one dispatch, unwrapped (tests give it inputs).
+fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
+    crate::exec::methods::apply(op, inputs).unwrap()
+}
 
 fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
