@@ -176,6 +176,9 @@ pub struct YamlArgs {
     /// output folder (by default only the final merge is written).
     #[arg(long)]
     save_intermediates: bool,
+    /// mergekit-moe: allow every expert to be the same model (`allow_same_experts: true`).
+    #[arg(long = "i-understand-this-is-not-useful-without-training")]
+    allow_same_experts: bool,
 }
 
 impl YamlArgs {
@@ -186,6 +189,8 @@ impl YamlArgs {
             Some("--out-shard-size")
         } else if self.save_intermediates {
             Some("--save-intermediates")
+        } else if self.allow_same_experts {
+            Some("--i-understand-this-is-not-useful-without-training")
         } else {
             None
         }
@@ -359,6 +364,7 @@ fn yaml_options(
     opts.script_dir = script_dir.to_path_buf();
     opts.seed = args.seed;
     opts.save_intermediates = args.save_intermediates;
+    opts.allow_same_experts = args.allow_same_experts;
     if let Some(s) = &args.out_shard_size {
         match import::parse_shard_size(s) {
             Ok(b) => opts.shard_bytes = Some(b),

@@ -569,3 +569,87 @@ fn broken_yaml_never_panics() {
         }
     }
 }
+
+/// The translation of a fixture under `tests/fixtures/yaml/`, from the conformance folder.
+fn fixture_import(rel: &str, out: &Path, opts: impl FnOnce(&mut Options)) -> Import {
+    let path = format!("tests/fixtures/yaml/{rel}");
+    let mut o = Options::new(&path, &conformance_dir(), out);
+    opts(&mut o);
+    import::translate(&path, std::fs::read_to_string(&path).unwrap(), &o).unwrap_or_else(|f| {
+        panic!(
+            "{rel}:\n{}",
+            mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false)
+        )
+    })
+}
+
+/// mergekit-moe configs: each translates (snapshot) and checks clean against the models.
+#[test]
+fn moe_configs_translate_and_check() {
+    insta::glob!("fixtures/yaml/moe/*.yml", |path| {
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let imp = fixture_import(&format!("moe/{stem}.yml"), &tmp.path().join("x"), |_| {});
+        if let Err((s, d)) = imp.compile(false, &Limits::default()) {
+            panic!("{stem}:\n{}\n{}", imp.text(), render_diags(&s, &d));
+        }
+        let shown = fixture_import(&format!("moe/{stem}.yml"), Path::new("out/x"), |_| {});
+        insta::assert_snapshot!(format!("import_moe_{stem}"), shown.text());
+    });
+}
+
+/// A mergekit-moe YAML runs end to end and gives the same bytes as the `.merge` script
+/// written by hand.
+#[test]
+fn moe_yaml_matches_the_script_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let imp = fixture_import("moe/mixtral.yml", &out, |o| o.seed = Some(3));
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}", render_diags(&s, &d)));
+    run_compiled(&c, 2);
+
+    let by_hand = r#"
+model base = "models/micro-llama-base-f32"
+model ft1 = "models/micro-llama-ft1-f32"
+model ft2 = "models/micro-llama-ft2-f32"
+model ft3 = "models/micro-llama-ft3-f32"
+set seed = 3
+save moe(base,
+    ft1 { positive: ["the cat sat on the mat", "a dog ran"] },
+    ft2 { positive: ["one two three four"], negative: ["the cat sat on the mat", "a dog ran"], residual_scale: 0.5 },
+    ft3 { positive: ["hello there"], noise_scale: 0.01 },
+    gate: "cheap_embed") to "out/moe" { dtype: bf16 }
+"#;
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (_, c2) = compile_text(by_hand, &conformance_dir(), tmp2.path())
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    run_compiled(&c2, 2);
+    assert_same_files(&out, &tmp2.path().join("moe"), "mergekit-moe");
+}
+
+/// mergekit-moe's `--i-understand-this-is-not-useful-without-training` lets every expert
+/// be the same model.
+#[test]
+fn moe_same_experts_with_mergekit_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imp = fixture_import("bad/e0703_moe_same_experts.yml", &tmp.path().join("x"), |o| {
+        o.allow_same_experts = true
+    });
+    assert!(imp.text().contains("allow_same_experts: true"), "{}", imp.text());
+    if let Err((s, d)) = imp.compile(false, &Limits::default()) {
+        panic!("{}", render_diags(&s, &d));
+    }
+    let out = mergec()
+        .args([
+            "check",
+            "../yaml/bad/e0703_moe_same_experts.yml",
+            "--i-understand-this-is-not-useful-without-training",
+        ])
+        .current_dir(conformance_dir())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -40,6 +40,9 @@ pub struct Options {
     pub shard_bytes: Option<u64>,
     /// mergekit-multi: also save every named intermediate merge (beside `out`).
     pub save_intermediates: bool,
+    /// mergekit-moe's `--i-understand-this-is-not-useful-without-training`: every expert
+    /// may be the same model (`allow_same_experts: true`).
+    pub allow_same_experts: bool,
 }
 
 impl Options {
@@ -54,6 +57,7 @@ impl Options {
             seed: None,
             shard_bytes: None,
             save_intermediates: false,
+            allow_same_experts: false,
         }
     }
 }
@@ -173,6 +177,14 @@ impl Import {
             for l in &mut d.labels {
                 if let Some(y) = self.place(l.span) {
                     l.span = y;
+                }
+            }
+            if moved && d.code == Code::E0703 {
+                for h in &mut d.help {
+                    *h = h.replace(
+                        "set `allow_same_experts: true`",
+                        "pass `--i-understand-this-is-not-useful-without-training`, as to mergekit-moe,",
+                    );
                 }
             }
             if moved && d.code == Code::E0401 {

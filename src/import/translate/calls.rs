@@ -40,6 +40,9 @@ pub(super) fn flat_name(e: &Expr) -> String {
 impl Translator<'_> {
     /// The expression a document merges to.
     pub(super) fn doc_expr(&mut self, doc: &Doc, idents: &[String]) -> Expr {
+        if let Some(Body::Moe(moe)) = &doc.body {
+            return self.moe_expr(doc, moe, idents);
+        }
         let Some((sig, method_span)) = doc.method else {
             return Expr::atom("");
         };
@@ -139,7 +142,7 @@ impl Translator<'_> {
                     Expr::Call("stack".into(), segments).at(*slices_span)
                 }
             }
-            None => Expr::atom(""),
+            Some(Body::Moe(_)) | None => Expr::atom(""),
         }
     }
 

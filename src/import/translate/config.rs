@@ -1,5 +1,6 @@
 //! A document's top-level keys.
 
+use super::moe::is_moe;
 use super::slices::Body;
 use super::*;
 use crate::sema::methods::{self, MethodSig};
@@ -21,6 +22,9 @@ pub(super) const TOP_KEYS: &[&str] = &[
 
 impl Translator<'_> {
     pub(super) fn doc<'n>(&mut self, node: &'n Node, multi: bool) -> Doc<'n> {
+        if is_moe(node) {
+            return self.moe_doc(node, multi);
+        }
         let mut doc = Doc {
             name: None,
             method: None,

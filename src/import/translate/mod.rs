@@ -10,6 +10,7 @@
 mod calls;
 mod config;
 mod models;
+mod moe;
 mod output;
 mod params;
 mod slices;
@@ -208,7 +209,7 @@ impl Doc<'_> {
                     refs.extend(s.sources.iter().map(|s| s.model));
                 }
             }
-            None => {}
+            Some(Body::Moe(_)) | None => {}
         }
         refs.iter()
             .filter_map(|r| match r.r {

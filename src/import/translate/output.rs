@@ -67,7 +67,7 @@ pub(super) fn first_input(doc: &Doc) -> Option<Ref> {
                 _ => first.sources.first().map(|s| s.model.r),
             }
         }
-        None => None,
+        Some(Body::Moe(_)) | None => None,
     }
 }
 

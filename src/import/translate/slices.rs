@@ -18,6 +18,8 @@ pub(super) struct Slice<'a> {
 pub(super) enum Body<'a> {
     Models(Vec<Source<'a>>),
     Slices(Vec<Slice<'a>>, Span),
+    /// A mergekit-moe config.
+    Moe(Box<super::moe::Moe>),
 }
 
 pub(super) fn slice_bases(d: &Doc) -> Vec<RefAt> {
