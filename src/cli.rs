@@ -179,6 +179,9 @@ pub struct YamlArgs {
     /// mergekit-moe: allow every expert to be the same model (`allow_same_experts: true`).
     #[arg(long = "i-understand-this-is-not-useful-without-training")]
     allow_same_experts: bool,
+    /// What mergekit ignores or tolerates is an error, not a warning (for CI).
+    #[arg(long)]
+    strict: bool,
 }
 
 impl YamlArgs {
@@ -191,6 +194,8 @@ impl YamlArgs {
             Some("--save-intermediates")
         } else if self.allow_same_experts {
             Some("--i-understand-this-is-not-useful-without-training")
+        } else if self.strict {
+            Some("--strict")
         } else {
             None
         }
@@ -365,6 +370,7 @@ fn yaml_options(
     opts.seed = args.seed;
     opts.save_intermediates = args.save_intermediates;
     opts.allow_same_experts = args.allow_same_experts;
+    opts.strict = args.strict;
     if let Some(s) = &args.out_shard_size {
         match import::parse_shard_size(s) {
             Ok(b) => opts.shard_bytes = Some(b),
@@ -411,6 +417,7 @@ fn import_cmd(
         Ok(i) => i,
         Err(code) => return code,
     };
+    report(&imported.warnings, &imported.sources, Format::Human);
     match output {
         None => {
             print!("{}", imported.text());

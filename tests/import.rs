@@ -169,7 +169,9 @@ fn yaml_diagnostics(path: &Path) -> String {
         path.file_name().unwrap().to_string_lossy()
     );
     let text = std::fs::read_to_string(path).unwrap();
-    let opts = Options::new(&name, Path::new("tests/fixtures/conformance"), Path::new("out/x"));
+    let mut opts = Options::new(&name, Path::new("tests/fixtures/conformance"), Path::new("out/x"));
+    // Errors as `--strict` reports them; warnings (w*) as a plain run does.
+    opts.strict = name.contains("/e0");
     match import::translate(&name, text, &opts) {
         Err(f) => mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false),
         Ok(imp) => match imp.compile(false, &Limits::default()) {
@@ -403,7 +405,7 @@ fn cli_plan_debug_and_json() {
     let hir = in_conformance(&["debug", "hir", "configs/slices_blend_f32.yml"]);
     assert!(hir.status.success(), "{}", text(&hir.stderr));
     let bad = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/e0602_unknown_key.yml");
-    let json = in_conformance(&["check", bad.to_str().unwrap(), "--format", "json"]);
+    let json = in_conformance(&["check", bad.to_str().unwrap(), "--format", "json", "--strict"]);
     assert_eq!(json.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let d = &v["diagnostics"][0];
@@ -537,11 +539,43 @@ fn translation_rules() {
     ))
     .unwrap_err();
     assert!(e.contains("never matches in mergekit"), "{e}");
-    let e = script_of(&format!(
-        "models:\n  - model: {FT1}\n  - model: {FT1}\nmerge_method: karcher\n"
-    ))
-    .unwrap_err();
-    assert!(e.contains("listed twice"), "{e}");
+    // A model listed twice is one input, as in mergekit, with a warning (an error under
+    // `--strict`).
+    let twice = format!(
+        "models:\n  - model: {FT1}\n    parameters: {{weight: 0.3}}\n  - model: models/micro-llama-ft2-f32\n  - model: {FT1}\n    parameters: {{weight: 0.9}}\nmerge_method: linear\n"
+    );
+    let imp = import::translate(
+        "test.yml",
+        twice.clone(),
+        &Options::new(
+            "test.yml",
+            Path::new("tests/fixtures/conformance"),
+            Path::new("out/x"),
+        ),
+    )
+    .unwrap();
+    assert!(
+        imp.text().contains("linear(ft1 { weight: 0.3 }, ft2)"),
+        "{}",
+        imp.text()
+    );
+    assert!(imp
+        .warnings
+        .0
+        .iter()
+        .any(|d| d.code == mergec::diag::Code::W0005 && d.message.contains("listed twice")));
+    let mut strict = Options::new(
+        "test.yml",
+        Path::new("tests/fixtures/conformance"),
+        Path::new("out/x"),
+    );
+    strict.strict = true;
+    let e = import::translate("test.yml", twice, &strict).unwrap_err();
+    assert!(e
+        .diagnostics
+        .0
+        .iter()
+        .any(|d| d.code == mergec::diag::Code::E0603 && d.message.contains("listed twice")));
 
     // Model names: unique and valid, from any path.
     let s = script_of(
@@ -652,4 +686,25 @@ fn moe_same_experts_with_mergekit_flag() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// What mergekit tolerates runs with warnings; `--strict` makes them errors.
+#[test]
+fn cli_strict_turns_tolerated_into_errors() {
+    let cfg =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/w0005_mergekit_ignores.yml");
+    let lax = in_conformance(&["check", cfg.to_str().unwrap()]);
+    assert!(lax.status.success(), "{}", text(&lax.stderr));
+    assert!(text(&lax.stderr).contains("[W0005]"), "{}", text(&lax.stderr));
+    let strict = in_conformance(&["check", cfg.to_str().unwrap(), "--strict"]);
+    assert_eq!(strict.status.code(), Some(1));
+    let err = text(&strict.stderr);
+    assert!(err.contains("[E0602]") && err.contains("[E0603]"), "{err}");
+    let imported = in_conformance(&["import", cfg.to_str().unwrap()]);
+    assert!(imported.status.success());
+    assert!(
+        text(&imported.stderr).contains("[W0005]"),
+        "{}",
+        text(&imported.stderr)
+    );
 }

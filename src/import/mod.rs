@@ -43,6 +43,8 @@ pub struct Options {
     /// mergekit-moe's `--i-understand-this-is-not-useful-without-training`: every expert
     /// may be the same model (`allow_same_experts: true`).
     pub allow_same_experts: bool,
+    /// What mergekit ignores or tolerates is an error, not a warning (W0005).
+    pub strict: bool,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
             shard_bytes: None,
             save_intermediates: false,
             allow_same_experts: false,
+            strict: false,
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct Import {
     script_dir: PathBuf,
     /// `(start, end, YAML place)` for pieces of the script.
     places: Vec<(usize, usize, Span)>,
+    /// What mergekit ignores or tolerates, against the YAML (W0005).
+    pub warnings: Diagnostics,
 }
 
 /// The YAML could not be translated: its diagnostics, against `sources`.
@@ -110,6 +115,7 @@ pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Fai
                 script,
                 script_dir: opts.script_dir.clone(),
                 places: t.out.frags,
+                warnings: t.warnings,
             })
         }
         Err(mut diagnostics) => {
@@ -153,11 +159,14 @@ impl Import {
         let script = self.script();
         match driver::compile(&script, force, limits) {
             Ok(mut c) => {
-                c.warnings = self.remap(c.warnings);
+                let mut w = self.warnings.clone();
+                w.extend(self.remap(c.warnings));
+                c.warnings = w;
                 Ok((script, c))
             }
             Err(d) => {
-                let d = self.remap(d);
+                let mut d = self.remap(d);
+                d.extend(self.warnings.clone());
                 Err((script, d))
             }
         }

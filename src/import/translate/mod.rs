@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use super::pretty::{quote, Expr, Out};
 use super::yaml::{Node, Value};
 use super::Options;
-use crate::diag::{Code, Diagnostic, Diagnostics};
+use crate::diag::{Code, Diagnostic, Diagnostics, Severity};
 use crate::sema::methods::MethodSig;
 use crate::source::Span;
 use models::script_path;
@@ -33,6 +33,8 @@ use slices::{slice_bases, Body};
 /// The translated script and where its pieces came from.
 pub(crate) struct Translated {
     pub out: Out,
+    /// What mergekit ignores or tolerates (W0005).
+    pub warnings: Diagnostics,
 }
 
 /// Translates every document of a mergekit (or mergekit-multi) YAML file.
@@ -44,6 +46,7 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         doc_names: HashMap::new(),
         used: BTreeSet::new(),
         lets: Vec::new(),
+        warnings: Diagnostics::new(),
     };
     let docs: Vec<&Node> = docs.iter().filter(|d| d.value != Value::Null).collect();
     if docs.is_empty() {
@@ -79,7 +82,7 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
     }
     let order = t.order(&parsed);
     if t.diags.has_errors() {
-        return Err(t.diags);
+        return Err(t.failed());
     }
     t.name_models();
     let idents: Vec<String> = parsed
@@ -171,9 +174,12 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         t.diags
             .0
             .retain(|d| seen.insert((d.span, d.code, d.message.clone())));
-        return Err(t.diags);
+        return Err(t.failed());
     }
-    Ok(Translated { out })
+    Ok(Translated {
+        out,
+        warnings: t.warnings,
+    })
 }
 
 fn doc_name(d: &Node) -> Option<(String, Span)> {
@@ -229,6 +235,8 @@ struct Translator<'o> {
     used: BTreeSet<String>,
     /// Tables hoisted out of the current document's expression.
     lets: Vec<(String, Expr)>,
+    /// What mergekit ignores or tolerates (W0005).
+    warnings: Diagnostics,
 }
 
 /// The closest of `options` to `word`, when it is close enough to be a typo.
@@ -296,21 +304,10 @@ impl Translator<'_> {
                 );
                 continue;
             };
-            if let Some(first) = seen.get(key) {
-                let first = *first;
-                let d = self.err(
-                    Code::E0603,
-                    format!("`{key}` is given twice"),
-                    k.span,
-                    "again here",
-                );
-                *d = d
-                    .clone()
-                    .with_label(first, "first here")
-                    .with_help("keep one of them");
-                continue;
+            if let Some(first) = seen.insert(key, k.span) {
+                self.given_twice(key, first, k.span);
+                out.retain(|e: &(&str, Span, &Node)| e.0 != key);
             }
-            seen.insert(key, k.span);
             if !allowed.contains(&key) {
                 self.unknown_key(key, k.span, allowed, what);
                 continue;
@@ -320,11 +317,53 @@ impl Translator<'_> {
         out
     }
 
+    /// Something mergekit ignores or tolerates: a warning (W0005) that says what mergekit
+    /// does, or under `--strict` the error `strict`.
+    pub(super) fn tolerated(&mut self, strict: Code, mut d: Diagnostic) {
+        d.code = Code::W0005;
+        if self.opts.strict {
+            d.code = strict;
+            d.severity = Severity::Error;
+            d.notes
+                .push("an error because of `--strict`; without it mergec does as mergekit does".into());
+            self.diags.push(d);
+        } else {
+            d.severity = Severity::Warning;
+            self.warnings.push(d);
+        }
+    }
+
+    /// The diagnostics of a failed translation: its errors and its warnings.
+    fn failed(&mut self) -> Diagnostics {
+        let mut all = std::mem::take(&mut self.diags);
+        all.extend(std::mem::take(&mut self.warnings));
+        all
+    }
+
+    /// A key given twice in one mapping: PyYAML keeps the last one, without a word.
+    pub(super) fn given_twice(&mut self, key: &str, first: Span, again: Span) {
+        self.tolerated(
+            Code::E0603,
+            Diagnostic::error(Code::W0005, format!("`{key}` is given twice"))
+                .at(again, "this one is used")
+                .with_label(first, "this one is ignored")
+                .with_note("mergekit reads YAML with PyYAML, which keeps the last value of a repeated key; so does mergec")
+                .with_help("keep one of them"),
+        );
+    }
+
     pub(super) fn unknown_key(&mut self, key: &str, span: Span, allowed: &[&str], what: &str) {
-        let mut d = Diagnostic::error(Code::E0602, format!("unknown key `{key}` in {what}"))
-            .at(span, "not a mergekit key here");
+        let mut d = Diagnostic::error(Code::W0005, format!("`{key}` is not a mergekit key in {what}"))
+            .at(span, "ignored");
+        let mut ignored = "mergekit ignores it, and so does mergec".to_string();
         if let Some(s) = suggest(key, allowed.iter().copied()) {
             d = d.with_help(format!("did you mean `{s}`?"));
+            ignored = match s {
+                "dtype" => "mergekit ignores it and computes in the models' own dtype; so does mergec".into(),
+                "base_model" => "mergekit ignores it and merges without a base model; so does mergec".into(),
+                "parameters" => "mergekit ignores it, and every parameter in it; so does mergec".into(),
+                _ => ignored,
+            };
         } else if is_any_parameter(key) {
             d = d.with_help(format!(
                 "`{key}` is a merge parameter: put it under `parameters:`"
@@ -336,8 +375,8 @@ impl Translator<'_> {
         } else {
             d = d.with_help(format!("the keys here are: {}", allowed.join(", ")));
         }
-        d = d.with_note("mergekit ignores unknown keys without a word; mergec reports them");
-        self.diags.push(d);
+        d = d.with_note(ignored);
+        self.tolerated(Code::E0602, d);
     }
 
     /// Document order with every document after the ones it uses.

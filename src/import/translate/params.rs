@@ -105,16 +105,9 @@ impl Translator<'_> {
                 );
                 continue;
             };
-            if let Some(first) = out.iter().find(|p| p.name == name) {
-                let first = first.key;
-                let d = self.err(
-                    Code::E0603,
-                    format!("`{name}` is given twice"),
-                    k.span,
-                    "again here",
-                );
-                *d = d.clone().with_label(first, "first here");
-                continue;
+            if let Some(first) = out.iter().find(|p| p.name == name).map(|p| p.key) {
+                self.given_twice(name, first, k.span);
+                out.retain(|p| p.name != name);
             }
             out.push(Param {
                 name: name.to_string(),
@@ -130,17 +123,16 @@ impl Translator<'_> {
         match sig.param(&p.name) {
             Some(spec) if spec.per_model || !per_model => {}
             Some(_) => {
-                self.err(
+                self.tolerated(
                     Code::E0605,
-                    format!("`{}` is set for the whole merge, not per model", p.name),
-                    p.key,
-                    format!("a parameter of the whole `{}` merge", sig.name).as_str(),
-                )
-                .help
-                .extend([
-                    "move it to the top-level `parameters:`".to_string(),
-                    "mergekit ignores it here without a word".to_string(),
-                ]);
+                    Diagnostic::error(
+                        Code::W0005,
+                        format!("`{}` is set for the whole merge, not per model", p.name),
+                    )
+                    .at(p.key, format!("a parameter of the whole `{}` merge", sig.name))
+                    .with_help("move it to the top-level `parameters:`")
+                    .with_note("mergekit ignores it here, and so does mergec"),
+                );
             }
             None => {
                 let takes: Vec<&str> = sig
@@ -149,11 +141,9 @@ impl Translator<'_> {
                     .filter(|s| s.per_model || !per_model)
                     .map(|s| s.name)
                     .collect();
-                let mut d = Diagnostic::error(
-                    Code::E0605,
-                    format!("`{}` does not take the parameter `{}`", sig.name, p.name),
-                )
-                .at(p.key, "not a parameter of this method");
+                let mut d =
+                    Diagnostic::error(Code::W0005, format!("`{}` is ignored by {}", p.name, sig.name))
+                        .at(p.key, "not a parameter of this method");
                 if let Some(s) = suggest(&p.name, takes.iter().copied()) {
                     d = d.with_help(format!("did you mean `{s}`?"));
                 } else if takes.is_empty() {
@@ -165,8 +155,8 @@ impl Translator<'_> {
                 } else {
                     d = d.with_help(format!("`{}` takes: {}", sig.name, takes.join(", ")));
                 }
-                d = d.with_note("mergekit ignores parameters a method does not take, without a word");
-                self.diags.push(d);
+                d = d.with_note("mergekit ignores it too; so does mergec");
+                self.tolerated(Code::E0605, d);
             }
         }
     }

@@ -51,24 +51,35 @@ impl Translator<'_> {
                 .help
                 .push("list at least one `- model: PATH`".into());
         }
-        self.no_repeats(&out);
+        self.no_repeats(&mut out);
         out
     }
 
-    /// mergekit keys a merge's inputs by model: a model listed twice is merged once, with
-    /// the first entry's parameters. Refused as the surprise it is.
-    pub(super) fn no_repeats(&mut self, sources: &[Source]) {
-        for (i, s) in sources.iter().enumerate() {
-            if let Some(first) = sources[..i].iter().find(|f| f.model.r == s.model.r) {
-                let d = self.err(
-                    Code::E0603,
-                    "a model is listed twice in one merge",
-                    s.model.span,
-                    "again here",
-                );
-                *d = d.clone().with_label(first.model.span, "first here").with_help(
-                    "mergekit would merge it once, with the first entry's parameters; list each model once",
-                );
+    /// mergekit keys a merge's inputs by model: a model listed twice is one input, in the
+    /// first entry's place and with its parameters, and (in a slice) the last entry's layer
+    /// range. The entries are folded into that one input, with a warning.
+    pub(super) fn no_repeats(&mut self, sources: &mut Vec<Source>) {
+        let mut i = 0;
+        while i < sources.len() {
+            let Some(first) = sources[..i].iter().position(|f| f.model.r == sources[i].model.r) else {
+                i += 1;
+                continue;
+            };
+            let again = sources.remove(i);
+            let ranged = again.range.is_some()
+                && again.range.map(|r| (r.0, r.1)) != sources[first].range.map(|r| (r.0, r.1));
+            let mut d = Diagnostic::error(Code::W0005, "a model is listed twice in one merge")
+                .at(again.model.span, "again here")
+                .with_label(sources[first].model.span, "first here")
+                .with_help("list each model once");
+            d = d.with_note(if ranged {
+                "mergekit takes it once: the first entry's place and parameters, with this entry's layers; so does mergec"
+            } else {
+                "mergekit takes it once, with the first entry's parameters; so does mergec"
+            });
+            self.tolerated(Code::E0603, d);
+            if again.range.is_some() {
+                sources[first].range = again.range;
             }
         }
     }
@@ -124,16 +135,13 @@ impl Translator<'_> {
                     }
                     "base_model" => slice.base = self.reference(value),
                     "parameters" => slice.params = self.params(value, "a slice's `parameters`"),
-                    _ => {
-                        self.err(
-                            Code::E0606,
-                            "`residual_weight` is not supported",
-                            kspan,
-                            "mergekit reads it but never uses it",
-                        )
-                        .help
-                        .push("remove it: it has no effect in mergekit either".into());
-                    }
+                    _ => self.tolerated(
+                        Code::E0603,
+                        Diagnostic::error(Code::W0005, "`residual_weight` has no effect")
+                            .at(kspan, "ignored")
+                            .with_note("mergekit reads it but never uses it; mergec ignores it too")
+                            .with_help("remove it"),
+                    ),
                 }
             }
             if !has_sources && matches!(item.value, Value::Map(_)) {
@@ -144,7 +152,7 @@ impl Translator<'_> {
                     "this slice",
                 );
             }
-            self.no_repeats(&slice.sources);
+            self.no_repeats(&mut slice.sources);
             let lens: Vec<(i64, Span)> = slice
                 .sources
                 .iter()
