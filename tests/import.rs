@@ -708,3 +708,71 @@ fn cli_strict_turns_tolerated_into_errors() {
         text(&imported.stderr)
     );
 }
+
+/// `modules:`: each module merged on its own tensors and grafted over the base; what no
+/// module names comes from the base.
+#[test]
+fn modules_merge_each_module_over_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vlm");
+    let imp = fixture_import("modules.yml", &out, |_| {});
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}\n{}", imp.text(), render_diags(&s, &d)));
+    run_compiled(&c, 2);
+    let got = load_folder(&out);
+    let base = load_folder(&conformance_dir().join("models/micro-llava-base-f32"));
+    let ft = load_folder(&conformance_dir().join("models/micro-llava-ft1-f32"));
+    assert_eq!(got.len(), base.len());
+    for (name, b) in &base {
+        let g = &got[name].values;
+        if name.contains("language_model.") {
+            let want: Vec<f32> = b
+                .values
+                .iter()
+                .zip(&ft[name].values)
+                .map(|(x, y)| 0.5 * x + 0.5 * y)
+                .collect();
+            assert_eq!(g, &want, "{name}");
+        } else {
+            assert_eq!(g, &b.values, "{name}");
+        }
+    }
+    let shown = fixture_import("modules.yml", Path::new("out/x"), |_| {});
+    insta::assert_snapshot!("import_modules", shown.text());
+}
+
+/// `chat_template: auto` takes the template most of the merge's models have.
+#[test]
+fn chat_template_auto_takes_the_most_common_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = conformance_dir().join("models");
+    for (name, template) in [
+        ("a", Some("{{ one }}")),
+        ("b", Some("{{ two }}")),
+        ("c", Some("{{ two }}")),
+        ("d", None),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(models.join("micro-llama-ft1-f32").join(f), dir.join(f)).unwrap();
+        }
+        if let Some(t) = template {
+            let config = serde_json::json!({ "chat_template": t });
+            std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        }
+    }
+    let yaml = "models:\n  - model: a\n  - model: b\n  - model: c\n  - model: d\nmerge_method: karcher\nchat_template: auto\n";
+    let opts = Options::new("auto.yml", tmp.path(), &tmp.path().join("out"));
+    let imp = import::translate("auto.yml", yaml.to_string(), &opts).unwrap();
+    assert!(
+        imp.text().contains("chat_template: \"{{ two }}\""),
+        "{}",
+        imp.text()
+    );
+    // No model has one: the donor's tokenizer files are kept as they are.
+    let yaml = "models:\n  - model: d\n  - model: a/missing\nmerge_method: karcher\nchat_template: auto\n";
+    let imp = import::translate("auto.yml", yaml.to_string(), &opts).unwrap();
+    assert!(!imp.text().contains("chat_template"), "{}", imp.text());
+}

@@ -1,6 +1,8 @@
 //! The method call a document's body becomes, with its base and parameters in place.
 
+use super::super::pretty::quote;
 use super::params::{chain_arms, find};
+use super::slices::Source;
 use super::*;
 use crate::sema::methods::{Base, MethodSig};
 
@@ -48,27 +50,31 @@ impl Translator<'_> {
         };
         match &doc.body {
             Some(Body::Models(sources)) => {
-                let mut args: Vec<Arg> = sources
-                    .iter()
-                    .map(|s| Arg {
-                        model: Expr::atom(self.ref_name(s.model.r, idents)).at(s.model.span),
-                        r: s.model.r,
-                        params: &s.params,
-                        starts_at_zero: true,
-                    })
-                    .collect();
-                // mergekit appends the base model to the inputs when it is not listed.
-                if let Some(base) = doc.base {
-                    if !args.iter().any(|a| a.r == base.r) {
-                        args.push(Arg {
-                            model: Expr::atom(self.ref_name(base.r, idents)).at(base.span),
-                            r: base.r,
-                            params: &[],
-                            starts_at_zero: true,
-                        });
-                    }
-                }
+                let args = self.model_args(sources, doc.base, idents, |m| m);
                 self.call(sig, method_span, args, doc.base, &[], &doc.params, 0)
+            }
+            Some(Body::Modules(modules)) => {
+                // Each module merged on its own tensors, grafted over the base (else the
+                // first model) in turn.
+                let onto = doc
+                    .base
+                    .or_else(|| modules.iter().find_map(|m| m.sources.first().map(|s| s.model)));
+                let Some(onto) = onto else {
+                    return Expr::atom("");
+                };
+                let mut out = Expr::atom(self.ref_name(onto.r, idents)).at(onto.span);
+                for m in modules {
+                    let select = |model: Expr| {
+                        Expr::Call(
+                            "select".into(),
+                            vec![model, Expr::atom(quote(&m.pattern)).at(m.span)],
+                        )
+                    };
+                    let args = self.model_args(&m.sources, doc.base, idents, select);
+                    let merged = self.call(sig, method_span, args, doc.base, &m.params, &doc.params, 0);
+                    out = Expr::Call("graft".into(), vec![out, merged]).at(m.span);
+                }
+                out
             }
             Some(Body::Slices(slices, slices_span)) => {
                 let mut segments = Vec::new();
@@ -144,6 +150,37 @@ impl Translator<'_> {
             }
             Some(Body::Moe(_)) | None => Expr::atom(""),
         }
+    }
+
+    /// The inputs of a `models:` list, each model written through `wrap`; mergekit appends
+    /// the base model to the inputs when it is not listed.
+    fn model_args<'p, 'n>(
+        &self,
+        sources: &'p [Source<'n>],
+        base: Option<RefAt>,
+        idents: &[String],
+        wrap: impl Fn(Expr) -> Expr,
+    ) -> Vec<Arg<'p, 'n>> {
+        let mut args: Vec<Arg> = sources
+            .iter()
+            .map(|s| Arg {
+                model: wrap(Expr::atom(self.ref_name(s.model.r, idents)).at(s.model.span)),
+                r: s.model.r,
+                params: &s.params,
+                starts_at_zero: true,
+            })
+            .collect();
+        if let Some(base) = base {
+            if !args.iter().any(|a| a.r == base.r) {
+                args.push(Arg {
+                    model: wrap(Expr::atom(self.ref_name(base.r, idents)).at(base.span)),
+                    r: base.r,
+                    params: &[],
+                    starts_at_zero: true,
+                });
+            }
+        }
+        args
     }
 
     /// One method call: `args` in YAML order; the base goes where the method wants it.

@@ -66,17 +66,7 @@ impl Translator<'_> {
                 "chat_template" => doc.chat_template = self.chat_template(v),
                 "modules" => {
                     bodies.push((key, kspan));
-                    self.err(
-                        Code::E0606,
-                        "`modules` (per-module merges of multi-module models) is not supported yet",
-                        kspan,
-                        "not supported yet",
-                    )
-                    .help
-                    .push(
-                        "use `models:` to merge every module alike: mergec merges all the tensors of a model, vision tower included"
-                            .into(),
-                    );
+                    doc.body = Some(Body::Modules(self.modules(v)));
                 }
                 "models" => {
                     bodies.push((key, kspan));

@@ -215,6 +215,9 @@ impl Doc<'_> {
                     refs.extend(s.sources.iter().map(|s| s.model));
                 }
             }
+            Some(Body::Modules(modules)) => {
+                refs.extend(modules.iter().flat_map(|m| m.sources.iter().map(|s| s.model)))
+            }
             Some(Body::Moe(_)) | None => {}
         }
         refs.iter()
@@ -368,6 +371,9 @@ impl Translator<'_> {
             d = d.with_help(format!(
                 "`{key}` is a merge parameter: put it under `parameters:`"
             ));
+        } else if key == "revision" {
+            d = d.with_help("give the revision with the model: `model: org/name@REVISION`, or `model: {path: org/name, revision: REVISION}`");
+            ignored = "mergekit ignores it and reads the model's default revision; so does mergec".into();
         } else if key == "layer_range" {
             d = d.with_help(
                 "layer ranges belong to the sources of `slices:`; `models:` always takes whole models",

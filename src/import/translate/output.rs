@@ -1,5 +1,7 @@
 //! The save: output folder, dtype, shard size, config and tokenizer donors, chat template.
 
+use std::path::Path;
+
 use super::super::pretty::{self, quote};
 use super::*;
 use crate::sema::methods::Base;
@@ -67,7 +69,7 @@ pub(super) fn first_input(doc: &Doc) -> Option<Ref> {
                 _ => first.sources.first().map(|s| s.model.r),
             }
         }
-        Some(Body::Moe(_)) | None => None,
+        Some(Body::Modules(_) | Body::Moe(_)) | None => None,
     }
 }
 
@@ -129,9 +131,64 @@ impl Translator<'_> {
             }
         }
         if let Some((text, span)) = &doc.chat_template {
-            options.push(Expr::named("chat_template", Expr::atom(quote(text)).at(*span)));
+            let text = match text.as_str() {
+                "auto" => self.auto_chat_template(doc),
+                _ => Some(text.clone()),
+            };
+            if let Some(text) = text {
+                options.push(Expr::named("chat_template", Expr::atom(quote(&text)).at(*span)));
+            }
         }
         options
+    }
+
+    /// `chat_template: auto`: the template most of the merge's models have (the first of
+    /// them on a tie), as mergekit picks it; none when no model has one, which keeps the
+    /// tokenizer donor's files as they are. Models that cannot be read are passed over,
+    /// as mergekit passes over tokenizers it cannot load.
+    fn auto_chat_template(&self, doc: &Doc) -> Option<String> {
+        let mut refs: Vec<usize> = Vec::new();
+        let mut add = |r: RefAt| {
+            if let Ref::Model(i) = r.r {
+                if !refs.contains(&i) {
+                    refs.push(i);
+                }
+            }
+        };
+        doc.base.into_iter().for_each(&mut add);
+        match &doc.body {
+            Some(Body::Models(sources)) => sources.iter().for_each(|s| add(s.model)),
+            Some(Body::Slices(slices, _)) => slices
+                .iter()
+                .flat_map(|s| s.base.into_iter().chain(s.sources.iter().map(|s| s.model)))
+                .for_each(&mut add),
+            Some(Body::Modules(modules)) => modules
+                .iter()
+                .flat_map(|m| m.sources.iter().map(|s| s.model))
+                .for_each(&mut add),
+            Some(Body::Moe(_)) | None => {}
+        }
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for i in refs {
+            let Ok(path) =
+                crate::io::model::resolve_reference(&self.models[i].reference, &self.opts.script_dir)
+            else {
+                continue;
+            };
+            let dir = if path.is_file() {
+                path.parent().map(Path::to_path_buf)
+            } else {
+                Some(path)
+            };
+            if let Some(t) = dir.and_then(|d| model_chat_template(&d)) {
+                match counts.iter_mut().find(|(c, _)| *c == t) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((t, 1)),
+                }
+            }
+        }
+        let most = counts.iter().map(|(_, n)| *n).max()?;
+        counts.into_iter().find(|(_, n)| *n == most).map(|(t, _)| t)
     }
 
     pub(super) fn dtype(&mut self, v: &Node) -> Option<(&'static str, Span)> {
@@ -179,12 +236,7 @@ impl Translator<'_> {
         };
         match text {
             "chatml" | "llama3" | "mistral" | "alpaca" => Some((text.to_string(), v.span)),
-            "auto" => {
-                self.err(Code::E0606, "`chat_template: auto` is not supported yet", v.span, "not supported yet")
-                    .help
-                    .push("remove the key to keep the donor model's own template, or name one: chatml, llama3, mistral, alpaca".into());
-                None
-            }
+            "auto" => Some((text.to_string(), v.span)),
             "exaone" => {
                 self.err(Code::E0606, "the built-in chat template `exaone` is not supported yet", v.span, "not built in")
                     .help
@@ -273,6 +325,30 @@ impl Translator<'_> {
         }
         source
     }
+}
+
+/// A model folder's chat template, as transformers loads it: `chat_template.jinja`, else
+/// `tokenizer_config.json`'s `chat_template` (of a list of named templates, `default`).
+fn model_chat_template(dir: &Path) -> Option<String> {
+    let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        Ok(t) => t,
+        Err(_) => {
+            let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+            let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+            match &config["chat_template"] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(named) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")?
+                    .get("template")?
+                    .as_str()?
+                    .to_string(),
+                _ => return None,
+            }
+        }
+    };
+    let t = template.trim();
+    (!t.is_empty()).then(|| t.to_string())
 }
 
 #[cfg(test)]

@@ -18,8 +18,29 @@ pub(super) struct Slice<'a> {
 pub(super) enum Body<'a> {
     Models(Vec<Source<'a>>),
     Slices(Vec<Slice<'a>>, Span),
+    /// `modules:`: one merge per module of a multi-module model.
+    Modules(Vec<Module<'a>>),
     /// A mergekit-moe config.
     Moe(Box<super::moe::Moe>),
+}
+
+/// One entry of `modules:`: a merge of the tensors whose names hold `pattern`.
+pub(super) struct Module<'a> {
+    pub(super) pattern: String,
+    /// The module's name in the YAML.
+    pub(super) span: Span,
+    pub(super) sources: Vec<Source<'a>>,
+    pub(super) params: Vec<Param<'a>>,
+}
+
+/// The substring that picks a module's tensors out of a model: its weight prefix in
+/// mergekit's architecture files (`language_model.` for the text decoder, else the
+/// module's own name).
+fn module_pattern(name: &str) -> String {
+    match name {
+        "text_decoder" => "language_model.".to_string(),
+        _ => format!("{name}."),
+    }
 }
 
 pub(super) fn slice_bases(d: &Doc) -> Vec<RefAt> {
@@ -30,6 +51,70 @@ pub(super) fn slice_bases(d: &Doc) -> Vec<RefAt> {
 }
 
 impl Translator<'_> {
+    /// `modules:`, a mapping of module names to `{models, parameters}`.
+    pub(super) fn modules<'n>(&mut self, v: &'n Node) -> Vec<Module<'n>> {
+        let Value::Map(entries) = &v.value else {
+            self.err(
+                Code::E0603,
+                format!(
+                    "`modules` must be a mapping of module names, found {}",
+                    v.describe()
+                ),
+                v.span,
+                "expected `NAME: {models: ...}` entries",
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, body) in entries {
+            let Some(name) = k.as_str() else {
+                self.err(Code::E0603, "a module name must be a string", k.span, "here");
+                continue;
+            };
+            let mut module = Module {
+                pattern: module_pattern(name),
+                span: k.span,
+                sources: Vec::new(),
+                params: Vec::new(),
+            };
+            let mut has_models = false;
+            for (key, kspan, value) in self.entries(body, &["models", "slices", "parameters"], "a module") {
+                match key {
+                    "models" => {
+                        has_models = true;
+                        module.sources = self.models_list(value);
+                    }
+                    "parameters" => module.params = self.params(value, "a module's `parameters`"),
+                    _ => {
+                        self.err(
+                            Code::E0606,
+                            "`slices` inside a module are not supported yet",
+                            kspan,
+                            "not supported yet",
+                        )
+                        .help
+                        .push("give the module `models:`; a script can cut a module's layers with `select` and `.layers[..]`".into());
+                    }
+                }
+            }
+            if !has_models && matches!(body.value, Value::Map(_)) && !self.diags.has_errors() {
+                self.err(
+                    Code::E0603,
+                    format!("the module `{name}` has no `models`"),
+                    k.span,
+                    "this module",
+                )
+                .help
+                .push("mergekit takes exactly one of `models` and `slices` for each module".into());
+            }
+            out.push(module);
+        }
+        if out.is_empty() {
+            self.err(Code::E0603, "`modules` is empty", v.span, "no modules");
+        }
+        out
+    }
+
     pub(super) fn models_list<'n>(&mut self, v: &'n Node) -> Vec<Source<'n>> {
         let Value::Seq(items) = &v.value else {
             self.err(
