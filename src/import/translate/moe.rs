@@ -369,7 +369,10 @@ impl Translator<'_> {
         if let Some(k) = &moe.experts_per_token {
             args.push(Expr::named("experts_per_token", k.clone()));
         }
-        if self.opts.allow_same_experts {
+        // mergekit-moe checks nothing more for the `random` gate, same experts included.
+        let random = moe.gate.as_ref().is_some_and(|(g, _)| g == "random");
+        let all_same = moe.experts.iter().all(|e| e.model.r == moe.experts[0].model.r);
+        if self.opts.allow_same_experts || (random && all_same) {
             args.push(Expr::named("allow_same_experts", Expr::atom("true")));
         }
         Expr::Call("moe".into(), args).at(moe.span)
