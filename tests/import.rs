@@ -586,12 +586,28 @@ fn translation_rules() {
     assert!(s.contains("model micro_llama_ft1_f32_2 = "), "{s}");
 }
 
-/// No YAML makes the translation panic: every config cut short, and with lines dropped.
+/// No YAML makes the translation panic: every config and fixture cut short, and with
+/// lines dropped (`fuzz/fuzz_targets/yaml.rs` goes further).
 #[test]
 fn broken_yaml_never_panics() {
-    for entry in std::fs::read_dir(conformance_dir().join("configs")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        let opts = Options::new("x.yml", &conformance_dir(), Path::new("out/x"));
+    let dirs = [
+        "tests/fixtures/conformance/configs",
+        "tests/fixtures/yaml/published",
+        "tests/fixtures/yaml/moe",
+        "tests/fixtures/yaml/bad",
+    ];
+    let files = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .chain([
+            PathBuf::from(MULTI),
+            PathBuf::from("tests/fixtures/yaml/modules.yml"),
+        ])
+        .filter(|p| import::is_yaml(p));
+    for (i, path) in files.enumerate() {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut opts = Options::new("x.yml", &conformance_dir(), Path::new("out/x"));
+        opts.strict = i % 2 == 1;
         for cut in (0..text.len()).step_by(5).filter(|i| text.is_char_boundary(*i)) {
             let _ = import::translate("x.yml", text[..cut].to_string(), &opts);
         }
