@@ -883,3 +883,24 @@ fn published_configs() {
         }
     }
 }
+
+/// `mergec run` and `mergec import` take a mergekit-moe config as mergekit-moe does.
+#[test]
+fn cli_runs_a_mergekit_moe_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/moe/mixtral.yml");
+    let run = in_conformance(&["run", cfg.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(config["num_local_experts"], 3);
+    let imported = in_conformance(&["import", cfg.to_str().unwrap()]);
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    assert!(
+        text(&imported.stdout).contains("save moe("),
+        "{}",
+        text(&imported.stdout)
+    );
+}
