@@ -46,7 +46,6 @@ struct Expert {
     model: RefAt,
     /// The block's entries: prompts, noise and residual scales.
     entries: Vec<Expr>,
-    has_positive: bool,
     /// The prompts as written, to compare experts as mergekit does.
     prompts: (Vec<String>, Vec<String>),
 }
@@ -171,40 +170,28 @@ impl Translator<'_> {
 
     fn expert(&mut self, item: &Node) -> Option<Expert> {
         let mut model = None;
-        let mut expert = Expert {
-            model: RefAt {
-                r: Ref::Model(0),
-                span: item.span,
-            },
-            entries: Vec::new(),
-            has_positive: false,
-            prompts: (Vec::new(), Vec::new()),
-        };
+        let mut entries = Vec::new();
+        let mut prompts: (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
         for (key, _, v) in self.entries(item, EXPERT_KEYS, "an expert") {
             match key {
                 "source_model" => model = self.reference(v),
                 "positive_prompts" | "negative_prompts" => {
-                    let positive = key == "positive_prompts";
-                    let Some((value, texts)) = self.prompts(v) else {
+                    // Null or empty: no prompts, as mergekit reads it.
+                    let Some((value, texts)) = self.prompts(v).filter(|(_, t)| !t.is_empty()) else {
                         continue;
                     };
-                    if texts.is_empty() {
-                        continue;
-                    }
-                    let name = if positive { "positive" } else { "negative" };
-                    expert.entries.push(Expr::named(name, value));
-                    if positive {
-                        expert.has_positive = true;
-                        expert.prompts.0 = texts;
+                    if key == "positive_prompts" {
+                        entries.push(Expr::named("positive", value));
+                        prompts.0 = texts;
                     } else {
-                        expert.prompts.1 = texts;
+                        entries.push(Expr::named("negative", value));
+                        prompts.1 = texts;
                     }
                 }
+                _ if v.value == Value::Null => {}
                 _ => {
-                    if v.value != Value::Null {
-                        if let Some(x) = self.number(v) {
-                            expert.entries.push(Expr::named(key, x));
-                        }
+                    if let Some(x) = self.number(v) {
+                        entries.push(Expr::named(key, x));
                     }
                 }
             }
@@ -217,14 +204,17 @@ impl Translator<'_> {
                 "no model here",
             );
         }
-        expert.model = model?;
-        Some(expert)
+        Some(Expert {
+            model: model?,
+            entries,
+            prompts,
+        })
     }
 
     /// Prompts: a list of strings, or one string (one prompt).
     fn prompts(&mut self, v: &Node) -> Option<(Expr, Vec<String>)> {
         match &v.value {
-            Value::Null => Some((Expr::atom(""), Vec::new())),
+            Value::Null => None,
             Value::Str(s) => Some((Expr::atom(quote(s)).at(v.span), vec![s.clone()])),
             Value::Seq(items) => {
                 let mut texts = Vec::new();
@@ -316,7 +306,7 @@ impl Translator<'_> {
             return;
         }
         for (i, e) in moe.experts.iter().enumerate() {
-            if !e.has_positive {
+            if e.prompts.0.is_empty() {
                 self.err(
                     Code::E0702,
                     format!("expert {i} has no positive prompts"),
@@ -328,7 +318,7 @@ impl Translator<'_> {
             }
         }
         if moe.experts.len() > 1
-            && moe.experts.iter().all(|e| e.has_positive)
+            && moe.experts.iter().all(|e| !e.prompts.0.is_empty())
             && moe.experts.iter().all(|e| e.prompts == moe.experts[0].prompts)
         {
             self.err(
