@@ -25,17 +25,7 @@ impl Translator<'_> {
         if is_moe(node) {
             return self.moe_doc(node, multi);
         }
-        let mut doc = Doc {
-            name: None,
-            method: None,
-            body: None,
-            base: None,
-            params: Vec::new(),
-            dtype: None,
-            tokenizer: None,
-            chat_template: None,
-            span: node.span,
-        };
+        let mut doc = Doc::new(node.span);
         let entries = self.entries(node, TOP_KEYS, "a merge configuration");
         if entries.is_empty() && !matches!(node.value, Value::Map(_)) {
             return doc;

@@ -205,6 +205,21 @@ struct Doc<'a> {
 }
 
 impl Doc<'_> {
+    /// A document with nothing read yet.
+    fn new(span: Span) -> Self {
+        Doc {
+            name: None,
+            method: None,
+            body: None,
+            base: None,
+            params: Vec::new(),
+            dtype: None,
+            tokenizer: None,
+            chat_template: None,
+            span,
+        }
+    }
+
     fn doc_refs(&self) -> Vec<usize> {
         let mut refs: Vec<RefAt> = self.base.iter().copied().chain(self.tokenizer).collect();
         match &self.body {

@@ -62,17 +62,7 @@ pub(super) fn is_moe(node: &Node) -> bool {
 impl Translator<'_> {
     /// A mergekit-moe document: a `moe(...)` of the base and the experts.
     pub(super) fn moe_doc<'n>(&mut self, node: &'n Node, multi: bool) -> Doc<'n> {
-        let mut doc = Doc {
-            name: None,
-            method: None,
-            body: None,
-            base: None,
-            params: Vec::new(),
-            dtype: None,
-            tokenizer: None,
-            chat_template: None,
-            span: node.span,
-        };
+        let mut doc = Doc::new(node.span);
         if multi {
             self.err(
                 Code::E0603,
@@ -93,12 +83,10 @@ impl Translator<'_> {
         };
         let mut arch: Option<(String, Span)> = None;
         let mut shared: Vec<Expert> = Vec::new();
-        let mut experts_at = None;
         for (key, kspan, v) in self.entries(node, MOE_KEYS, "a mergekit-moe configuration") {
             match key {
                 "base_model" => doc.base = self.reference(v),
                 "experts" => {
-                    experts_at = Some(kspan);
                     moe.span = kspan;
                     moe.experts = self.experts(v, "experts");
                 }
@@ -130,10 +118,8 @@ impl Translator<'_> {
             .help
             .push("add `base_model:`: it gives the attention, norms and embeddings".into());
         }
-        if let Some(at) = experts_at {
-            if moe.experts.is_empty() && !self.diags.has_errors() {
-                self.err(Code::E0603, "`experts` is empty", at, "no experts");
-            }
+        if moe.experts.is_empty() && !self.diags.has_errors() {
+            self.err(Code::E0603, "`experts` is empty", moe.span, "no experts");
         }
         if shared.len() > 1 {
             self.err(
