@@ -564,6 +564,12 @@ fn translation_rules() {
         .0
         .iter()
         .any(|d| d.code == mergec::diag::Code::W0005 && d.message.contains("listed twice")));
+    // Each parameter comes from the first entry that sets it.
+    let s = script_of(&format!(
+        "models:\n  - model: {FT1}\n  - model: models/micro-llama-ft2-f32\n  - model: {FT1}\n    parameters: {{weight: 0.9}}\nmerge_method: linear\nparameters: {{weight: 1}}\n"
+    ))
+    .unwrap();
+    assert!(s.contains("linear(ft1 { weight: 0.9 }, ft2, weight: 1)"), "{s}");
     let mut strict = Options::new(
         "test.yml",
         Path::new("tests/fixtures/conformance"),

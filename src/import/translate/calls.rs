@@ -254,15 +254,22 @@ impl Translator<'_> {
                 }
             }
             for (i, a) in args.iter().enumerate() {
-                let own_param = find(a.params, p.name);
-                let own = self.chain(&[own_param]);
+                // A model listed twice has each entry's value, the first entry's first.
+                let own_levels: Vec<Option<&Param>> =
+                    a.params.iter().filter(|q| q.name == p.name).map(Some).collect();
+                let own = self.chain(&own_levels);
                 let arms = if fold {
                     chain_arms(vec![own, call_arms.clone()])
                 } else {
                     own
                 };
                 let model_name = flat_name(&a.model);
-                let place = own_param.map(|q| q.place()).or(call_place);
+                let place = own_levels
+                    .first()
+                    .copied()
+                    .flatten()
+                    .map(|q| q.place())
+                    .or(call_place);
                 if let Some(e) = self.arms_expr(arms, &format!("{model_name}_{}", p.name)) {
                     blocks[i].push(placed(Expr::named(p.name, e), place));
                 }
@@ -272,9 +279,15 @@ impl Translator<'_> {
         let mut base_named = None;
         if let Some(b) = base_arg {
             let mut entries = Vec::new();
-            for p in b.params {
-                if sig.param(&p.name).is_some_and(|s| s.per_model) {
-                    let arms = self.chain(&[Some(p)]);
+            for (i, p) in b.params.iter().enumerate() {
+                let first = b.params[..i].iter().all(|q| q.name != p.name);
+                if first && sig.param(&p.name).is_some_and(|s| s.per_model) {
+                    let levels: Vec<Option<&Param>> = b.params[i..]
+                        .iter()
+                        .filter(|q| q.name == p.name)
+                        .map(Some)
+                        .collect();
+                    let arms = self.chain(&levels);
                     if let Some(e) = self.arms_expr(arms, &format!("{}_{}", flat_name(&b.model), p.name)) {
                         entries.push(Expr::named(&p.name, e));
                     }

@@ -141,8 +141,9 @@ impl Translator<'_> {
     }
 
     /// mergekit keys a merge's inputs by model: a model listed twice is one input, in the
-    /// first entry's place and with its parameters, and (in a slice) the last entry's layer
-    /// range. The entries are folded into that one input, with a warning.
+    /// first entry's place, each parameter from the first entry that sets it, and (in a
+    /// slice) the last entry's layer range. The entries are folded into that one input,
+    /// with a warning.
     pub(super) fn no_repeats(&mut self, sources: &mut Vec<Source>) {
         let mut i = 0;
         while i < sources.len() {
@@ -158,14 +159,16 @@ impl Translator<'_> {
                 .with_label(sources[first].model.span, "first here")
                 .with_help("list each model once");
             d = d.with_note(if ranged {
-                "mergekit takes it once: the first entry's place and parameters, with this entry's layers; so does mergec"
+                "mergekit takes it once: the first entry's place, each parameter from the first entry that sets it, and this entry's layers; so does mergec"
             } else {
-                "mergekit takes it once, with the first entry's parameters; so does mergec"
+                "mergekit takes it once, each parameter from the first entry that sets it; so does mergec"
             });
             self.tolerated(Code::E0603, d);
             if again.range.is_some() {
                 sources[first].range = again.range;
             }
+            // mergekit looks each parameter up entry by entry: the first that sets it wins.
+            sources[first].params.extend(again.params);
         }
     }
 
