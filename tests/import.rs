@@ -534,11 +534,25 @@ fn translation_rules() {
     assert!(e.contains("cycle"), "{e}");
 
     // A filter with `*`, and a duplicate model.
-    let e = script_of(&format!(
-        "models:\n  - model: {FT1}\n    parameters:\n      weight:\n        - filter: layers.*.mlp\n          value: 1\nmerge_method: linear\n"
-    ))
-    .unwrap_err();
-    assert!(e.contains("never matches in mergekit"), "{e}");
+    // A filter with `*` never matches in mergekit: its entry is left out, with a warning.
+    let imp = import::translate(
+        "test.yml",
+        format!(
+            "models:\n  - model: {FT1}\n    parameters:\n      weight:\n        - filter: layers.*.mlp\n          value: 1\n        - value: 0.5\nmerge_method: linear\n"
+        ),
+        &Options::new("test.yml", Path::new("tests/fixtures/conformance"), Path::new("out/x")),
+    )
+    .unwrap();
+    assert!(
+        imp.text().contains("linear(micro_llama_ft1_f32 { weight: 0.5 })"),
+        "{}",
+        imp.text()
+    );
+    assert!(imp
+        .warnings
+        .0
+        .iter()
+        .any(|d| d.message.contains("never matches in mergekit")));
     // A model listed twice is one input, as in mergekit, with a warning (an error under
     // `--strict`).
     let twice = format!(

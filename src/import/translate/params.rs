@@ -196,14 +196,14 @@ impl Translator<'_> {
                         Some((_, Value::Str(s))) if s == "*" => None,
                         Some((f, Value::Str(s))) => {
                             if s.contains('*') {
-                                self.err(
+                                // The entry never applies in mergekit: left out, as it is there.
+                                self.tolerated(
                                     Code::E0603,
-                                    format!("the filter `{s}` never matches in mergekit"),
-                                    f.span,
-                                    "a plain substring, not a pattern",
-                                )
-                                .help
-                                .push("mergekit matches filters as substrings, and tensor names contain no `*`: write the substring without `*`, or remove the entry".into());
+                                    Diagnostic::error(Code::W0005, format!("the filter `{s}` never matches in mergekit"))
+                                        .at(f.span, "a plain substring, not a pattern")
+                                        .with_help("write the substring without `*`, or remove the entry")
+                                        .with_note("mergekit matches filters as substrings, and tensor names contain no `*`: it skips this entry, and so does mergec"),
+                                );
                                 continue;
                             }
                             Some(s)
