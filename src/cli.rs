@@ -166,6 +166,12 @@ pub struct YamlArgs {
     /// output folder (by default only the final merge is written).
     #[arg(long)]
     save_intermediates: bool,
+    /// mergekit-moe: allow every expert to be the same model (`allow_same_experts: true`).
+    #[arg(long = "i-understand-this-is-not-useful-without-training")]
+    allow_same_experts: bool,
+    /// What mergekit ignores or tolerates is an error, not a warning (for CI).
+    #[arg(long)]
+    strict: bool,
 }
 
 impl YamlArgs {
@@ -176,6 +182,10 @@ impl YamlArgs {
             Some("--out-shard-size")
         } else if self.save_intermediates {
             Some("--save-intermediates")
+        } else if self.allow_same_experts {
+            Some("--i-understand-this-is-not-useful-without-training")
+        } else if self.strict {
+            Some("--strict")
         } else {
             None
         }
@@ -368,6 +378,8 @@ fn yaml_options(
     opts.script_dir = script_dir.to_path_buf();
     opts.seed = args.seed;
     opts.save_intermediates = args.save_intermediates;
+    opts.allow_same_experts = args.allow_same_experts;
+    opts.strict = args.strict;
     if let Some(s) = &args.out_shard_size {
         match import::parse_shard_size(s) {
             Ok(b) => opts.shard_bytes = Some(b),
@@ -414,6 +426,7 @@ fn import_cmd(
         Ok(i) => i,
         Err(code) => return code,
     };
+    report(&imported.warnings, &imported.sources, Format::Human);
     match output {
         None => {
             print!("{}", imported.text());

@@ -157,7 +157,9 @@ fn yaml_diagnostics(path: &Path) -> String {
         path.file_name().unwrap().to_string_lossy()
     );
     let text = std::fs::read_to_string(path).unwrap();
-    let opts = Options::new(&name, Path::new("tests/fixtures/conformance"), Path::new("out/x"));
+    let mut opts = Options::new(&name, Path::new("tests/fixtures/conformance"), Path::new("out/x"));
+    // Errors as `--strict` reports them; warnings (w*) as a plain run does.
+    opts.strict = name.contains("/e0");
     match import::translate(&name, text, &opts) {
         Err(f) => mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false),
         Ok(imp) => match imp.compile(false, &Limits::default()) {
@@ -391,7 +393,7 @@ fn cli_plan_debug_and_json() {
     let hir = in_conformance(&["debug", "hir", "configs/slices_blend_f32.yml"]);
     assert!(hir.status.success(), "{}", text(&hir.stderr));
     let bad = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/e0602_unknown_key.yml");
-    let json = in_conformance(&["check", bad.to_str().unwrap(), "--format", "json"]);
+    let json = in_conformance(&["check", bad.to_str().unwrap(), "--format", "json", "--strict"]);
     assert_eq!(json.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let d = &v["diagnostics"][0];
@@ -520,16 +522,68 @@ fn translation_rules() {
     assert!(e.contains("cycle"), "{e}");
 
     // A filter with `*`, and a duplicate model.
-    let e = script_of(&format!(
-        "models:\n  - model: {FT1}\n    parameters:\n      weight:\n        - filter: layers.*.mlp\n          value: 1\nmerge_method: linear\n"
+    // A filter with `*` never matches in mergekit: its entry is left out, with a warning.
+    let imp = import::translate(
+        "test.yml",
+        format!(
+            "models:\n  - model: {FT1}\n    parameters:\n      weight:\n        - filter: layers.*.mlp\n          value: 1\n        - value: 0.5\nmerge_method: linear\n"
+        ),
+        &Options::new("test.yml", Path::new("tests/fixtures/conformance"), Path::new("out/x")),
+    )
+    .unwrap();
+    assert!(
+        imp.text().contains("linear(micro_llama_ft1_f32 { weight: 0.5 })"),
+        "{}",
+        imp.text()
+    );
+    assert!(imp
+        .warnings
+        .0
+        .iter()
+        .any(|d| d.message.contains("never matches in mergekit")));
+    // A model listed twice is one input, as in mergekit, with a warning (an error under
+    // `--strict`).
+    let twice = format!(
+        "models:\n  - model: {FT1}\n    parameters: {{weight: 0.3}}\n  - model: models/micro-llama-ft2-f32\n  - model: {FT1}\n    parameters: {{weight: 0.9}}\nmerge_method: linear\n"
+    );
+    let imp = import::translate(
+        "test.yml",
+        twice.clone(),
+        &Options::new(
+            "test.yml",
+            Path::new("tests/fixtures/conformance"),
+            Path::new("out/x"),
+        ),
+    )
+    .unwrap();
+    assert!(
+        imp.text().contains("linear(ft1 { weight: 0.3 }, ft2)"),
+        "{}",
+        imp.text()
+    );
+    assert!(imp
+        .warnings
+        .0
+        .iter()
+        .any(|d| d.code == mergec::diag::Code::W0005 && d.message.contains("listed twice")));
+    // Each parameter comes from the first entry that sets it.
+    let s = script_of(&format!(
+        "models:\n  - model: {FT1}\n  - model: models/micro-llama-ft2-f32\n  - model: {FT1}\n    parameters: {{weight: 0.9}}\nmerge_method: linear\nparameters: {{weight: 1}}\n"
     ))
-    .unwrap_err();
-    assert!(e.contains("never matches in mergekit"), "{e}");
-    let e = script_of(&format!(
-        "models:\n  - model: {FT1}\n  - model: {FT1}\nmerge_method: karcher\n"
-    ))
-    .unwrap_err();
-    assert!(e.contains("listed twice"), "{e}");
+    .unwrap();
+    assert!(s.contains("linear(ft1 { weight: 0.9 }, ft2, weight: 1)"), "{s}");
+    let mut strict = Options::new(
+        "test.yml",
+        Path::new("tests/fixtures/conformance"),
+        Path::new("out/x"),
+    );
+    strict.strict = true;
+    let e = import::translate("test.yml", twice, &strict).unwrap_err();
+    assert!(e
+        .diagnostics
+        .0
+        .iter()
+        .any(|d| d.code == mergec::diag::Code::E0603 && d.message.contains("listed twice")));
 
     // Model names: unique and valid, from any path.
     let s = script_of(
@@ -540,12 +594,28 @@ fn translation_rules() {
     assert!(s.contains("model micro_llama_ft1_f32_2 = "), "{s}");
 }
 
-/// No YAML makes the translation panic: every config cut short, and with lines dropped.
+/// No YAML makes the translation panic: every config and fixture cut short, and with
+/// lines dropped (`fuzz/fuzz_targets/yaml.rs` goes further).
 #[test]
 fn broken_yaml_never_panics() {
-    for entry in std::fs::read_dir(conformance_dir().join("configs")).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        let opts = Options::new("x.yml", &conformance_dir(), Path::new("out/x"));
+    let dirs = [
+        "tests/fixtures/conformance/configs",
+        "tests/fixtures/yaml/published",
+        "tests/fixtures/yaml/moe",
+        "tests/fixtures/yaml/bad",
+    ];
+    let files = dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()))
+        .chain([
+            PathBuf::from(MULTI),
+            PathBuf::from("tests/fixtures/yaml/modules.yml"),
+        ])
+        .filter(|p| import::is_yaml(p));
+    for (i, path) in files.enumerate() {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut opts = Options::new("x.yml", &conformance_dir(), Path::new("out/x"));
+        opts.strict = i % 2 == 1;
         for cut in (0..text.len()).step_by(5).filter(|i| text.is_char_boundary(*i)) {
             let _ = import::translate("x.yml", text[..cut].to_string(), &opts);
         }
@@ -556,4 +626,289 @@ fn broken_yaml_never_panics() {
             let _ = import::translate("x.yml", l.join("\n"), &opts);
         }
     }
+}
+
+/// The translation of a fixture under `tests/fixtures/yaml/`, from the conformance folder.
+fn fixture_import(rel: &str, out: &Path, opts: impl FnOnce(&mut Options)) -> Import {
+    let path = format!("tests/fixtures/yaml/{rel}");
+    let mut o = Options::new(&path, &conformance_dir(), out);
+    opts(&mut o);
+    import::translate(&path, std::fs::read_to_string(&path).unwrap(), &o).unwrap_or_else(|f| {
+        panic!(
+            "{rel}:\n{}",
+            mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false)
+        )
+    })
+}
+
+/// mergekit-moe configs: each translates (snapshot) and checks clean against the models.
+#[test]
+fn moe_configs_translate_and_check() {
+    insta::glob!("fixtures/yaml/moe/*.yml", |path| {
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let tmp = tempfile::tempdir().unwrap();
+        let imp = fixture_import(&format!("moe/{stem}.yml"), &tmp.path().join("x"), |_| {});
+        if let Err((s, d)) = imp.compile(false, &Limits::default()) {
+            panic!("{stem}:\n{}\n{}", imp.text(), render_diags(&s, &d));
+        }
+        let shown = fixture_import(&format!("moe/{stem}.yml"), Path::new("out/x"), |_| {});
+        insta::assert_snapshot!(format!("import_moe_{stem}"), shown.text());
+    });
+}
+
+/// A mergekit-moe YAML runs end to end and gives the same bytes as the `.merge` script
+/// written by hand.
+#[test]
+fn moe_yaml_matches_the_script_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let imp = fixture_import("moe/mixtral.yml", &out, |o| o.seed = Some(3));
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}", render_diags(&s, &d)));
+    run_compiled(&c, 2);
+
+    let by_hand = r#"
+model base = "models/micro-llama-base-f32"
+model ft1 = "models/micro-llama-ft1-f32"
+model ft2 = "models/micro-llama-ft2-f32"
+model ft3 = "models/micro-llama-ft3-f32"
+set seed = 3
+save moe(base,
+    ft1 { positive: ["the cat sat on the mat", "a dog ran"] },
+    ft2 { positive: ["one two three four"], negative: ["the cat sat on the mat", "a dog ran"], residual_scale: 0.5 },
+    ft3 { positive: ["hello there"], noise_scale: 0.01 },
+    gate: "cheap_embed") to "out/moe" { dtype: bf16 }
+"#;
+    let tmp2 = tempfile::tempdir().unwrap();
+    let (_, c2) = compile_text(by_hand, &conformance_dir(), tmp2.path())
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    run_compiled(&c2, 2);
+    assert_same_files(&out, &tmp2.path().join("moe"), "mergekit-moe");
+}
+
+/// mergekit-moe's `--i-understand-this-is-not-useful-without-training` lets every expert
+/// be the same model.
+#[test]
+fn moe_same_experts_with_mergekit_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imp = fixture_import("bad/e0703_moe_same_experts.yml", &tmp.path().join("x"), |o| {
+        o.allow_same_experts = true
+    });
+    assert!(imp.text().contains("allow_same_experts: true"), "{}", imp.text());
+    if let Err((s, d)) = imp.compile(false, &Limits::default()) {
+        panic!("{}", render_diags(&s, &d));
+    }
+    let out = mergec()
+        .args([
+            "check",
+            "../yaml/bad/e0703_moe_same_experts.yml",
+            "--i-understand-this-is-not-useful-without-training",
+        ])
+        .current_dir(conformance_dir())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// What mergekit tolerates runs with warnings; `--strict` makes them errors.
+#[test]
+fn cli_strict_turns_tolerated_into_errors() {
+    let cfg =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/bad/w0005_mergekit_ignores.yml");
+    let lax = in_conformance(&["check", cfg.to_str().unwrap()]);
+    assert!(lax.status.success(), "{}", text(&lax.stderr));
+    assert!(text(&lax.stderr).contains("[W0005]"), "{}", text(&lax.stderr));
+    let strict = in_conformance(&["check", cfg.to_str().unwrap(), "--strict"]);
+    assert_eq!(strict.status.code(), Some(1));
+    let err = text(&strict.stderr);
+    assert!(err.contains("[E0602]") && err.contains("[E0603]"), "{err}");
+    let imported = in_conformance(&["import", cfg.to_str().unwrap()]);
+    assert!(imported.status.success());
+    assert!(
+        text(&imported.stderr).contains("[W0005]"),
+        "{}",
+        text(&imported.stderr)
+    );
+}
+
+/// `modules:`: each module merged on its own tensors and grafted over the base; what no
+/// module names comes from the base.
+#[test]
+fn modules_merge_each_module_over_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vlm");
+    let imp = fixture_import("modules.yml", &out, |_| {});
+    let (_, c) = imp
+        .compile(false, &Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}\n{}", imp.text(), render_diags(&s, &d)));
+    run_compiled(&c, 2);
+    let got = load_folder(&out);
+    let base = load_folder(&conformance_dir().join("models/micro-llava-base-f32"));
+    let ft = load_folder(&conformance_dir().join("models/micro-llava-ft1-f32"));
+    assert_eq!(got.len(), base.len());
+    for (name, b) in &base {
+        let g = &got[name].values;
+        if name.contains("language_model.") {
+            let want: Vec<f32> = b
+                .values
+                .iter()
+                .zip(&ft[name].values)
+                .map(|(x, y)| 0.5 * x + 0.5 * y)
+                .collect();
+            assert_eq!(g, &want, "{name}");
+        } else {
+            assert_eq!(g, &b.values, "{name}");
+        }
+    }
+    let shown = fixture_import("modules.yml", Path::new("out/x"), |_| {});
+    insta::assert_snapshot!("import_modules", shown.text());
+}
+
+/// `chat_template: auto` takes the template most of the merge's models have.
+#[test]
+fn chat_template_auto_takes_the_most_common_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = conformance_dir().join("models");
+    for (name, template) in [
+        ("a", Some("{{ one }}")),
+        ("b", Some("{{ two }}")),
+        ("c", Some("{{ two }}")),
+        ("d", None),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(models.join("micro-llama-ft1-f32").join(f), dir.join(f)).unwrap();
+        }
+        if let Some(t) = template {
+            let config = serde_json::json!({ "chat_template": t });
+            std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        }
+    }
+    let yaml = "models:\n  - model: a\n  - model: b\n  - model: c\n  - model: d\nmerge_method: karcher\nchat_template: auto\n";
+    let opts = Options::new("auto.yml", tmp.path(), &tmp.path().join("out"));
+    let imp = import::translate("auto.yml", yaml.to_string(), &opts).unwrap();
+    assert!(
+        imp.text().contains("chat_template: \"{{ two }}\""),
+        "{}",
+        imp.text()
+    );
+    // No model has one: the donor's tokenizer files are kept as they are.
+    let yaml = "models:\n  - model: d\n  - model: a/missing\nmerge_method: karcher\nchat_template: auto\n";
+    let imp = import::translate("auto.yml", yaml.to_string(), &opts).unwrap();
+    assert!(!imp.text().contains("chat_template"), "{}", imp.text());
+}
+
+/// The published configs that do not translate, with the code each gets: what mergekit
+/// refuses, and what needs a feature mergec does not have.
+const PUBLISHED_REFUSED: &[(&str, &str)] = &[
+    // No `merge_method` (`metric_method` instead): mergekit refuses it.
+    ("mergekit-examples__linear_small", "E0603"),
+    // Two unnamed documents (the retired mergekit-mega format): mergekit refuses it.
+    ("mergekit-examples__mega", "E0603"),
+    // Methods of open pull requests: no mergekit release has them.
+    ("mergekit-pr568__cabs-toplevel-method-keys", "E0604"),
+    ("mergekit-pr646__core_space-same-model-twice", "E0604"),
+    // A method newer than mergekit 0.1.5, which mergec does not have.
+    ("mergekit-examples__whisper-encoder-decoder-weighted", "E0604"),
+    // A merged vocabulary (`tokenizer: {source: union}`): not supported yet.
+    ("mergekit-examples__chipalign", "E0606"),
+];
+
+/// The model references of a generated script (`model NAME = "REF"`), as paths.
+fn script_models(script: &str) -> Vec<String> {
+    script
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("model ")?
+                .split_once(" = \"")
+                .map(|(_, r)| r.trim_end_matches('"'))
+        })
+        .map(|r| {
+            let r = r.strip_prefix("hf:").unwrap_or(r);
+            r.split('@').next().unwrap_or(r).to_string()
+        })
+        .collect()
+}
+
+/// Every published config translates, or gets the code it is listed with; each one that
+/// translates checks clean against tiny synthetic models at its model references.
+#[test]
+fn published_configs() {
+    let dir = Path::new("tests/fixtures/yaml/published");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| import::is_yaml(p))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 30, "{} published configs", names.len());
+    let layer_ends = regex::Regex::new(r"\.layers\[\d+\.\.(\d+)\]").unwrap();
+    for path in &names {
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = Options::new(&name, tmp.path(), &tmp.path().join("out"));
+        let refused = PUBLISHED_REFUSED
+            .iter()
+            .find(|(s, _)| *s == stem)
+            .map(|(_, c)| *c);
+        let imp = match (import::translate(&name, text.clone(), &opts), refused) {
+            (Err(f), Some(code)) => {
+                let shown = mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false);
+                assert!(
+                    shown.contains(&format!("[{code}]")),
+                    "{stem}: expected {code}:\n{shown}"
+                );
+                continue;
+            }
+            (Err(f), None) => panic!(
+                "{stem}:\n{}",
+                mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false)
+            ),
+            (Ok(imp), Some(code)) => panic!("{stem} should get {code}:\n{}", imp.text()),
+            (Ok(imp), None) => imp,
+        };
+        let layers = layer_ends
+            .captures_iter(imp.text())
+            .filter_map(|c| c[1].parse::<usize>().ok())
+            .max()
+            .unwrap_or(4);
+        for (k, model) in script_models(imp.text()).iter().enumerate() {
+            let spec = mergec::synth::SynthSpec {
+                layers,
+                ..mergec::synth::SynthSpec::tiny(k as u32)
+            };
+            mergec::synth::write_model(&spec, &tmp.path().join(model), false).unwrap();
+        }
+        // Translated again, the references now find the synthetic models.
+        let imp = import::translate(&name, text, &opts).unwrap();
+        if let Err((s, d)) = imp.compile(false, &Limits::default()) {
+            panic!("{stem}:\n{}\n{}", imp.text(), render_diags(&s, &d));
+        }
+    }
+}
+
+/// `mergec run` and `mergec import` take a mergekit-moe config as mergekit-moe does.
+#[test]
+fn cli_runs_a_mergekit_moe_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("moe");
+    let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/yaml/moe/mixtral.yml");
+    let run = in_conformance(&["run", cfg.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "MixtralForCausalLM");
+    assert_eq!(config["num_local_experts"], 3);
+    let imported = in_conformance(&["import", cfg.to_str().unwrap()]);
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    assert!(
+        text(&imported.stdout).contains("save moe("),
+        "{}",
+        text(&imported.stdout)
+    );
 }

@@ -72,6 +72,7 @@ codes! {
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
     W0004 => "expert count is not a power of two",
+    W0005 => "mergekit ignores or tolerates this",
 }
 
 impl Code {

@@ -40,6 +40,11 @@ pub struct Options {
     pub shard_bytes: Option<u64>,
     /// mergekit-multi: also save every named intermediate merge (beside `out`).
     pub save_intermediates: bool,
+    /// mergekit-moe's `--i-understand-this-is-not-useful-without-training`: every expert
+    /// may be the same model (`allow_same_experts: true`).
+    pub allow_same_experts: bool,
+    /// What mergekit ignores or tolerates is an error, not a warning (W0005).
+    pub strict: bool,
 }
 
 impl Options {
@@ -54,6 +59,8 @@ impl Options {
             seed: None,
             shard_bytes: None,
             save_intermediates: false,
+            allow_same_experts: false,
+            strict: false,
         }
     }
 }
@@ -67,6 +74,8 @@ pub struct Import {
     script_dir: PathBuf,
     /// `(start, end, YAML place)` for pieces of the script.
     places: Vec<(usize, usize, Span)>,
+    /// What mergekit ignores or tolerates, against the YAML (W0005).
+    pub warnings: Diagnostics,
 }
 
 /// The YAML could not be translated: its diagnostics, against `sources`.
@@ -106,6 +115,7 @@ pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Fai
                 script,
                 script_dir: opts.script_dir.clone(),
                 places: t.out.frags,
+                warnings: t.warnings,
             })
         }
         Err(mut diagnostics) => {
@@ -149,11 +159,14 @@ impl Import {
         let script = self.script();
         match driver::compile(&script, force, limits) {
             Ok(mut c) => {
-                c.warnings = self.remap(c.warnings);
+                let mut w = self.warnings.clone();
+                w.extend(self.remap(c.warnings));
+                c.warnings = w;
                 Ok((script, c))
             }
             Err(d) => {
-                let d = self.remap(d);
+                let mut d = self.remap(d);
+                d.extend(self.warnings.clone());
                 Err((script, d))
             }
         }
@@ -173,6 +186,14 @@ impl Import {
             for l in &mut d.labels {
                 if let Some(y) = self.place(l.span) {
                     l.span = y;
+                }
+            }
+            if moved && d.code == Code::E0703 {
+                for h in &mut d.help {
+                    *h = h.replace(
+                        "set `allow_same_experts: true`",
+                        "pass `--i-understand-this-is-not-useful-without-training`, as to mergekit-moe,",
+                    );
                 }
             }
             if moved && d.code == Code::E0401 {

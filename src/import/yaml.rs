@@ -4,6 +4,8 @@
 //! `yes`/`no`/`on`/`off` are booleans, `~` and the empty scalar are null. Numbers are
 //! read leniently: `1e-5` is a number here, where PyYAML would make it a string that
 //! pydantic then turns into a number for most fields anyway. Quoted scalars are strings.
+//! Anchors, aliases and merge keys (`<<: *anchor`) work as in PyYAML; aliases may expand
+//! to at most a million values, so that no file can make the tree blow up.
 
 use std::collections::HashMap;
 
@@ -80,6 +82,7 @@ pub(crate) fn load(text: &str, source: SourceId) -> Result<Vec<Node>, Box<Diagno
         events,
         pos: 0,
         anchors: HashMap::new(),
+        expanded: 0,
     };
     let mut docs = Vec::new();
     while builder.pos < builder.events.len() {
@@ -138,6 +141,8 @@ struct Builder<'a> {
     events: Vec<(Event<'a>, Span)>,
     pos: usize,
     anchors: HashMap<usize, Node>,
+    /// Values added by aliases so far.
+    expanded: usize,
 }
 
 impl Builder<'_> {
@@ -237,6 +242,7 @@ impl Builder<'_> {
                     }
                 };
                 let span = self.collection_span(span, entries.last().map(|(_, v)| v.span), end);
+                let entries = merge_keys(self.text, entries)?;
                 (
                     Node {
                         value: Value::Map(entries),
@@ -247,7 +253,23 @@ impl Builder<'_> {
                 )
             }
             Event::Alias(id) => match self.anchors.get(&id) {
-                Some(n) => (Node { span, ..n.clone() }, 0),
+                Some(n) => {
+                    // Aliases of aliases grow a tree exponentially ("billion laughs").
+                    self.expanded += size(n);
+                    if self.expanded > MAX_EXPANDED {
+                        return Err(Box::new(
+                            Diagnostic::error(
+                                Code::E0601,
+                                "YAML syntax error: the aliases expand to too large a document",
+                            )
+                            .at(span, "this alias")
+                            .with_help(format!(
+                                "a config's aliases expand to at most {MAX_EXPANDED} values"
+                            )),
+                        ));
+                    }
+                    (Node { span, ..n.clone() }, 0)
+                }
                 None => {
                     return Err(Box::new(
                         Diagnostic::error(Code::E0601, "YAML syntax error: unknown alias").at(span, "here"),
@@ -261,6 +283,57 @@ impl Builder<'_> {
         }
         Ok(node)
     }
+}
+
+/// The most values the aliases of one file may expand to.
+const MAX_EXPANDED: usize = 1_000_000;
+
+/// The number of values in a node.
+fn size(n: &Node) -> usize {
+    match &n.value {
+        Value::Seq(items) => 1 + items.iter().map(size).sum::<usize>(),
+        Value::Map(entries) => 1 + entries.iter().map(|(k, v)| size(k) + size(v)).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// PyYAML's merge keys: `<<: *anchor` (or a list of them) adds the anchored mapping's
+/// entries that the mapping does not set itself; of several, the first one's win.
+fn merge_keys(text: &str, entries: Vec<(Node, Node)>) -> Result<Vec<(Node, Node)>, Box<Diagnostic>> {
+    // Plain `<<` only: a quoted one is an ordinary key.
+    let is_merge = |k: &Node| k.raw == "<<" && text.get(k.span.range()) == Some("<<");
+    if !entries.iter().any(|(k, _)| is_merge(k)) {
+        return Ok(entries);
+    }
+    let mut own = Vec::new();
+    let mut merged: Vec<(Node, Node)> = Vec::new();
+    for (k, v) in entries {
+        if !is_merge(&k) {
+            own.push((k, v));
+            continue;
+        }
+        let maps = match v.value {
+            Value::Seq(items) => items,
+            _ => vec![v],
+        };
+        for m in maps {
+            let Value::Map(add) = m.value else {
+                return Err(Box::new(
+                    Diagnostic::error(Code::E0601, "YAML syntax error: `<<` merges mappings only")
+                        .at(m.span, "not a mapping")
+                        .with_help("write `<<: *anchor` with an anchor on a mapping"),
+                ));
+            };
+            merged.extend(add);
+        }
+    }
+    let mut out = own;
+    for (k, v) in merged {
+        if !out.iter().any(|(o, _)| o.value == k.value) {
+            out.push((k, v));
+        }
+    }
+    Ok(out)
 }
 
 /// PyYAML's implicit types for a plain scalar (numbers read leniently, see the module doc).
@@ -319,6 +392,59 @@ mod tests {
 
     fn one(text: &str) -> Node {
         load(text, SourceId(0)).unwrap().remove(0)
+    }
+
+    fn entries(n: &Node) -> Vec<(String, Value)> {
+        let Value::Map(m) = &n.value else { panic!() };
+        m.iter()
+            .map(|(k, v)| (k.as_str().unwrap().to_string(), v.value.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn merge_keys_as_pyyaml() {
+        let n = one("a: &a {x: 1, y: 2}
+b: &b {y: 3, z: 4}
+c:
+  <<: [*a, *b]
+  x: 5
+");
+        let Value::Map(m) = &n.value else { panic!() };
+        let c = entries(&m[2].1);
+        assert_eq!(
+            c,
+            [
+                ("x".to_string(), Value::Int(5)),
+                ("y".to_string(), Value::Int(2)),
+                ("z".to_string(), Value::Int(4)),
+            ]
+        );
+        assert!(load(
+            "a: &a 1
+b:
+  <<: *a
+",
+            SourceId(0)
+        )
+        .is_err());
+        // A quoted `<<` is an ordinary key.
+        assert_eq!(
+            entries(&one("'<<': 1
+"))[0]
+                .0,
+            "<<"
+        );
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n".to_string();
+        for i in 1..9 {
+            let p = format!("*a{}", i - 1);
+            text.push_str(&format!("a{i}: &a{i} [{}]\n", [p.as_str(); 10].join(", ")));
+        }
+        let e = load(&text, SourceId(0)).unwrap_err();
+        assert!(e.message.contains("too large"), "{}", e.message);
     }
 
     #[test]
