@@ -163,6 +163,9 @@ enum Command {
     },
     /// Write a synthetic Llama-shaped model (for examples, tests and benchmarks).
     Synth(SynthArgs),
+    /// A language server over stdin/stdout for `.merge` scripts and mergekit YAML
+    /// configs (diagnostics, hover, completion, go to definition), for editors.
+    Lsp,
     /// Generate three tiny models and run the example merge on them: no download needed.
     Demo {
         /// Where the models and the merged output go.
@@ -284,6 +287,13 @@ pub fn run(cli: Cli) -> ExitCode {
         } => import_cmd(&config, out, output.as_deref(), force, &yaml),
         Command::Synth(args) => synth_cmd(args),
         Command::Demo { dir } => demo(&dir),
+        Command::Lsp => match mergec::lsp::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: language server: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

@@ -19,6 +19,7 @@ pub mod graph;
 pub mod import;
 pub mod io;
 pub mod kernels;
+pub mod lsp;
 pub mod ops;
 pub mod opt;
 pub mod plan;
