@@ -114,6 +114,8 @@ pub fn diagnostics(
             let script = Script::from_text(&name, text.to_string(), dir);
             (check(&script, cache), Some(script.id))
         }
+        // Editors send every YAML file; only mergekit configs are ours.
+        Lang::Yaml if !is_mergekit(text) => return Vec::new(),
         Lang::Yaml => {
             let stem = path
                 .file_stem()
@@ -138,6 +140,12 @@ pub fn diagnostics(
             (d, start.min(text.len()), end.min(text.len()))
         })
         .collect()
+}
+
+/// Whether a YAML text is a mergekit config (a merge, or a mergekit-moe config).
+fn is_mergekit(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.starts_with("merge_method:") || l.starts_with("experts:"))
 }
 
 /// The YAML document in a failed translation's sources.
@@ -443,6 +451,15 @@ mod tests {
         std::fs::write(&config, std::fs::read(&config).unwrap()).unwrap();
         let third = cache.index(["models/base"], tmp.path());
         assert!(!Arc::ptr_eq(&get(&first), &get(&third)));
+    }
+
+    #[test]
+    fn other_yaml_files_get_no_diagnostics() {
+        let mut cache = HeaderCache::default();
+        let ci = "on: push\njobs:\n  test:\n    runs-on: ubuntu-latest\n";
+        assert!(diagnostics(Path::new("ci.yml"), ci, Lang::Yaml, &mut cache).is_empty());
+        let typo = "merge_method: tie\nmodels:\n  - model: a\n";
+        assert!(!diagnostics(Path::new("c.yml"), typo, Lang::Yaml, &mut cache).is_empty());
     }
 
     #[test]
