@@ -303,7 +303,7 @@ fn bindings_regex() -> &'static Regex {
 fn models_regex() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r#"(?m)^[ \t]*(?:model[ \t]+[A-Za-z_][A-Za-z0-9_]*[ \t]*=[ \t]*"([^"]*)"|-?[ \t]*model:[ \t]*"?([^"\s#]+))"#)
+        Regex::new(r#"(?m)^[ \t]*(?:model[ \t]+[A-Za-z_][A-Za-z0-9_]*[ \t]*=[ \t]*"([^"]*)"|[ \t]*-?[ \t]*(?:base_)?model:[ \t]*"?([^"\s#]+))"#)
             .unwrap_or_else(|_| unreachable!())
     })
 }
@@ -351,7 +351,11 @@ pub fn complete(path: &Path, text: &str, at: usize, lang: Lang, cache: &mut Head
     let quotes = line.matches('"').count();
     let in_string = quotes % 2 == 1 || (lang == Lang::Yaml && line.trim_start().starts_with("- filter:"));
     if in_string || (lang == Lang::Yaml && line.contains("filter:")) {
-        if line.contains("model") && !line.contains("filter") {
+        let key = line.trim_start().trim_start_matches("- ");
+        if ["model ", "model:", "base_model:"]
+            .iter()
+            .any(|k| key.starts_with(k))
+        {
             return Vec::new(); // a model path: the file system's business
         }
         let names = cache.tensor_names(model_references(text), &folder(path));
@@ -460,6 +464,37 @@ mod tests {
         assert!(diagnostics(Path::new("ci.yml"), ci, Lang::Yaml, &mut cache).is_empty());
         let typo = "merge_method: tie\nmodels:\n  - model: a\n";
         assert!(!diagnostics(Path::new("c.yml"), typo, Lang::Yaml, &mut cache).is_empty());
+    }
+
+    #[test]
+    fn completion_by_context() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::synth::write_demo_models(tmp.path()).unwrap();
+        let mut cache = HeaderCache::default();
+        let script = tmp.path().join("x.merge");
+        let text = "model base = \"models/base\"\nlet t = match tensor { \"model.\" => 1, _ => 0 }\n";
+        let at = text.find("model.\"").unwrap() + "model.".len();
+        let items = complete(&script, text, at, Lang::Merge, &mut cache);
+        assert!(
+            items.contains(&Item::Pattern("model.layers.*.mlp.up_proj.weight".into())),
+            "{items:?}"
+        );
+        // A model path is left to the file system.
+        let at = text.find("models/").unwrap() + 3;
+        assert!(complete(&script, text, at, Lang::Merge, &mut cache).is_empty());
+
+        let config = tmp.path().join("c.yml");
+        let yaml = "merge_method: \nbase_model: models/base\nparameters:\n  \n";
+        let methods = complete(&config, yaml, "merge_method: ".len(), Lang::Yaml, &mut cache);
+        assert!(
+            methods.iter().any(|i| matches!(i, Item::Method("ties", _))),
+            "{methods:?}"
+        );
+        let params = complete(&config, yaml, yaml.len() - 1, Lang::Yaml, &mut cache);
+        assert!(
+            params.iter().any(|i| matches!(i, Item::Param("density", _))),
+            "{params:?}"
+        );
     }
 
     #[test]
