@@ -105,7 +105,9 @@ impl Progress {
             let Some(slot) = bars.get_mut(step.output) else {
                 return;
             };
-            let output = &self.outputs[step.output];
+            let Some(output) = self.outputs.get(step.output) else {
+                return;
+            };
             let (bar, read_so_far) = slot.get_or_insert_with(|| {
                 let bar = multi.add(ProgressBar::new(output.write).with_style(style.clone()));
                 bar.set_prefix(output.dir.clone());
@@ -148,7 +150,7 @@ impl Progress {
                     "step": self.done_steps,
                     "steps": self.total_steps,
                     "output": output,
-                    "dir": self.outputs[output].dir,
+                    "dir": self.outputs.get(output).map(|o| o.dir.as_str()),
                     "tensor": tensor,
                     "read_bytes": self.done_read,
                     "written_bytes": self.done_write,

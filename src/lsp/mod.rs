@@ -66,7 +66,12 @@ impl Server {
                     let response = self.request(req);
                     self.connection.sender.send(Message::Response(response))?;
                 }
-                Message::Notification(n) => self.notification(n)?,
+                Message::Notification(n) => {
+                    // A malformed notification is the client's bug; the session goes on.
+                    if let Err(e) = self.notification(n) {
+                        eprintln!("mergec lsp: {e}");
+                    }
+                }
                 Message::Response(_) => {}
             }
         }
