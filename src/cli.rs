@@ -17,6 +17,8 @@ use mergec::plan::Limits;
 use mergec::source::SourceMap;
 use mergec::synth::{self, SynthSpec};
 
+use crate::progress::{self, Progress};
+
 #[derive(Parser)]
 #[command(name = "mergec", version, about = "Compile and run model-merge recipes")]
 pub struct Cli {
@@ -103,6 +105,13 @@ enum Command {
         /// Use the GPU adapter whose name contains this (see `mergec info`).
         #[arg(long)]
         adapter: Option<String>,
+        /// `auto`: a bar per output when stderr is a terminal; `json`: one JSON line per
+        /// finished step on stderr, for tools; `none`.
+        #[arg(long, value_enum, default_value = "auto")]
+        progress: progress::Mode,
+        /// No progress and no notes on stderr: only warnings and errors.
+        #[arg(short, long)]
+        quiet: bool,
         #[command(flatten)]
         yaml: YamlArgs,
     },
@@ -144,6 +153,9 @@ enum Command {
     },
     /// Write a synthetic Llama-shaped model (for examples, tests and benchmarks).
     Synth(SynthArgs),
+    /// A language server over stdin/stdout for `.merge` scripts and mergekit YAML
+    /// configs (diagnostics, hover, completion, go to definition), for editors.
+    Lsp,
     /// Generate three tiny models and run the example merge on them: no download needed.
     Demo {
         /// Where the models and the merged output go.
@@ -262,14 +274,20 @@ pub fn run(cli: Cli) -> ExitCode {
             format,
             backend,
             adapter,
+            progress,
+            quiet,
             yaml,
         } => run_script(
             &Input::new(script, out, yaml, true),
-            force,
-            threads,
-            format,
-            backend,
-            adapter.as_deref(),
+            &RunOptions {
+                force,
+                threads,
+                format,
+                backend,
+                adapter,
+                progress: if quiet { progress::Mode::None } else { progress },
+                notes: !quiet && format == Format::Human,
+            },
         ),
         Command::Info => info(),
         Command::Plan { script, out, yaml } => debug(&Input::new(script, out, yaml, false), Stage::Plan),
@@ -288,6 +306,13 @@ pub fn run(cli: Cli) -> ExitCode {
         } => import_cmd(&config, out, output.as_deref(), force, &yaml),
         Command::Synth(args) => synth_cmd(args),
         Command::Demo { dir } => demo(&dir),
+        Command::Lsp => match mergec::lsp::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: language server: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 
@@ -595,14 +620,26 @@ fn summary(c: &Compiled) -> String {
     out
 }
 
-fn run_script(
-    input: &Input,
+/// How `run` runs, from its command line.
+struct RunOptions {
     force: bool,
     threads: Option<usize>,
     format: Format,
     backend: Backend,
-    adapter: Option<&str>,
-) -> ExitCode {
+    adapter: Option<String>,
+    progress: progress::Mode,
+    /// Notes on stderr (the backend taken); off with `--quiet` and for JSON output.
+    notes: bool,
+}
+
+fn run_script(input: &Input, options: &RunOptions) -> ExitCode {
+    let RunOptions {
+        force,
+        threads,
+        format,
+        backend,
+        ..
+    } = *options;
     let loaded = match load_input(input, format) {
         Ok(s) => s,
         Err(code) => return code,
@@ -620,30 +657,20 @@ fn run_script(
             return ExitCode::from(1);
         }
     };
-    let executor = match choose_executor(cpu, backend, adapter) {
+    let executor = match choose_executor(cpu, backend, options.adapter.as_deref(), options.notes) {
         Ok(e) => e,
         Err(message) => {
             eprintln!("error: {message}");
             return ExitCode::from(1);
         }
     };
-    if format == Format::Human {
+    if options.notes {
         eprintln!("backend: {}", executor.describe());
     }
     let reader = TensorReader::new();
-    let total = compiled.plan.steps.len();
-    let mut done = 0usize;
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr()) && format == Format::Human;
-    let result = mergec::exec::run(&compiled.plan, &executor, &reader, |step| {
-        done += 1;
-        if interactive {
-            eprint!("\r[{done}/{total}] {:<60}", truncate(&step.tensor, 60));
-            let _ = std::io::stderr().flush();
-        }
-    });
-    if interactive {
-        eprint!("\r{:<80}\r", "");
-    }
+    let mut progress = Progress::new(options.progress, &compiled.plan, &compiled.program);
+    let result = mergec::exec::run(&compiled.plan, &executor, &reader, |step| progress.step(step));
+    progress.finish(result.is_ok());
     match result {
         Ok(report) => {
             if format == Format::Json {
@@ -714,7 +741,12 @@ impl mergec::exec::Executor for Chosen {
     }
 }
 
-fn choose_executor(cpu: CpuExecutor, backend: Backend, adapter: Option<&str>) -> Result<Chosen, String> {
+fn choose_executor(
+    cpu: CpuExecutor,
+    backend: Backend,
+    adapter: Option<&str>,
+    notes: bool,
+) -> Result<Chosen, String> {
     if backend == Backend::Cpu {
         return Ok(Chosen::Cpu(cpu));
     }
@@ -735,7 +767,9 @@ fn choose_executor(cpu: CpuExecutor, backend: Backend, adapter: Option<&str>) ->
                 .to_string(),
         }),
         Err(e) if backend == Backend::Auto && adapter.is_none() => {
-            eprintln!("note: GPU unavailable ({e}); using the CPU executor");
+            if notes {
+                eprintln!("note: GPU unavailable ({e}); using the CPU executor");
+            }
             Ok(Chosen::Cpu(cpu))
         }
         Err(e) => Err(format!("cannot start the GPU: {e}")),
@@ -824,24 +858,18 @@ fn synth_cmd(args: SynthArgs) -> ExitCode {
     }
 }
 
-/// The example script `demo` runs; it is also `examples/demo.merge`.
+/// The example script `demo` runs; it is also `examples/demo.merge`, whose paths point
+/// into `demo/` from `examples/`.
 const DEMO_SCRIPT: &str = include_str!("../examples/demo.merge");
 
 fn demo(dir: &Path) -> ExitCode {
-    for (name, variant) in [("base", 0), ("chat", 1), ("math", 2)] {
-        let target = dir.join("models").join(name);
-        if target.join("model.safetensors").exists() {
-            continue;
-        }
-        let mut spec = SynthSpec::tiny(variant);
-        spec.dtype = DType::BF16;
-        if let Err(e) = synth::write_model(&spec, &target, true) {
-            eprintln!("error: cannot write the demo model `{}`: {e}", target.display());
-            return ExitCode::from(1);
-        }
+    if let Err((target, e)) = synth::write_demo_models(dir) {
+        eprintln!("error: cannot write the demo model `{}`: {e}", target.display());
+        return ExitCode::from(1);
     }
+    // Beside its models, the script names them without the `../demo/` that `examples/` needs.
     let script_path = dir.join("demo.merge");
-    if let Err(e) = std::fs::write(&script_path, DEMO_SCRIPT) {
+    if let Err(e) = std::fs::write(&script_path, DEMO_SCRIPT.replace("\"../demo/", "\"")) {
         eprintln!("error: cannot write `{}`: {e}", script_path.display());
         return ExitCode::from(1);
     }
@@ -852,7 +880,16 @@ fn demo(dir: &Path) -> ExitCode {
     if code != ExitCode::SUCCESS {
         return code;
     }
-    run_script(&input, true, None, Format::Human, Backend::Auto, None)
+    let options = RunOptions {
+        force: true,
+        threads: None,
+        format: Format::Human,
+        backend: Backend::Auto,
+        adapter: None,
+        progress: progress::Mode::Auto,
+        notes: true,
+    };
+    run_script(&input, &options)
 }
 
 fn plural(n: usize) -> &'static str {
@@ -860,13 +897,6 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
-    }
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

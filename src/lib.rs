@@ -34,6 +34,7 @@ pub mod ids;
 pub mod import;
 pub mod io;
 pub mod kernels;
+pub mod lsp;
 pub mod moe_spec;
 pub mod ops;
 pub mod opt;

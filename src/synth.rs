@@ -9,7 +9,7 @@
 //! field common to all variants and `own_k` is private to variant k: the variants behave like
 //! fine-tunes of one base, so merging them is meaningful (task vectors partly agree).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -250,6 +250,22 @@ pub fn tokenizer_json(vocab: usize) -> String {
         }
     });
     format!("{tokenizer:#}\n")
+}
+
+/// The demo's three tiny bf16 models, a base and two fine-tunes of it, as `mergec demo`
+/// writes them under `dir/models/{base,chat,math}` (the scripts in `examples/` read them
+/// there). A model already written is kept.
+pub fn write_demo_models(dir: &Path) -> Result<(), (PathBuf, SynthError)> {
+    for (name, variant) in [("base", 0), ("chat", 1), ("math", 2)] {
+        let target = dir.join("models").join(name);
+        if target.join("model.safetensors").exists() {
+            continue;
+        }
+        let mut spec = SynthSpec::tiny(variant);
+        spec.dtype = DType::BF16;
+        write_model(&spec, &target, true).map_err(|e| (target, e))?;
+    }
+    Ok(())
 }
 
 /// Writes the model as a Hugging Face folder (safetensors, config.json,

@@ -360,9 +360,9 @@ save moe(base, ft1 { positive: ["the cat sat on the mat"] }, ft2 { positive: ["t
 #[test]
 fn the_example_runs_with_the_hidden_gate_on_the_demo_models() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_models(tmp.path());
+    let examples = demo_checkout(tmp.path());
     let text = std::fs::read_to_string(repo().join("examples/moe.merge")).unwrap();
-    let (out, config, _) = run_moe(&text, tmp.path());
+    let (out, config, _) = run_moe(&text, &examples);
     assert_eq!(config["model_type"], "mixtral");
     assert_eq!(
         config["torch_dtype"].as_str().or(config["dtype"].as_str()),

@@ -48,8 +48,8 @@ fn compile_dir(dir: &Path, base: &Path, out: &Path) -> Vec<(String, Compiled)> {
 
 fn all_scripts(tmp: &Path) -> Vec<(String, Compiled)> {
     let mut all = compile_dir(&repo().join("tests/conformance"), &conformance_dir(), tmp);
-    write_demo_models(tmp);
-    all.extend(compile_dir(&repo().join("examples"), tmp, &tmp.join("out")));
+    let examples = demo_checkout(tmp);
+    all.extend(compile_dir(&repo().join("examples"), &examples, &tmp.join("out")));
     all
 }
 

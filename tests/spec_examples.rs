@@ -14,7 +14,7 @@ use mergec::driver::{self, Script};
 use mergec::plan::Limits;
 mod common;
 
-use common::write_demo_models;
+use common::demo_checkout;
 
 /// One fenced block of a Markdown file.
 struct Block {
@@ -149,14 +149,14 @@ fn spec_and_example_scripts_compile() {
     let examples = sorted_files(&repo.join("examples"), "merge");
     if !examples.is_empty() {
         let tmp = tempfile::tempdir().unwrap();
-        write_demo_models(tmp.path());
+        let dir = demo_checkout(tmp.path());
         for path in examples {
             let text = std::fs::read_to_string(&path).unwrap();
             let file_name = path.file_name().unwrap();
-            std::fs::write(tmp.path().join(file_name), &text).unwrap();
+            std::fs::write(dir.join(file_name), &text).unwrap();
             checked += 1;
             let name = format!("examples/{}", file_name.to_string_lossy());
-            if let Some(f) = check_block(&name, &name, &text, tmp.path(), false) {
+            if let Some(f) = check_block(&name, &name, &text, &dir, false) {
                 failures.push(f);
             }
         }

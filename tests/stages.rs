@@ -10,7 +10,7 @@ use mergec::plan::Limits;
 #[test]
 fn every_stage_of_every_example() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_models(tmp.path());
+    let examples = demo_checkout(tmp.path());
     let mut names: Vec<String> = std::fs::read_dir(repo().join("examples"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -21,7 +21,7 @@ fn every_stage_of_every_example() {
     let tmp_text = tmp.path().display().to_string();
     for name in names {
         let text = std::fs::read_to_string(repo().join("examples").join(&name)).unwrap();
-        let script = Script::from_text(&name, text, tmp.path().to_path_buf());
+        let script = Script::from_text(&name, text, examples.clone());
         // A fixed thread count: the plan's peak counts each worker's buffers.
         let limits = Limits {
             threads: 2,

@@ -182,7 +182,7 @@ impl ModelError {
                     .unwrap_or_default();
                 Some(format!(
                     "searched the cache folder `{}` (set HF_HUB_CACHE or HF_HOME to look \
-                     elsewhere); download it with `huggingface-cli download {repo}{rev}`",
+                     elsewhere); download it with `hf download {repo}{rev}`",
                     cache.display()
                 ))
             }
@@ -890,7 +890,7 @@ mod tests {
         assert_eq!(e.path(), cache.path());
         let help = e.help().unwrap();
         assert!(help.contains(&cache.path().display().to_string()), "{help}");
-        assert!(help.contains("huggingface-cli download org/other"), "{help}");
+        assert!(help.contains("hf download org/other"), "{help}");
         let e = load_model_with_cache("hf:org/name@v2", Path::new("."), Some(cache.path())).unwrap_err();
         assert!(matches!(e, ModelError::HfNotCached { .. }), "{e}");
         assert_eq!(

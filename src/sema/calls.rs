@@ -117,6 +117,11 @@ impl Checker<'_> {
             || models.len() < sig.min_models
             || sig.max_models.is_some_and(|max| models.len() > max)
         {
+            // An argument that failed (a model that did not load) has its own error: the
+            // count is not the user's mistake.
+            if failed {
+                return Value::Error;
+            }
             return self.error(self.arity_error(sig, base.is_some(), models.len(), span));
         }
         let mut all: Vec<&ModelVal> = base.iter().collect();

@@ -394,11 +394,14 @@ pub fn compare_with_expected(
 
 /// Writes the three tiny bf16 models `mergec demo` uses (base, chat, math) under `dir/models`.
 pub fn write_demo_models(dir: &Path) {
-    for (name, variant) in [("base", 0), ("chat", 1), ("math", 2)] {
-        let mut spec = mergec::synth::SynthSpec::tiny(variant);
-        spec.dtype = mergec::io::DType::BF16;
-        let target = dir.join("models").join(name);
-        mergec::synth::write_model(&spec, &target, true)
-            .unwrap_or_else(|e| panic!("{}: {e}", target.display()));
-    }
+    mergec::synth::write_demo_models(dir).unwrap_or_else(|(p, e)| panic!("{}: {e}", p.display()));
+}
+
+/// A checkout's layout in `dir`: the demo models under `demo/` and an empty `examples/`;
+/// returns `examples/`, the folder the scripts of `examples/` resolve their paths against.
+pub fn demo_checkout(dir: &Path) -> PathBuf {
+    write_demo_models(&dir.join("demo"));
+    let examples = dir.join("examples");
+    std::fs::create_dir_all(&examples).unwrap();
+    examples
 }
