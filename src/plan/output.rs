@@ -330,14 +330,7 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
     if !out.methods.is_empty() {
         card.push_str("## Method\n\n");
         for m in &out.methods {
-            let words = match m.as_str() {
-                "stack" => "the layers of several ranges one after another (depth up-scaling)",
-                "layer selection" => "a range of layers",
-                "arithmetic" => "arithmetic on the models' tensors",
-                "moe" => "a mixture of experts: attention, norms and embeddings from the base, each expert's MLP from its model",
-                name => crate::sema::methods::lookup(name).map_or("", |s| s.summary),
-            };
-            card.push_str(&format!("- `{m}`: {words}\n"));
+            card.push_str(&format!("- `{}`: {}\n", m.name(), m.summary()));
         }
         card.push('\n');
     }

@@ -61,8 +61,8 @@ pub struct Output {
     pub inputs: Vec<ModelId>,
     /// A chat template to write (chat_template.jinja and tokenizer_config.json).
     pub chat_template: Option<String>,
-    /// The methods the model is made with, outermost first (for the model card).
-    pub methods: Vec<String>,
+    /// What the model is made with, outermost first (for the model card).
+    pub methods: Vec<Construct>,
     /// Set when the output is a mixture of experts made by `moe(...)`.
     pub moe: Option<Arc<MoeOutput>>,
 }
@@ -82,6 +82,46 @@ impl OutputTensor {
 
     pub fn nbytes(&self) -> u64 {
         self.numel() * self.dtype.size_bytes() as u64
+    }
+}
+
+/// What a saved model is made with: a merge method or one of the language's own
+/// constructs. The model card lists them with their descriptions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Construct {
+    Method(crate::ops::Method),
+    LayerSelection,
+    Stack,
+    Arithmetic,
+    Graft,
+    Moe,
+}
+
+impl Construct {
+    /// As the card names it (a method by its script name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Construct::Method(m) => m.name(),
+            Construct::LayerSelection => "layer selection",
+            Construct::Stack => "stack",
+            Construct::Arithmetic => "arithmetic",
+            Construct::Graft => "graft",
+            Construct::Moe => "moe",
+        }
+    }
+
+    /// One line for the model card.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Construct::Method(m) => super::methods::summary(m),
+            Construct::LayerSelection => "a range of layers",
+            Construct::Stack => "the layers of several ranges one after another (depth up-scaling)",
+            Construct::Arithmetic => "arithmetic on the models' tensors",
+            Construct::Graft => "one model's tensors put in place of another's (a sub-module merged on its own and put back)",
+            Construct::Moe => {
+                "a mixture of experts: attention, norms and embeddings from the base, each expert's MLP from its model"
+            }
+        }
     }
 }
 

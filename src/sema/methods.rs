@@ -604,6 +604,14 @@ pub fn registry_markdown(name: &str) -> Option<String> {
     Some(out)
 }
 
+/// The registry's one-line summary of `method`.
+pub(crate) fn summary(method: Method) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| m.method == method)
+        .map_or("", |m| m.summary)
+}
+
 /// Every method's name, in registry order.
 pub fn method_names() -> impl Iterator<Item = &'static str> {
     METHODS.iter().map(|m| m.name)

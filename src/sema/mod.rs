@@ -318,49 +318,50 @@ fn union_inputs<'a>(ids: impl IntoIterator<Item = &'a ModelId>) -> Vec<ModelId> 
 }
 
 /// The methods a saved model is made with, outermost first, for its model card.
-fn describe(expr: &MExpr) -> Vec<String> {
-    fn walk(e: &MExpr, out: &mut Vec<String>) {
-        let mut push = |s: &str| {
-            if !out.iter().any(|o| o == s) {
-                out.push(s.to_string());
+fn describe(expr: &MExpr) -> Vec<hir::Construct> {
+    use hir::Construct;
+    fn walk(e: &MExpr, out: &mut Vec<Construct>) {
+        let mut push = |c: Construct| {
+            if !out.contains(&c) {
+                out.push(c);
             }
         };
         match e {
             MExpr::Input(_) => {}
             MExpr::Layers { inner, .. } => {
-                push("layer selection");
+                push(Construct::LayerSelection);
                 walk(inner, out);
             }
             MExpr::Stack {
                 segments, pre, post, ..
             } => {
-                push("stack");
+                push(Construct::Stack);
                 segments.iter().for_each(|s| walk(&s.expr, out));
                 walk(pre, out);
                 walk(post, out);
             }
             MExpr::Neg(x) | MExpr::Scale(x, ..) | MExpr::Divide(x, ..) => {
-                push("arithmetic");
+                push(Construct::Arithmetic);
                 walk(x, out);
             }
             MExpr::Graft { onto, part, .. } => {
-                push("graft");
+                push(Construct::Graft);
                 walk(part, out);
                 walk(onto, out);
             }
             MExpr::Rename { inner, .. } => walk(inner, out),
             MExpr::Add(a, b) | MExpr::Sub(a, b) => {
-                push("arithmetic");
+                push(Construct::Arithmetic);
                 walk(a, out);
                 walk(b, out);
             }
             MExpr::Moe(moe) => {
-                push("moe");
+                push(Construct::Moe);
                 walk(&moe.base, out);
                 moe.members.iter().for_each(|m| walk(&m.expr, out));
             }
             MExpr::Method(call) => {
-                push(call.sig.name);
+                push(Construct::Method(call.sig.method));
                 if let Some(b) = &call.base {
                     walk(b, out);
                 }
