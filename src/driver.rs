@@ -28,6 +28,9 @@ pub struct Script {
     pub sources: SourceMap,
     pub id: SourceId,
     pub base_dir: PathBuf,
+    /// The mergekit YAML the script was translated from, if any (written beside each
+    /// output as mergekit_config.yml, so the hub's merge tooling recognises the model).
+    pub mergekit_config: Option<String>,
 }
 
 impl Script {
@@ -47,6 +50,7 @@ impl Script {
             sources,
             id,
             base_dir,
+            mergekit_config: None,
         }
     }
 
@@ -63,7 +67,8 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
         base_dir: script.base_dir.clone(),
         force,
     };
-    let checked = crate::sema::check(&ast, script.text(), &index, &options)?;
+    let mut checked = crate::sema::check(&ast, script.text(), &index, &options)?;
+    checked.program.mergekit_config = script.mergekit_config.clone();
     let graph = crate::graph::lower(&checked.program);
     let internal = |d: Box<Diagnostic>| Diagnostics::from(*d);
     crate::graph::verify(&graph).map_err(internal)?;

@@ -62,13 +62,13 @@ fn run_yaml(name: &str, root: &Path, seed: u64) -> Compiled {
 }
 
 /// Every file of two output folders is byte-identical, except the model card (it holds the
-/// script, whose paths differ).
+/// script, whose paths differ) and the mergekit_config.yml a run from YAML records.
 fn assert_same_files(a: &Path, b: &Path, what: &str) {
     let names = |d: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(d)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-            .filter(|n| n != "README.md")
+            .filter(|n| n != "README.md" && n != "mergekit_config.yml")
             .collect();
         v.sort();
         v
@@ -305,6 +305,18 @@ fn cli_run_import_and_check() {
         "7",
     ]);
     assert!(run.status.success(), "{}", text(&run.stderr));
+    // The recipe travels with the model, as mergekit writes it, and the card says so.
+    let recipe = std::fs::read_to_string(direct.join("mergekit_config.yml")).unwrap();
+    assert_eq!(
+        recipe,
+        std::fs::read_to_string(conformance_dir().join("configs/ties_f32.yml")).unwrap()
+    );
+    let card = std::fs::read_to_string(direct.join("README.md")).unwrap();
+    assert!(card.contains("`mergekit_config.yml`"), "{card}");
+    assert!(
+        card.contains(&format!("mergec {}", env!("CARGO_PKG_VERSION"))),
+        "{card}"
+    );
 
     // import -o: paths made relative to the script's folder; running it gives the same bytes.
     let script = tmp.path().join("scripts/ties.merge");

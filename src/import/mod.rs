@@ -151,6 +151,7 @@ impl Import {
             sources: self.sources.clone(),
             id: self.script,
             base_dir: self.script_dir.clone(),
+            mergekit_config: Some(self.sources.get(self.yaml).text.clone()),
         }
     }
 

@@ -51,6 +51,9 @@ pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
         protected.extend(m.info.protected_paths());
     }
     let mut generated_files = vec![("README.md".to_string(), model_card(program, out).into_bytes())];
+    if let Some(yaml) = &program.mergekit_config {
+        generated_files.push(("mergekit_config.yml".to_string(), yaml.clone().into_bytes()));
+    }
     if let Some(template) = &out.chat_template {
         // The template goes where transformers reads it (chat_template.jinja) and replaces
         // any the donor's tokenizer_config.json or chat_template.json carried.
@@ -365,9 +368,14 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
         card.push_str(&format!("- `{}`: `{}`\n", model.name, model.info.reference));
     }
     card.push_str(&format!(
-        "\nSeed of the random masks (`set seed`): {}.\n",
-        program.seed
+        "\nSeed of the random masks (`set seed`): {}. Computed in f32 and rounded once to the stored dtype{}, with mergec {}.\n",
+        program.seed,
+        out.dtype.map_or(String::new(), |d| format!(" ({})", d.script_name())),
+        env!("CARGO_PKG_VERSION")
     ));
+    if program.mergekit_config.is_some() {
+        card.push_str("\nTranslated from the mergekit configuration in `mergekit_config.yml`.\n");
+    }
     card.push_str("\n## Script\n\nThe output was produced by this script:\n\n```merge\n");
     card.push_str(program.script_text.trim_end());
     card.push_str("\n```\n");

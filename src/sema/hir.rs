@@ -19,6 +19,8 @@ pub struct Program {
     pub outputs: Vec<Output>,
     /// The script's text, recorded in each output's model card.
     pub script_text: String,
+    /// The mergekit YAML the script was translated from, if any.
+    pub mergekit_config: Option<String>,
     /// The seed of every random mask (`set seed = N`, default 0).
     pub seed: u64,
     /// The memory budget the script asks for (`set max_memory = 8GB`).

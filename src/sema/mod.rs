@@ -98,6 +98,7 @@ pub fn check(
         models: checker.models,
         outputs: checker.outputs,
         script_text: script_text.to_string(),
+        mergekit_config: None,
         seed: checker.seed,
         max_memory: checker.max_memory,
     };

@@ -783,9 +783,18 @@ mod tests {
                 assert!(run(&op, &[0, 4], &data).is_empty(), "{op:?}");
                 assert!(run(&op, &[0], &data).is_empty(), "{op:?}");
             }
-            // no inputs at all
-            let out = run(&op, &[3], &[]);
-            assert_eq!(out.len(), 3);
+            // no inputs at all: a bug elsewhere, reported, not made-up values
+            let none = crate::exec::methods::apply(
+                &op,
+                &Inputs {
+                    tensors: &[],
+                    shape: &[3],
+                },
+            );
+            assert!(
+                matches!(none, Err(crate::exec::methods::MethodError::NoInputs(_))),
+                "{op:?}"
+            );
             // a single input comes back unchanged
             let x = vec![1.5f32, -2.0, 0.25];
             assert_eq!(run(&op, &[3], std::slice::from_ref(&x)), x, "{op:?}");

@@ -139,11 +139,11 @@ pub enum MethodError {
 /// Computes `op` over `inputs`; the result has `inputs.numel()` values. The one dispatch
 /// of every method to its CPU reference.
 pub fn apply(op: &MethodOp, inputs: &Inputs) -> Result<Vec<f32>, MethodError> {
-    if inputs.is_empty() {
-        return Err(MethodError::NoInputs(op.name()));
-    }
     if inputs.numel() == 0 {
         return Ok(Vec::new());
+    }
+    if inputs.is_empty() {
+        return Err(MethodError::NoInputs(op.name()));
     }
     Ok(match op {
         MethodOp::Slerp { t } => geometry::slerp(*t, inputs),
