@@ -1040,7 +1040,7 @@ fn assert_agree(
 }
 
 fn gta_op(kind: GtaKind, m: usize, density: f64, rescale: bool, normalize: bool) -> MethodOp {
-    MethodOp::Gta {
+    MethodOp::Gta(mergec::ops::GtaOp {
         kind,
         weights: (0..m).map(|i| [0.6, -0.3, 1.1, 0.45][i % 4]).collect(),
         densities: (0..m).map(|i| density * [1.0, 0.7, 0.9][i % 3]).collect(),
@@ -1052,7 +1052,7 @@ fn gta_op(kind: GtaKind, m: usize, density: f64, rescale: bool, normalize: bool)
         keys: (0..m as u64)
             .map(|i| mergec::ops::rng_key(7, i as u32 + 1, "t"))
             .collect(),
-    }
+    })
 }
 
 /// Every ported method: the op, its input count, how it must agree.

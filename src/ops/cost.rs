@@ -56,7 +56,7 @@ impl MethodOp {
                 MethodOp::Sce { .. } => 2 * f32s + 64 * n.div_ceil(CHUNK as u64),
                 // the importance keys and the result
                 MethodOp::ArceeFusion => 2 * f32s,
-                MethodOp::Gta { kind, .. } => gta_bytes(*kind, n, m),
+                MethodOp::Gta(g) => gta_bytes(g.kind, n, m),
             }
     }
 }

@@ -127,6 +127,21 @@ impl Method {
     }
 }
 
+/// A generalized task-arithmetic merge: inputs `[base, m...]`; the per-model vectors have
+/// one entry per non-base model. `keys` seed the random masks (DARE, DELLA).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GtaOp {
+    pub kind: GtaKind,
+    pub weights: Vec<f64>,
+    pub densities: Vec<f64>,
+    pub gammas: Vec<f64>,
+    pub epsilons: Vec<f64>,
+    pub lambda: f64,
+    pub normalize: bool,
+    pub rescale: bool,
+    pub keys: Vec<u64>,
+}
+
 /// A merge of whole tensors. Inputs are listed in the order the variant documents; all
 /// have the same shape; the result has that shape too. Parameters are plain numbers for
 /// this one tensor.
@@ -152,19 +167,8 @@ pub enum MethodOp {
     },
     /// Inputs `[m...]`; equal weights.
     Karcher { max_iter: u32, tol: f64 },
-    /// Inputs `[base, m...]`; per-model vectors have one entry per non-base model.
-    /// `keys` seed the random masks (DARE, DELLA), one per non-base model.
-    Gta {
-        kind: GtaKind,
-        weights: Vec<f64>,
-        densities: Vec<f64>,
-        gammas: Vec<f64>,
-        epsilons: Vec<f64>,
-        lambda: f64,
-        normalize: bool,
-        rescale: bool,
-        keys: Vec<u64>,
-    },
+    /// Inputs `[base, m...]`.
+    Gta(GtaOp),
     /// Inputs `[base, m...]`.
     Sce { select_topk: f64 },
     /// Inputs `[base, m...]`.
@@ -190,7 +194,7 @@ impl MethodOp {
             MethodOp::Nuslerp { .. } => "nuslerp",
             MethodOp::Multislerp { .. } => "multislerp",
             MethodOp::Karcher { .. } => "karcher",
-            MethodOp::Gta { kind, .. } => kind.name(),
+            MethodOp::Gta(g) => g.kind.name(),
             MethodOp::Sce { .. } => "sce",
             MethodOp::Ram { .. } => "ram",
             MethodOp::RamPlusTl { .. } => "ramplus_tl",

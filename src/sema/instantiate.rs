@@ -9,7 +9,7 @@ use super::names;
 use super::params::Param;
 use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource};
 use crate::diag::{Code, Diagnostic, Diagnostics};
-use crate::ops::{GtaKind, Method, MethodOp};
+use crate::ops::{GtaKind, GtaOp, Method, MethodOp};
 use crate::source::Span;
 
 /// Problems found while resolving tensors, reported once per place with a count.
@@ -526,7 +526,7 @@ impl Ctx<'_> {
                     }
                 }
                 let seed = self.seed;
-                MethodOp::Gta {
+                MethodOp::Gta(GtaOp {
                     kind,
                     weights: self.per_model(call, "weight", 1.0, name, t)?,
                     gammas: self.per_model(call, "gamma", 0.01, name, t)?,
@@ -538,7 +538,7 @@ impl Ctx<'_> {
                     keys: (0..call.models.len() as u32)
                         .map(|i| crate::ops::rng_key(seed, i, name))
                         .collect(),
-                }
+                })
             }
         };
         let mut inputs: Vec<TensorExpr> = base.into_iter().collect();

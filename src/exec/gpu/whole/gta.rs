@@ -3,9 +3,9 @@
 
 use super::super::device::{Buf, Device, Mask, Params, Tensor};
 use super::super::GpuError;
+use super::difference;
 use super::select::{select_top_k, selection_mask};
-use super::{difference, internal};
-use crate::ops::{GtaKind, MethodOp};
+use crate::ops::{GtaKind, GtaOp};
 
 /// Norms below this leave the masked delta unscaled (gta.rs `RESCALE_EPS`).
 pub(super) const RESCALE_EPS: f64 = 1e-7;
@@ -138,13 +138,8 @@ pub(super) fn sparsify(
 }
 
 /// Inputs `[base, m...]`: gta.rs `apply`, then its `combine` one model per pass.
-pub(super) fn gta(
-    dev: &mut Device,
-    op: &MethodOp,
-    xs: &[Tensor],
-    shape: &[usize],
-) -> Result<Tensor, GpuError> {
-    let MethodOp::Gta {
+pub(super) fn gta(dev: &mut Device, op: &GtaOp, xs: &[Tensor], shape: &[usize]) -> Result<Tensor, GpuError> {
+    let GtaOp {
         kind,
         weights,
         densities,
@@ -154,10 +149,7 @@ pub(super) fn gta(
         normalize,
         rescale,
         keys,
-    } = op
-    else {
-        return Err(internal("not a task-vector method"));
-    };
+    } = op;
     let m = xs.len() - 1;
     if m == 0 {
         return Ok(dev.copy(&xs[0]));

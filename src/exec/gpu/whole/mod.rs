@@ -14,7 +14,7 @@
 //! device); this module runs the program and dispatches to them.
 
 use crate::io::DType;
-use crate::ops::{Elementwise, GtaKind, MethodOp};
+use crate::ops::{Elementwise, GtaKind, GtaOp, MethodOp};
 use crate::plan::Instr;
 
 mod arcee;
@@ -43,7 +43,7 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         | MethodOp::Karcher { .. }
         | MethodOp::ModelStock { .. }
         | MethodOp::Nearswap { .. }
-        | MethodOp::Gta { .. }
+        | MethodOp::Gta(_)
         | MethodOp::Ram { .. }
         | MethodOp::RamPlusTl { .. }
         | MethodOp::Sce { .. }
@@ -60,10 +60,10 @@ pub(crate) fn row_alignment(program: &[Instr], shape: &[usize]) -> usize {
         matches!(
             i,
             Instr::Method {
-                op: MethodOp::Gta {
+                op: MethodOp::Gta(GtaOp {
                     kind: GtaKind::Della | GtaKind::DellaLinear,
                     ..
-                } | MethodOp::ArceeFusion,
+                }) | MethodOp::ArceeFusion,
                 ..
             }
         )
@@ -211,7 +211,7 @@ fn method(dev: &mut Device, op: &MethodOp, xs: &[Tensor], shape: &[usize]) -> Re
             with_base,
         } => multislerp(dev, weights, *normalize_weights, *eps, *with_base, xs),
         MethodOp::Karcher { max_iter, tol } => karcher(dev, *max_iter, *tol, xs),
-        MethodOp::Gta { .. } => gta(dev, op, xs, shape),
+        MethodOp::Gta(g) => gta(dev, g, xs, shape),
         MethodOp::Ram { epsilon } => ram(dev, *epsilon, None, xs),
         MethodOp::RamPlusTl { r, alpha, epsilon } => ram(dev, *epsilon, Some((*r, *alpha)), xs),
         MethodOp::Sce { select_topk } => sce(dev, *select_topk, xs),

@@ -39,7 +39,7 @@
 //! worker, chunk buffers of `(M + 3)·CHUNK` f32, kept by the thread between calls.
 
 use super::{Inputs, Scratch, CHUNK};
-use crate::ops::{GtaKind, Sparsifier};
+use crate::ops::{GtaOp, Sparsifier};
 
 mod combine;
 mod masks;
@@ -125,22 +125,9 @@ fn keeps(key: u32, threshold: u32, take: Take, left: &mut usize) -> bool {
     }
 }
 
-/// A GTA call's parameters (`MethodOp::Gta`'s fields).
-pub(super) struct Params<'a> {
-    pub kind: GtaKind,
-    pub weights: &'a [f64],
-    pub densities: &'a [f64],
-    pub gammas: &'a [f64],
-    pub epsilons: &'a [f64],
-    pub lambda: f64,
-    pub normalize: bool,
-    pub rescale: bool,
-    pub keys: &'a [u64],
-}
-
 /// The merge over `inputs` (`[base, m...]`, at least the base: `methods::apply` checks).
-pub(super) fn apply(params: &Params, inputs: &Inputs) -> Vec<f32> {
-    let Params {
+pub(super) fn apply(op: &GtaOp, inputs: &Inputs) -> Vec<f32> {
+    let GtaOp {
         kind,
         weights,
         densities,
@@ -150,7 +137,7 @@ pub(super) fn apply(params: &Params, inputs: &Inputs) -> Vec<f32> {
         normalize,
         rescale,
         keys,
-    } = params;
+    } = op;
     let n = inputs.numel();
     let m = inputs.len() - 1;
     if m == 0 {

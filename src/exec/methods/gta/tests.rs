@@ -7,7 +7,7 @@ use super::masks::*;
 use super::threshold::*;
 use super::*;
 use crate::io::DType;
-use crate::ops::{rng_key, GtaKind, MethodOp};
+use crate::ops::{rng_key, GtaKind, GtaOp, MethodOp};
 
 /// The method through the one dispatch, unwrapped (tests give it inputs).
 fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
@@ -49,7 +49,7 @@ fn gta(
 ) -> MethodOp {
     let m = weights.len();
     let or = |v: &[f64], d: f64| if v.is_empty() { vec![d; m] } else { v.to_vec() };
-    MethodOp::Gta {
+    MethodOp::Gta(GtaOp {
         kind,
         weights: weights.to_vec(),
         densities: or(densities, 1.0),
@@ -59,7 +59,7 @@ fn gta(
         normalize,
         rescale,
         keys: (0..m as u64).map(|i| 0x5eed_0000 + 77 * i).collect(),
-    }
+    })
 }
 
 fn simple(kind: GtaKind, weights: &[f64], densities: &[f64], normalize: bool) -> MethodOp {
@@ -76,7 +76,7 @@ fn order_desc(d: &[f32]) -> Vec<usize> {
 }
 
 fn reference(op: &MethodOp, tensors: &[Vec<f32>], shape: &[usize]) -> Vec<f32> {
-    let MethodOp::Gta {
+    let MethodOp::Gta(GtaOp {
         kind,
         weights,
         densities,
@@ -86,7 +86,7 @@ fn reference(op: &MethodOp, tensors: &[Vec<f32>], shape: &[usize]) -> Vec<f32> {
         normalize,
         rescale,
         keys,
-    } = op
+    }) = op
     else {
         unreachable!()
     };
@@ -588,7 +588,7 @@ fn dare_keeps_density_and_preserves_l1() {
 
 fn op_key(op: &MethodOp) -> u64 {
     match op {
-        MethodOp::Gta { keys, .. } => keys[0],
+        MethodOp::Gta(g) => g.keys[0],
         _ => unreachable!(),
     }
 }
@@ -836,8 +836,8 @@ fn check_stats(name: &str, models: &[&str], op: MethodOp) {
     let seed = 20_260_501u64;
     let make = |tensor: &str| {
         let mut op = op.clone();
-        if let MethodOp::Gta { keys, .. } = &mut op {
-            for (i, k) in keys.iter_mut().enumerate() {
+        if let MethodOp::Gta(g) = &mut op {
+            for (i, k) in g.keys.iter_mut().enumerate() {
                 *k = rng_key(seed, i as u32 + 1, tensor);
             }
         }
