@@ -338,6 +338,50 @@ save moe(base, ft1 { noise_scale: 0.01 }, ft2, gate: "random", layout: "per_expe
 }
 
 #[test]
+fn noise_is_the_same_in_the_fused_and_per_expert_layouts() {
+    let script = |layout: &str| {
+        format!(
+            r#"
+set seed = 5
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+save moe(base, ft1 {{ noise_scale: 0.01 }}, ft2 {{ noise_scale: 0.02, residual_scale: 0.5 }},
+    gate: "random", layout: "{layout}") to "out/moe"
+"#
+        )
+    };
+    let (fused, _, _) = run_here(&script("fused"));
+    let (per, _, _) = run_here(&script("per_expert"));
+    let ft = expert_models();
+    let (h, i) = (32, 64);
+    for l in 0..4 {
+        let gate_up = &fused[&format!("model.layers.{l}.mlp.experts.gate_up_proj")].values;
+        let down = &fused[&format!("model.layers.{l}.mlp.experts.down_proj")].values;
+        for e in 0..2 {
+            let p = format!("model.layers.{l}.block_sparse_moe.experts.{e}");
+            // The fused gate_up block of expert e is its gate rows, then its up rows.
+            let block = &gate_up[e * 2 * i * h..(e + 1) * 2 * i * h];
+            assert_eq!(
+                &block[..i * h],
+                &per[&format!("{p}.w1.weight")].values[..],
+                "{p} gate"
+            );
+            assert_eq!(
+                &block[i * h..],
+                &per[&format!("{p}.w3.weight")].values[..],
+                "{p} up"
+            );
+            let d = &down[e * h * i..(e + 1) * h * i];
+            assert_eq!(d, &per[&format!("{p}.w2.weight")].values[..], "{p} down");
+            // The noise is really there, so equality is not vacuous.
+            let src = &ft[e][&format!("model.layers.{l}.mlp.gate_proj.weight")].values;
+            assert_ne!(&block[..i * h], &src[..], "{p} has noise");
+        }
+    }
+}
+
+#[test]
 fn nearly_identical_prompts_warn_about_degenerate_routers() {
     let script = r#"
 model base = "MODELS/micro-llama-base-f32"

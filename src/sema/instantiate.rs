@@ -212,16 +212,16 @@ impl Ctx<'_> {
         })
     }
 
-    /// Tensor `name` of MoE member `member`, with its noise and residual scale, for the
-    /// output tensor (or part) `out_name`.
-    fn moe_member(&mut self, moe: &MoeExpr, member: usize, name: &str, out_name: &str) -> Option<TensorExpr> {
+    /// Tensor `name` of MoE member `member`, with its noise and residual scale. The noise is
+    /// keyed by (seed, member, source tensor), so every output layout gets the same experts.
+    fn moe_member(&mut self, moe: &MoeExpr, member: usize, name: &str) -> Option<TensorExpr> {
         let m = moe.members.get(member)?;
         let mut x = self.tensor(&m.expr, name, 0.0, m.noise_scale > 0.0)?;
         if m.noise_scale > 0.0 {
             x = TensorExpr::Method {
                 op: MethodOp::Noise {
                     scale: m.noise_scale,
-                    key: crate::ops::rng_key(self.seed, member as u32, out_name),
+                    key: crate::ops::rng_key(self.seed, member as u32, name),
                 },
                 inputs: vec![x],
             };
@@ -718,7 +718,7 @@ fn moe_output(ctx: &mut Ctx, moe: &MoeExpr, mut out: hir::Output, model: &ModelV
                 });
             }
             MoeSource::Member { member, name: from } => {
-                let Some(expr) = ctx.moe_member(moe, *member, from, name) else {
+                let Some(expr) = ctx.moe_member(moe, *member, from) else {
                     continue;
                 };
                 out.tensors.push(OutputTensor {
@@ -732,7 +732,7 @@ fn moe_output(ctx: &mut Ctx, moe: &MoeExpr, mut out: hir::Output, model: &ModelV
                 let mut part_names = Vec::with_capacity(parts.len());
                 for (k, (member, from, shape)) in parts.iter().enumerate() {
                     let part = format!("{name}#{k}");
-                    let Some(expr) = ctx.moe_member(moe, *member, from, &part) else {
+                    let Some(expr) = ctx.moe_member(moe, *member, from) else {
                         continue;
                     };
                     out.tensors.push(OutputTensor {
