@@ -565,7 +565,7 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
                     let steps = compiled.plan.steps.iter().filter(|s| s.output == i);
                     serde_json::json!({
                         "dir": o.dir.display().to_string(),
-                        "tensors": o.tensors.len(),
+                        "tensors": compiled.plan.outputs[i].spec.tensors.len(),
                         "bytes": steps.map(|s| s.out_bytes()).sum::<u64>(),
                     })
                 })
@@ -595,16 +595,21 @@ fn summary(c: &Compiled) -> String {
             .filter(|s| s.output == i)
             .map(|s| s.out_bytes())
             .sum();
+        // Parts of a fused MoE tensor are copied but not written as they are.
+        let written = &c.plan.outputs[i].spec.tensors;
+        let names: std::collections::HashSet<&str> = written.iter().map(|(n, _, _)| n.as_str()).collect();
         let copies = c
             .plan
             .steps
             .iter()
             .filter(|s| s.output == i && s.kernel == mergec::plan::Kernel::Copy)
+            .filter(|s| names.contains(s.tensor.as_str()))
             .count();
         out.push_str(&format!(
             "  {}: {} tensors ({} copied unchanged), {}\n",
             o.dir.display(),
-            o.tensors.len(),
+            // As written: a fused MoE tensor once, generated routers included.
+            written.len(),
             copies,
             human_bytes(bytes)
         ));

@@ -381,6 +381,43 @@ save moe(base, ft1 {{ noise_scale: 0.01 }}, ft2 {{ noise_scale: 0.02, residual_s
     }
 }
 
+/// Runs the built `mergec` with `args` in `cwd`; returns its stdout (it must succeed).
+fn mergec_cli(args: &[&str], cwd: &Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mergec"))
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn run_and_check_summaries_count_the_tensors_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = mixtral("random", "layout: \"fused\"").replace("MODELS", &models().display().to_string());
+    std::fs::write(dir.path().join("s.merge"), script).unwrap();
+    let checked = mergec_cli(&["check", "s.merge"], dir.path());
+    let json = mergec_cli(&["check", "s.merge", "--format", "json"], dir.path());
+    let ran = mergec_cli(&["run", "s.merge"], dir.path());
+    // Each fused tensor once, the generated routers included.
+    let written = load_folder(&dir.path().join("out/moe")).len();
+    assert!(written > 0);
+    // Only the base's tensors are copied unchanged; fused parts are not written as such.
+    let copied = written - 3 * 4;
+    assert!(
+        checked.contains(&format!(": {written} tensors ({copied} copied unchanged)")),
+        "check says:\n{checked}\nwritten: {written}"
+    );
+    let json: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(json["outputs"][0]["tensors"], written);
+    assert!(
+        ran.contains(&format!("\n{written} tensors, read ")),
+        "run says:\n{ran}\nwritten: {written}"
+    );
+}
+
 #[test]
 fn nearly_identical_prompts_warn_about_degenerate_routers() {
     let script = r#"

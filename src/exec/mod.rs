@@ -206,7 +206,8 @@ pub fn run(
         outputs.push(written);
     }
     Ok(RunReport {
-        tensors: plan.steps.len(),
+        // Tensors as written: a fused MoE tensor once, generated routers included.
+        tensors: plan.outputs.iter().map(|o| o.spec.tensors.len()).sum(),
         bytes_read: plan.read_bytes,
         bytes_written: outputs.iter().map(|o| o.bytes_written).sum(),
         outputs,

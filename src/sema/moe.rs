@@ -598,8 +598,13 @@ impl Checker<'_> {
         if let Some(v) = parse(text) {
             return Some(v);
         }
+        let article = if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
         let mut d = Diagnostic::error(Code::E0305, format!("unknown {what} `{text}`"))
-            .at(n.value.span, format!("not a {what}"));
+            .at(n.value.span, format!("not {article} {what}"));
         d = match names::did_you_mean(text, choices.iter().copied()) {
             Some(s) => d.with_help(format!("did you mean \"{s}\"?")),
             None => d.with_help(format!("one of: {}", choices.join(", "))),
