@@ -74,6 +74,30 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     x[i] = bitcast<f32>(bitcast<u32>(x[i]) ^ 0x80000000u);
 }
 
+// @kernel round_bf16
+// x = x rounded to bf16 (ties to even), as the `half` crate rounds.
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = invocation(gid);
+    if (i >= params.n) {
+        return;
+    }
+    x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
+// @kernel round_f16
+// x = x rounded to f16 (ties to even, subnormals kept, overflow to inf).
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = invocation(gid);
+    if (i >= params.n) {
+        return;
+    }
+    x[i] = f16_to_f32(f32_to_f16(x[i]));
+}
+
 // @kernel scale
 // x = x · f0
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;

@@ -13,6 +13,7 @@ use mergec::exec::gpu::{GpuContext, GpuExecutor};
 use mergec::exec::{CpuExecutor, GpuWithFallback};
 use mergec::import::{self, Import};
 use mergec::io::{DType, TensorReader};
+use mergec::ops::{Compute, Half};
 use mergec::plan::Limits;
 use mergec::source::SourceMap;
 use mergec::synth::{self, SynthSpec};
@@ -60,6 +61,23 @@ enum Backend {
     Cpu,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ComputeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<ComputeArg> for Compute {
+    fn from(c: ComputeArg) -> Compute {
+        match c {
+            ComputeArg::F32 => Compute::F32,
+            ComputeArg::Bf16 => Compute::Half(Half::Bf16),
+            ComputeArg::F16 => Compute::Half(Half::F16),
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Format {
     Human,
@@ -80,6 +98,9 @@ enum Command {
         /// Accept output folders that exist and are not empty (run would replace them).
         #[arg(long)]
         force: bool,
+        /// The compute dtype of every save (see `run --compute`).
+        #[arg(long, value_enum)]
+        compute: Option<ComputeArg>,
         #[command(flatten)]
         yaml: YamlArgs,
     },
@@ -96,6 +117,11 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// The compute dtype of every save, over the script's `compute` option: `f32`
+        /// computes in f32 and rounds once; `bf16` / `f16` round every step as mergekit
+        /// does with `dtype: bfloat16` / `float16`, reproducing its weights.
+        #[arg(long, value_enum)]
+        compute: Option<ComputeArg>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
         /// `auto`: a hardware GPU when there is one, else the CPU; `gpu`: a GPU adapter even
@@ -264,13 +290,19 @@ pub fn run(cli: Cli) -> ExitCode {
             out,
             format,
             force,
+            compute,
             yaml,
-        } => check(&Input::new(script, out, yaml, false), format, force),
+        } => check(
+            &Input::new(script, out, yaml, false).computing(compute),
+            format,
+            force,
+        ),
         Command::Run {
             script,
             out,
             force,
             threads,
+            compute,
             format,
             backend,
             adapter,
@@ -278,7 +310,7 @@ pub fn run(cli: Cli) -> ExitCode {
             quiet,
             yaml,
         } => run_script(
-            &Input::new(script, out, yaml, true),
+            &Input::new(script, out, yaml, true).computing(compute),
             &RunOptions {
                 force,
                 threads,
@@ -323,6 +355,8 @@ struct Input {
     yaml: YamlArgs,
     /// The command writes (run): a config needs its output folder.
     writes: bool,
+    /// `--compute`
+    compute: Option<Compute>,
 }
 
 impl Input {
@@ -332,7 +366,13 @@ impl Input {
             out,
             yaml,
             writes,
+            compute: None,
         }
+    }
+
+    fn computing(mut self, compute: Option<ComputeArg>) -> Input {
+        self.compute = compute.map(Compute::from);
+        self
     }
 }
 
@@ -359,8 +399,10 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
             eprintln!("error: `{flag}` is a mergekit option, for YAML configs only; in a script use `set seed = N` or `save ... {{ shard: SIZE }}`");
             return Err(ExitCode::from(2));
         }
+        let mut script = load(&input.path)?;
+        script.compute = input.compute;
         return Ok(Loaded {
-            script: load(&input.path)?,
+            script,
             import: None,
             placeholder_out: false,
         });
@@ -377,7 +419,8 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
         None => (default_out(&input.path), true),
     };
     let opts = yaml_options(&input.path, out, Path::new("."), &input.yaml)?;
-    let imported = translate_or_report(&input.path, &opts, format)?;
+    let mut imported = translate_or_report(&input.path, &opts, format)?;
+    imported.compute = input.compute;
     Ok(Loaded {
         script: imported.script(),
         import: Some(imported),

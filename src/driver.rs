@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::diag::{Diagnostic, Diagnostics};
 use crate::graph::Graph;
 use crate::io::ModelIndex;
+use crate::ops::Compute;
 use crate::plan::{Limits, Plan};
 use crate::sema::{hir, CheckOptions};
 use crate::source::{SourceId, SourceMap};
@@ -31,6 +32,8 @@ pub struct Script {
     /// The mergekit YAML the script was translated from, if any (written beside each
     /// output as mergekit_config.yml, so the hub's merge tooling recognises the model).
     pub mergekit_config: Option<String>,
+    /// `--compute`: the compute dtype of every save, over the script's own choice.
+    pub compute: Option<Compute>,
 }
 
 impl Script {
@@ -51,6 +54,7 @@ impl Script {
             id,
             base_dir,
             mergekit_config: None,
+            compute: None,
         }
     }
 
@@ -66,6 +70,7 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
     let options = CheckOptions {
         base_dir: script.base_dir.clone(),
         force,
+        compute: script.compute,
     };
     let mut checked = crate::sema::check(&ast, script.text(), &index, &options)?;
     checked.program.mergekit_config = script.mergekit_config.clone();

@@ -182,7 +182,7 @@ mod whole {
             let mut args: Vec<Item> = stack.split_off(stack.len() - pops);
             let result = match instr {
                 Instr::Load(slot) => Item::Slot(*slot),
-                Instr::Method { op, .. } => {
+                Instr::Method { op, compute, .. } => {
                     // Computed operands are handed over as little-endian f32 bytes.
                     let owned: Vec<Option<Vec<u8>>> = args
                         .iter()
@@ -211,6 +211,7 @@ mod whole {
                         .collect();
                     Item::Values(methods::apply(
                         op,
+                        *compute,
                         &Inputs {
                             tensors: &tensors,
                             shape,

@@ -22,7 +22,10 @@ pub fn dump(g: &Graph) -> String {
                 tensor,
                 dtype,
             } => format!(" out{output}:{tensor} {dtype}"),
-            Op::Method { op, .. } => format!(" {op:?}"),
+            Op::Method { op, compute, .. } => match compute.half() {
+                Some(h) => format!(" {op:?} compute={}", h.name()),
+                None => format!(" {op:?}"),
+            },
         };
         let _ = writeln!(
             out,

@@ -15,7 +15,7 @@ use petgraph::Direction;
 
 use crate::ids::ModelId;
 use crate::io::DType;
-use crate::ops::{Elementwise, MethodOp};
+use crate::ops::{Compute, Elementwise, MethodOp};
 use crate::sema::hir::{self, TensorExpr};
 
 pub use dump::dump;
@@ -32,8 +32,13 @@ pub enum Op {
     },
     /// An element-wise op (`ops::elementwise` defines each).
     Elementwise(Elementwise),
-    /// A whole-tensor merge method over `inputs` operands (not element-wise).
-    Method { op: MethodOp, inputs: usize },
+    /// A whole-tensor merge method over `inputs` operands (not element-wise), computed in
+    /// `compute`.
+    Method {
+        op: MethodOp,
+        compute: Compute,
+        inputs: usize,
+    },
     Store {
         output: usize,
         tensor: String,
@@ -182,11 +187,12 @@ fn lower_expr(
             let operands: Vec<NodeIndex> = operands.iter().map(|x| lower(g, x)).collect();
             g.add(Op::Elementwise(op.clone()), shape, &operands)
         }
-        TensorExpr::Method { op, inputs } => {
+        TensorExpr::Method { op, compute, inputs } => {
             let operands: Vec<NodeIndex> = inputs.iter().map(|x| lower(g, x)).collect();
             g.add(
                 Op::Method {
                     op: op.clone(),
+                    compute: *compute,
                     inputs: operands.len(),
                 },
                 shape,

@@ -76,6 +76,8 @@ pub struct Import {
     places: Vec<(usize, usize, Span)>,
     /// What mergekit ignores or tolerates, against the YAML (W0005).
     pub warnings: Diagnostics,
+    /// `--compute`: overrides the compute dtype the YAML's `dtype` gives.
+    pub compute: Option<crate::ops::Compute>,
 }
 
 /// The YAML could not be translated: its diagnostics, against `sources`.
@@ -116,6 +118,7 @@ pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Fai
                 script_dir: opts.script_dir.clone(),
                 places: t.out.frags,
                 warnings: t.warnings,
+                compute: None,
             })
         }
         Err(mut diagnostics) => {
@@ -152,6 +155,7 @@ impl Import {
             id: self.script,
             base_dir: self.script_dir.clone(),
             mergekit_config: Some(self.sources.get(self.yaml).text.clone()),
+            compute: self.compute,
         }
     }
 

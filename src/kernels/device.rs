@@ -56,6 +56,8 @@ kernels! {
     "encode_bf16" in "tensor": [R, W],
     "encode_f16" in "tensor": [R, W],
     "neg" in "tensor": [W],
+    "round_bf16" in "tensor": [W],
+    "round_f16" in "tensor": [W],
     "scale" in "tensor": [W],
     "divide" in "tensor": [W],
     "add" in "tensor": [W, R],

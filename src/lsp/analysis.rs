@@ -164,6 +164,7 @@ fn check(script: &Script, cache: &mut HeaderCache) -> Diagnostics {
     let options = CheckOptions {
         base_dir: script.base_dir.clone(),
         force: true,
+        compute: None,
     };
     match crate::sema::check(&ast, script.text(), &index, &options) {
         Ok(checked) => checked.warnings,
@@ -381,7 +382,7 @@ pub fn complete(path: &Path, text: &str, at: usize, lang: Lang, cache: &mut Head
     }
     let mut items = Vec::new();
     if line.trim_start().starts_with("set ") {
-        return ["seed", "max_memory"].into_iter().map(Item::Keyword).collect();
+        return crate::sema::SETTINGS.into_iter().map(Item::Keyword).collect();
     }
     if let Some(sig) = enclosing_call(text, at) {
         items.extend(sig.params.iter().map(|p| Item::Param(p.name, param_doc(p))));

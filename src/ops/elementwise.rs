@@ -13,6 +13,8 @@
 
 use std::fmt::Write;
 
+use super::Half;
+
 /// An element-wise op over tensors of one shape. `C` is the type of its per-tensor
 /// constants: `f32` where it is computed, `()` in a kernel key (the constants are then read
 /// from the kernel's uniform, so one compiled kernel serves every value).
@@ -31,6 +33,9 @@ pub enum Elementwise<C = f32> {
     /// `(Σ wᵢ·xᵢ) / divisor` over as many operands as weights, summed in operand order
     /// (mergekit's `linear`).
     WeightedSum { weights: Vec<C>, divisor: Option<C> },
+    /// `x` rounded to a 16-bit dtype (ties to even) and back: the rounding a 16-bit
+    /// compute dtype applies after every op (`ops::compute`).
+    Round(Half),
 }
 
 /// What constant folding may do with one op, whatever its operands' values (NaN,
@@ -54,13 +59,15 @@ impl<C> Elementwise<C> {
             Elementwise::Scale(_) => "scale",
             Elementwise::Divide(_) => "divide",
             Elementwise::WeightedSum { .. } => "weighted_sum",
+            Elementwise::Round(Half::Bf16) => "round_bf16",
+            Elementwise::Round(Half::F16) => "round_f16",
         }
     }
 
     /// How many operands the op takes.
     pub fn arity(&self) -> usize {
         match self {
-            Elementwise::Neg | Elementwise::Scale(_) | Elementwise::Divide(_) => 1,
+            Elementwise::Neg | Elementwise::Scale(_) | Elementwise::Divide(_) | Elementwise::Round(_) => 1,
             Elementwise::Add | Elementwise::Sub => 2,
             Elementwise::WeightedSum { weights, .. } => weights.len(),
         }
@@ -69,7 +76,7 @@ impl<C> Elementwise<C> {
     /// The op's constants, in the order its kernel reads them.
     pub fn constants(&self) -> Vec<&C> {
         match self {
-            Elementwise::Neg | Elementwise::Add | Elementwise::Sub => Vec::new(),
+            Elementwise::Neg | Elementwise::Add | Elementwise::Sub | Elementwise::Round(_) => Vec::new(),
             Elementwise::Scale(c) | Elementwise::Divide(c) => vec![c],
             Elementwise::WeightedSum { weights, divisor } => weights.iter().chain(divisor).collect(),
         }
@@ -81,6 +88,7 @@ impl<C> Elementwise<C> {
             Elementwise::Neg => Elementwise::Neg,
             Elementwise::Add => Elementwise::Add,
             Elementwise::Sub => Elementwise::Sub,
+            Elementwise::Round(h) => Elementwise::Round(*h),
             Elementwise::Scale(c) => Elementwise::Scale(f(c)),
             Elementwise::Divide(c) => Elementwise::Divide(f(c)),
             Elementwise::WeightedSum { weights, divisor } => Elementwise::WeightedSum {
@@ -113,6 +121,9 @@ impl<C> Elementwise<C> {
             Elementwise::Sub => format!("keep({} - {})", arg(0), arg(1)),
             Elementwise::Scale(_) => format!("keep({} * {})", arg(0), constant()),
             Elementwise::Divide(_) => format!("keep({} / {})", arg(0), constant()),
+            // common.wgsl's conversions: integer arithmetic, the `half` crate's bits.
+            Elementwise::Round(Half::Bf16) => format!("bf16_to_f32(f32_to_bf16({}))", arg(0)),
+            Elementwise::Round(Half::F16) => format!("f16_to_f32(f32_to_f16({}))", arg(0)),
             Elementwise::WeightedSum { divisor, .. } => {
                 // One `let` per partial sum, in order: `s = w0 * x0; s = s + w1 * x1; ...`.
                 let mut sum = String::new();
@@ -147,6 +158,7 @@ impl Elementwise {
             Elementwise::Sub => binary(acc, rest, |a, b| a - b),
             Elementwise::Scale(f) => acc.iter_mut().for_each(|x| *x *= *f),
             Elementwise::Divide(d) => acc.iter_mut().for_each(|x| *x /= *d),
+            Elementwise::Round(h) => acc.iter_mut().for_each(|x| *x = h.round(*x)),
             Elementwise::WeightedSum { weights, divisor } => {
                 let Some((&w0, others)) = weights.split_first() else {
                     return;
@@ -192,6 +204,17 @@ impl Elementwise {
     /// Whether applying the op twice gives the operand back bit for bit (`-(-x)`).
     pub fn is_involution(&self) -> bool {
         matches!(self, Elementwise::Neg)
+    }
+
+    /// Whether applying the op twice is applying it once (a rounding).
+    pub fn is_idempotent(&self) -> bool {
+        matches!(self, Elementwise::Round(_))
+    }
+
+    /// Whether the op leaves every value stored as `dtype` unchanged (rounding to a dtype
+    /// the value already has).
+    pub fn preserves(&self, dtype: crate::io::DType) -> bool {
+        matches!(self, Elementwise::Round(h) if h.represents(dtype))
     }
 }
 

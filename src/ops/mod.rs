@@ -5,9 +5,11 @@
 //!
 //! A leaf module every stage may use; it imports only `io` (dtypes, headers) and `moe_spec`.
 
+pub mod compute;
 pub mod cost;
 pub mod elementwise;
 
+pub use compute::{Compute, Half};
 pub use elementwise::Elementwise;
 
 /// The family of a generalized task-arithmetic merge (mergekit's GTA table).

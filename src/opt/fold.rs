@@ -6,6 +6,8 @@
 //! signed zeros included, are made:
 //! * `x * 1`, `x / 1` and a one-term weighted sum with weight 1 become `x`;
 //! * `-(-x)` becomes `x` (negation flips the sign bit, twice is nothing);
+//! * a rounding of a rounding to the same dtype, or of an input stored in that dtype,
+//!   becomes its operand;
 //! * a weighted sum's divisor 1 is dropped (`acc / 1 == acc`);
 //! * `x / d` with `d` a power of two whose reciprocal is a normal number becomes
 //!   `x * (1/d)`: both are the exact `x·2⁻ᵏ` rounded once.
@@ -42,14 +44,18 @@ pub(super) fn run(g: &mut Graph) -> usize {
         let rewrite = match op.simplified() {
             Simplified::Identity => Rewrite::Bypass(first),
             Simplified::Replace(op) => Rewrite::Replace(Op::Elementwise(op)),
-            // `f(f(x))` is `x` for an involution (`-(-x)`).
             Simplified::Keep => match &g.nodes[first].op {
+                // `f(f(x))` is `x` for an involution (`-(-x)`).
                 Op::Elementwise(inner) if op.is_involution() && inner == op => {
                     match g.operands(first).first() {
                         Some(&inner) => Rewrite::Bypass(inner),
                         None => Rewrite::Keep,
                     }
                 }
+                // `f(f(x))` is `f(x)` for a rounding.
+                Op::Elementwise(inner) if op.is_idempotent() && inner == op => Rewrite::Bypass(first),
+                // Rounding a bf16 input to bf16 changes nothing.
+                Op::Load { dtype, .. } if op.preserves(*dtype) => Rewrite::Bypass(first),
                 _ => Rewrite::Keep,
             },
         };

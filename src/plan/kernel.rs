@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use petgraph::stable_graph::NodeIndex;
 
 use crate::graph::{Graph, Op};
-use crate::ops::{Elementwise, MethodOp};
+use crate::ops::{Compute, Elementwise, MethodOp};
 
 /// One instruction of a fused kernel; operands are popped from a stack of chunk buffers.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,7 +16,11 @@ pub enum Instr {
     /// Pops the op's arity (first operand deepest), pushes its result.
     Elementwise(Elementwise),
     /// Pops `arity` whole tensors (first operand deepest), pushes the method's result.
-    Method { op: MethodOp, arity: usize },
+    Method {
+        op: MethodOp,
+        compute: Compute,
+        arity: usize,
+    },
 }
 
 impl Instr {
@@ -135,8 +139,9 @@ fn emit(
             Instr::Load(slot)
         }
         Op::Elementwise(op) => Instr::Elementwise(op.clone()),
-        Op::Method { op, inputs } => Instr::Method {
+        Op::Method { op, compute, inputs } => Instr::Method {
             op: op.clone(),
+            compute: *compute,
             arity: *inputs,
         },
         // A store never feeds another node (graph::verify).

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::io::{DType, ModelInfo};
-use crate::ops::{Elementwise, MethodOp};
+use crate::ops::{Compute, Elementwise, Half, MethodOp};
 use crate::source::Span;
 
 pub use crate::ids::ModelId;
@@ -54,6 +54,8 @@ pub struct Output {
     pub tokenizer_from: Option<ModelId>,
     /// The dtype the save asked for, if any (otherwise each tensor keeps its input dtype).
     pub dtype: Option<DType>,
+    /// The arithmetic its merges compute in.
+    pub compute: Compute,
     /// Number of transformer layers in the output, when it has any.
     pub layer_count: Option<usize>,
     /// Where each output layer comes from: (input model, its layer index). Per-layer lists
@@ -139,9 +141,11 @@ pub enum TensorExpr {
         op: Elementwise,
         operands: Vec<TensorExpr>,
     },
-    /// A whole-tensor merge method over `inputs`, in the order the op documents.
+    /// A whole-tensor merge method over `inputs`, in the order the op documents, computed
+    /// in `compute`.
     Method {
         op: MethodOp,
+        compute: Compute,
         inputs: Vec<TensorExpr>,
     },
 }
@@ -195,6 +199,11 @@ impl TensorExpr {
             },
             operands,
         )
+    }
+
+    /// `x` rounded to `half` (a 16-bit compute dtype's rounding after an op).
+    pub fn round(x: TensorExpr, half: Half) -> TensorExpr {
+        TensorExpr::op(Elementwise::Round(half), vec![x])
     }
 
     /// The expressions this one computes from, in operand order.

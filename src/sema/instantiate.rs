@@ -9,7 +9,7 @@ use super::names;
 use super::params::Param;
 use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource};
 use crate::diag::{Code, Diagnostic, Diagnostics};
-use crate::ops::{GtaKind, GtaOp, Method, MethodOp};
+use crate::ops::{Compute, GtaKind, GtaOp, Method, MethodOp};
 use crate::source::Span;
 
 /// Problems found while resolving tensors, reported once per place with a count.
@@ -32,6 +32,8 @@ struct Ctx<'a> {
     models: &'a [InputModel],
     problems: Problems,
     seed: u64,
+    /// The output's compute dtype: 16 bits rounds after every op (`ops::compute`).
+    compute: Compute,
 }
 
 /// Fills `out.tensors` from `model`, in natural name order (layers in numeric order).
@@ -46,6 +48,7 @@ pub(super) fn output(
         models,
         problems: Problems::default(),
         seed,
+        compute: out.compute,
     };
     if let MExpr::Moe(moe) = &*model.expr {
         out = moe_output(&mut ctx, moe, out, model);
@@ -135,9 +138,15 @@ impl Ctx<'_> {
                     );
                     return None;
                 }
-                TensorExpr::Load {
+                let load = TensorExpr::Load {
                     model: *id,
                     name: name.to_string(),
+                };
+                // mergekit casts every float input to the compute dtype first.
+                if dtype.is_mergeable() {
+                    self.round(load)
+                } else {
+                    load
                 }
             }
             MExpr::Layers { inner, start, module } => {
@@ -182,12 +191,20 @@ impl Ctx<'_> {
                 let inner_name = map.get(name).map_or(name, String::as_str);
                 return self.tensor(inner, inner_name, t, under_op);
             }
+            // Negation is exact in every dtype: nothing to round.
             MExpr::Neg(inner) => -self.tensor(inner, name, t, true)?,
-            MExpr::Add(a, b) => self.tensor(a, name, t, true)? + self.tensor(b, name, t, true)?,
-            MExpr::Sub(a, b) => self.tensor(a, name, t, true)? - self.tensor(b, name, t, true)?,
+            MExpr::Add(a, b) => {
+                let sum = self.tensor(a, name, t, true)? + self.tensor(b, name, t, true)?;
+                self.round(sum)
+            }
+            MExpr::Sub(a, b) => {
+                let difference = self.tensor(a, name, t, true)? - self.tensor(b, name, t, true)?;
+                self.round(difference)
+            }
             MExpr::Scale(inner, p, span) => {
                 let factor = self.param(p, *span, name, t)?;
-                TensorExpr::scale(self.tensor(inner, name, t, true)?, factor)
+                let scaled = TensorExpr::scale(self.tensor(inner, name, t, true)?, factor);
+                self.round(scaled)
             }
             MExpr::Divide(inner, p, span) => {
                 let divisor = self.param(p, *span, name, t)?;
@@ -196,7 +213,8 @@ impl Ctx<'_> {
                         .add(*span, Code::E0305, "division by zero", "this is 0 here", name);
                     return None;
                 }
-                TensorExpr::divide(self.tensor(inner, name, t, true)?, divisor)
+                let quotient = TensorExpr::divide(self.tensor(inner, name, t, true)?, divisor);
+                self.round(quotient)
             }
             MExpr::Method(call) => self.method(call, name, t)?,
             MExpr::Moe(moe) => {
@@ -219,6 +237,7 @@ impl Ctx<'_> {
         let mut x = self.tensor(&m.expr, name, 0.0, m.noise_scale > 0.0)?;
         if m.noise_scale > 0.0 {
             x = TensorExpr::Method {
+                compute: self.compute,
                 op: MethodOp::Noise {
                     scale: m.noise_scale,
                     key: crate::ops::rng_key(self.seed, member as u32, name),
@@ -227,9 +246,28 @@ impl Ctx<'_> {
             };
         }
         if name.ends_with("down_proj.weight") && m.residual_scale != 1.0 {
-            x = TensorExpr::scale(x, m.residual_scale);
+            x = self.round(TensorExpr::scale(x, m.residual_scale));
         }
         Some(x)
+    }
+
+    /// `x` rounded to the compute dtype when it is 16 bits: torch rounds the result of
+    /// every op on 16-bit tensors (an op with a Python-float operand computes with it as
+    /// an f32 scalar, which is how `scale` and `divide` carry their constants).
+    fn round(&self, x: TensorExpr) -> TensorExpr {
+        match self.compute.half() {
+            Some(h) => TensorExpr::round(x, h),
+            None => x,
+        }
+    }
+
+    /// `p` as the compute dtype holds it when mergekit makes it a tensor of that dtype
+    /// (task-vector weights): rounded to 16 bits, or unchanged in f32.
+    fn cast_param(&self, p: f64) -> f64 {
+        match self.compute.half() {
+            Some(h) => h.round(p as f32) as f64,
+            None => p,
+        }
     }
 
     /// A factor or divisor for this tensor; it must be a finite f32, as kernels compute in f32.
@@ -412,7 +450,42 @@ impl Ctx<'_> {
         } else {
             None
         };
-        Some(TensorExpr::weighted_sum(terms, divisor))
+        // mergekit's linear accumulates in f32 even for 16-bit inputs and rounds once.
+        Some(self.round(TensorExpr::weighted_sum(terms, divisor)))
+    }
+
+    /// task_arithmetic in a 16-bit compute dtype, as mergekit's GTA code runs it on
+    /// 16-bit tensors: each `(x − base)` rounded, times its weight (a tensor of the
+    /// compute dtype, so the weight is rounded too) rounded, the products summed in f32
+    /// and rounded, divided by the rounded sum of the rounded weights (|Σw| < 1e-8 -> 1)
+    /// and rounded, times λ (an f32 scalar) and rounded, plus the base, rounded.
+    fn task_arithmetic_16(
+        &self,
+        base: TensorExpr,
+        models: Vec<TensorExpr>,
+        weights: &[f64],
+        lambda: f64,
+        normalize: bool,
+    ) -> TensorExpr {
+        let weights: Vec<f64> = weights.iter().map(|w| self.cast_param(*w)).collect();
+        let products: Vec<(TensorExpr, f64)> = models
+            .into_iter()
+            .zip(&weights)
+            .map(|(x, w)| {
+                let delta = self.round(x - base.clone());
+                (self.round(TensorExpr::scale(delta, *w)), 1.0)
+            })
+            .collect();
+        let mut mixed = self.round(TensorExpr::weighted_sum(products, None));
+        if normalize {
+            let sum = self.cast_param(weights.iter().map(|w| *w as f32).sum::<f32>() as f64);
+            let divisor = if sum.abs() < 1e-8 { 1.0 } else { sum };
+            mixed = self.round(TensorExpr::divide(mixed, divisor));
+        }
+        if lambda != 1.0 {
+            mixed = self.round(TensorExpr::scale(mixed, lambda));
+        }
+        self.round(base + mixed)
     }
 
     /// Every method but `linear`: a [`MethodOp`] over the base (first) and the models.
@@ -438,7 +511,7 @@ impl Ctx<'_> {
                 return Some(if scale[0] == 1.0 {
                     x
                 } else {
-                    TensorExpr::scale(x, scale[0])
+                    self.round(TensorExpr::scale(x, scale[0]))
                 });
             }
             Method::Slerp => MethodOp::Slerp {
@@ -489,6 +562,9 @@ impl Ctx<'_> {
                 let base = base?;
                 let weights = self.per_model(call, "weight", 1.0, name, t)?;
                 let lambda = self.required(call, "lambda", name, t)?;
+                if self.compute.half().is_some() {
+                    return Some(self.task_arithmetic_16(base, models, &weights, lambda, flag("normalize")));
+                }
                 let divisor = flag("normalize").then(|| {
                     let sum: f32 = weights.iter().map(|w| *w as f32).sum();
                     if sum.abs() < 1e-8 {
@@ -543,7 +619,11 @@ impl Ctx<'_> {
         };
         let mut inputs: Vec<TensorExpr> = base.into_iter().collect();
         inputs.extend(models);
-        Some(TensorExpr::Method { op, inputs })
+        Some(TensorExpr::Method {
+            op,
+            compute: self.compute,
+            inputs,
+        })
     }
 }
 

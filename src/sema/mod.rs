@@ -29,10 +29,14 @@ use std::sync::Arc;
 
 use crate::diag::{Code, Diagnostic, Diagnostics};
 use crate::io::ModelIndex;
+use crate::ops::Compute;
 use crate::source::Span;
 use crate::syntax::ast::{self, Expr, ExprKind, StmtKind};
 use hir::ModelId;
 use value::{MExpr, ModelVal, TensorSig, Value};
+
+/// The names `set` accepts.
+pub const SETTINGS: [&str; 3] = ["seed", "max_memory", "compute"];
 
 /// Default output shard size, as mergekit's `--out-shard-size` (5e9 bytes).
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
@@ -44,6 +48,8 @@ pub struct CheckOptions {
     pub base_dir: PathBuf,
     /// Whether existing non-empty output folders may be replaced.
     pub force: bool,
+    /// The compute dtype of every save (`--compute`), over the script's own choice.
+    pub compute: Option<Compute>,
 }
 
 /// A checked program, with the warnings found on the way.
@@ -82,6 +88,7 @@ pub fn check(
         seed: 0,
         seed_span: None,
         max_memory: None,
+        compute: None,
     };
     // Settings apply to the whole script, wherever they are written.
     for stmt in &script.stmts {
@@ -134,6 +141,8 @@ struct Checker<'a> {
     seed: u64,
     seed_span: Option<Span>,
     max_memory: Option<u64>,
+    /// `set compute = ...`: the default compute dtype of the saves.
+    compute: Option<(Compute, Span)>,
 }
 
 impl Checker<'_> {
@@ -193,12 +202,24 @@ impl Checker<'_> {
                         .with_help("for example `set max_memory = 8GB`"),
                 ),
             },
+            "compute" => {
+                if let Some((_, first)) = self.compute {
+                    self.diags.push(
+                        Diagnostic::error(Code::E0209, "`compute` is set twice")
+                            .at(name.span, "set again here")
+                            .with_label(first, "first set here")
+                            .with_help("a script has one default compute dtype: keep one `set compute`"),
+                    );
+                } else if let Some(c) = self.compute_option(value) {
+                    self.compute = Some((c, name.span));
+                }
+            }
             other => {
                 let mut d = Diagnostic::error(Code::E0209, format!("unknown setting `{other}`"))
                     .at(name.span, "no such setting");
-                d = match names::did_you_mean(other, ["seed", "max_memory"]) {
+                d = match names::did_you_mean(other, SETTINGS) {
                     Some(s) => d.with_help(format!("did you mean `{s}`?")),
-                    None => d.with_help("the settings are: seed, max_memory"),
+                    None => d.with_help(format!("the settings are: {}", SETTINGS.join(", "))),
                 };
                 self.diags.push(d);
             }

@@ -10,6 +10,7 @@ use super::value::{MExpr, Value};
 use super::{describe, instantiate, names, templates, wrong_type, Checker, DEFAULT_SHARD_BYTES};
 use crate::diag::{Code, Diagnostic};
 use crate::io::DType;
+use crate::ops::Compute;
 use crate::source::Span;
 use crate::syntax::ast::{self, Expr, ExprKind, Named};
 
@@ -28,6 +29,7 @@ impl Checker<'_> {
             }
         };
         let mut dtype = None;
+        let mut compute = None;
         let mut max_shard_bytes = DEFAULT_SHARD_BYTES;
         let mut config_from = None;
         let mut chat_template = None;
@@ -44,6 +46,7 @@ impl Checker<'_> {
             }
             match opt.name.name.as_str() {
                 "dtype" => dtype = self.dtype_option(&opt.value),
+                "compute" => compute = self.compute_option(&opt.value),
                 "shard" => {
                     if let Some(n) = self.size_option(&opt.value) {
                         max_shard_bytes = n;
@@ -99,6 +102,13 @@ impl Checker<'_> {
             config_from,
             tokenizer_from,
             dtype,
+            // `--compute` wins over the save's option, which wins over `set compute`.
+            compute: self
+                .options
+                .compute
+                .or(compute)
+                .or(self.compute.map(|(c, _)| c))
+                .unwrap_or_default(),
             layer_count: model.layers(),
             layer_sources: model.layer_sources.to_vec(),
             inputs: model.inputs.clone(),
@@ -151,7 +161,18 @@ impl Checker<'_> {
         out
     }
 
+    /// `compute: bf16`: the arithmetic of the save's merges (see `ops::compute`).
+    pub(super) fn compute_option(&mut self, value: &Expr) -> Option<Compute> {
+        self.dtype_name(value, "compute", "the compute dtypes")
+            .and_then(Compute::of_dtype)
+    }
+
     pub(super) fn dtype_option(&mut self, value: &Expr) -> Option<DType> {
+        self.dtype_name(value, "dtype", "the output dtypes")
+    }
+
+    /// A dtype written as a name (`bf16`) or a string, for option `key`.
+    fn dtype_name(&mut self, value: &Expr, key: &str, what: &str) -> Option<DType> {
         let text = match &value.kind {
             ExprKind::Name(n) if !self.env.contains_key(n) => n.clone(),
             ExprKind::Str(s) => s.clone(),
@@ -159,7 +180,7 @@ impl Checker<'_> {
                 let v = self.expr(value);
                 if !matches!(v, Value::Error) {
                     self.diags.push(wrong_type(
-                        format!("`dtype` expects f32, f16 or bf16, found {}", v.describe()),
+                        format!("`{key}` expects f32, f16 or bf16, found {}", v.describe()),
                         value.span,
                         &v,
                     ));
@@ -173,10 +194,8 @@ impl Checker<'_> {
                 let mut d = Diagnostic::error(Code::E0305, format!("unknown dtype `{text}`"))
                     .at(value.span, "not a dtype");
                 d = match names::did_you_mean(&text, ["f32", "f16", "bf16"]) {
-                    Some(s) => d.with_help(format!(
-                        "did you mean `{s}`? the output dtypes are f32, f16 and bf16"
-                    )),
-                    None => d.with_help("the output dtypes are f32, f16 and bf16"),
+                    Some(s) => d.with_help(format!("did you mean `{s}`? {what} are f32, f16 and bf16")),
+                    None => d.with_help(format!("{what} are f32, f16 and bf16")),
                 };
                 self.diags.push(d);
                 None
@@ -254,7 +273,14 @@ impl Checker<'_> {
 }
 
 /// The options `save ... to "dir" { ... }` takes.
-const SAVE_OPTIONS: &[&str] = &["dtype", "shard", "config", "tokenizer", "chat_template"];
+const SAVE_OPTIONS: &[&str] = &[
+    "dtype",
+    "compute",
+    "shard",
+    "config",
+    "tokenizer",
+    "chat_template",
+];
 
 fn resolve_dir(base: &Path, dir: &str) -> PathBuf {
     let p = Path::new(dir);

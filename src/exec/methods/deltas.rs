@@ -61,7 +61,7 @@ pub(crate) mod tests {
 
     /// The method through the one dispatch, unwrapped (tests give it inputs).
     pub(crate) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-        crate::exec::methods::apply(op, inputs).unwrap()
+        crate::exec::methods::apply(op, crate::ops::Compute::F32, inputs).unwrap()
     }
 
     fn bytes(v: &[f32]) -> Vec<u8> {

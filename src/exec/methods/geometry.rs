@@ -492,7 +492,7 @@ mod tests {
 
     /// The method through the one dispatch, unwrapped (tests give it inputs).
     pub(crate) fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-        crate::exec::methods::apply(op, inputs).unwrap()
+        crate::exec::methods::apply(op, crate::ops::Compute::F32, inputs).unwrap()
     }
     use crate::io::DType;
 
@@ -786,6 +786,7 @@ mod tests {
             // no inputs at all: a bug elsewhere, reported, not made-up values
             let none = crate::exec::methods::apply(
                 &op,
+                crate::ops::Compute::F32,
                 &Inputs {
                     tensors: &[],
                     shape: &[3],

@@ -9,6 +9,7 @@ pub(crate) mod chunks;
 mod deltas;
 pub(crate) mod geometry;
 mod gta;
+mod half;
 pub(crate) mod portable;
 mod ram;
 pub mod rng;
@@ -19,7 +20,7 @@ use std::ops::Range;
 
 use crate::exec::cpu::decode;
 use crate::io::DType;
-use crate::ops::MethodOp;
+use crate::ops::{Compute, MethodOp};
 
 /// One input tensor as stored.
 #[derive(Clone, Copy, Debug)]
@@ -136,14 +137,17 @@ pub enum MethodError {
     NoInputs(&'static str),
 }
 
-/// Computes `op` over `inputs`; the result has `inputs.numel()` values. The one dispatch
-/// of every method to its CPU reference.
-pub fn apply(op: &MethodOp, inputs: &Inputs) -> Result<Vec<f32>, MethodError> {
+/// Computes `op` over `inputs` in `compute`; the result has `inputs.numel()` values. The
+/// one dispatch of every method to its CPU reference.
+pub fn apply(op: &MethodOp, compute: Compute, inputs: &Inputs) -> Result<Vec<f32>, MethodError> {
     if inputs.numel() == 0 {
         return Ok(Vec::new());
     }
     if inputs.is_empty() {
         return Err(MethodError::NoInputs(op.name()));
+    }
+    if let Compute::Half(half) = compute {
+        return Ok(half::apply(op, half, inputs));
     }
     Ok(match op {
         MethodOp::Slerp { t } => geometry::slerp(*t, inputs),

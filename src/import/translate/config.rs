@@ -111,6 +111,7 @@ impl Translator<'_> {
             }
         }
         doc.dtype = out_dtype.or(dtype);
+        doc.compute = dtype;
         if let (Some(v), Some((kspan, _))) = (tokenizer_source, tokenizer_key) {
             let d = self.err(
                 Code::E0603,

@@ -199,6 +199,8 @@ struct Doc<'a> {
     base: Option<RefAt>,
     params: Vec<Param<'a>>,
     dtype: Option<(&'static str, Span)>,
+    /// mergekit's `dtype`: the dtype it computes in (`dtype` above is the stored one).
+    compute: Option<(&'static str, Span)>,
     tokenizer: Option<RefAt>,
     chat_template: Option<(String, Span)>,
     span: Span,
@@ -214,6 +216,7 @@ impl Doc<'_> {
             base: None,
             params: Vec::new(),
             dtype: None,
+            compute: None,
             tokenizer: None,
             chat_template: None,
             span,

@@ -94,6 +94,10 @@ impl Translator<'_> {
         if let Some((d, span)) = doc.dtype {
             options.push(Expr::named("dtype", Expr::atom(d).at(span)));
         }
+        // mergekit computes in `dtype`, rounding every step to it.
+        if let Some((d, span)) = doc.compute {
+            options.push(Expr::named("compute", Expr::atom(d).at(span)));
+        }
         if let Some(bytes) = self.opts.shard_bytes {
             options.push(Expr::named("shard", Expr::atom(size_text(bytes))));
         }

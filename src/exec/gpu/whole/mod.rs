@@ -165,6 +165,7 @@ fn elementwise_op(dev: &mut Device, op: &Elementwise, acc: &Tensor, rest: &[Tens
     let p = Params::default();
     match op {
         Elementwise::Neg => dev.map("neg", &[acc], p),
+        Elementwise::Round(_) => dev.map(op.name(), &[acc], p),
         Elementwise::Scale(f) => dev.map("scale", &[acc], p.f(&[*f])),
         Elementwise::Divide(d) => dev.map("divide", &[acc], p.f(&[*d])),
         Elementwise::Add => dev.map("add", &[acc, operand(rest, 0)?], p),

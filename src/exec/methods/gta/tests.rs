@@ -11,7 +11,7 @@ use crate::ops::{rng_key, GtaKind, GtaOp, MethodOp};
 
 /// The method through the one dispatch, unwrapped (tests give it inputs).
 fn apply(op: &MethodOp, inputs: &Inputs) -> Vec<f32> {
-    crate::exec::methods::apply(op, inputs).unwrap()
+    crate::exec::methods::apply(op, crate::ops::Compute::F32, inputs).unwrap()
 }
 
 fn bytes(v: &[f32]) -> Vec<u8> {
