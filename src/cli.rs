@@ -610,6 +610,7 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
                         "dir": o.dir.display().to_string(),
                         "tensors": compiled.plan.outputs[i].spec.tensors.len(),
                         "bytes": steps.map(|s| s.out_bytes()).sum::<u64>(),
+                        "compute": o.compute.name(),
                     })
                 })
                 .collect();
@@ -649,12 +650,13 @@ fn summary(c: &Compiled) -> String {
             .filter(|s| names.contains(s.tensor.as_str()))
             .count();
         out.push_str(&format!(
-            "  {}: {} tensors ({} copied unchanged), {}\n",
+            "  {}: {} tensors ({} copied unchanged), {}, computed in {}\n",
             o.dir.display(),
             // As written: a fused MoE tensor once, generated routers included.
             written.len(),
             copies,
-            human_bytes(bytes)
+            human_bytes(bytes),
+            o.compute
         ));
     }
     let models = c.program.models.len();

@@ -924,3 +924,57 @@ fn cli_runs_a_mergekit_moe_config() {
         text(&imported.stdout)
     );
 }
+
+/// `dtype: bfloat16` computes as mergekit does; `--compute f32` overrides it, and the check
+/// summary and the model card say which arithmetic made the output.
+#[test]
+fn cli_compute_dtype_from_yaml_and_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let check = in_conformance(&["check", "configs/task_arithmetic_bf16.yml"]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(
+        text(&check.stdout).contains("computed in bf16"),
+        "{}",
+        text(&check.stdout)
+    );
+    let check = in_conformance(&["check", "configs/task_arithmetic_bf16.yml", "--compute", "f32"]);
+    assert!(
+        text(&check.stdout).contains("computed in f32"),
+        "{}",
+        text(&check.stdout)
+    );
+
+    let mut weights = Vec::new();
+    for compute in [None, Some("f32"), Some("bf16")] {
+        let out = tmp.path().join(compute.unwrap_or("default"));
+        let mut args = vec![
+            "run",
+            "configs/task_arithmetic_bf16.yml",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        if let Some(c) = compute {
+            args.extend(["--compute", c]);
+        }
+        let run = in_conformance(&args);
+        assert!(run.status.success(), "{}", text(&run.stderr));
+        let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+        let expected = if compute == Some("f32") {
+            "Computed in f32"
+        } else {
+            "Computed in bf16"
+        };
+        assert!(card.contains(expected), "{card}");
+        weights.push(std::fs::read(out.join("model.safetensors")).unwrap());
+    }
+    // The YAML's dtype is bf16 compute: the same bytes as `--compute bf16`, and mergekit's
+    // exact values on this fixture; f32 compute rounds once and differs.
+    assert_eq!(weights[0], weights[2]);
+    assert_ne!(weights[0], weights[1]);
+    let ours = load_folder(&tmp.path().join("default"));
+    let theirs = load_folder(&conformance_dir().join("expected/task_arithmetic_bf16"));
+    for (name, t) in &theirs {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours[name].values), bits(&t.values), "{name}");
+    }
+}

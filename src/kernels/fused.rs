@@ -336,6 +336,7 @@ mod tests {
         ));
         let slerp = Method {
             op: crate::ops::MethodOp::Slerp { t: 0.5 },
+            compute: crate::ops::Compute::F32,
             arity: 2,
         };
         assert_eq!(

@@ -5,7 +5,7 @@
 //! grows with the tensor is counted. The constants below fix the shapes of the methods'
 //! passes; the executors use them, so a change here changes both sides at once.
 
-use super::{GtaKind, MethodOp, Sparsifier};
+use super::{Compute, GtaKind, MethodOp, Sparsifier};
 
 /// Elements per chunk for chunked passes over inputs.
 pub const CHUNK: usize = 1 << 16;
@@ -26,12 +26,19 @@ pub fn candidate_cap(n: usize) -> usize {
 
 impl MethodOp {
     /// An upper bound on the bytes one application of the method to `inputs` tensors of
-    /// `shape` allocates with `threads` workers, its f32 result included (its inputs stay
-    /// mapped and are counted by the plan as inputs).
-    pub fn working_bytes(&self, inputs: usize, shape: &[usize], threads: usize) -> u64 {
+    /// `shape` allocates in `compute` with `threads` workers, its f32 result included (its
+    /// inputs stay mapped and are counted by the plan as inputs).
+    pub fn working_bytes(&self, compute: Compute, inputs: usize, shape: &[usize], threads: usize) -> u64 {
         let n = shape.iter().product::<usize>() as u64;
         let m = inputs as u64;
         let f32s = 4 * n;
+        if let Compute::Half(_) = compute {
+            // `exec::methods::half` holds whole tensors as torch does: the inputs cast to
+            // the compute dtype (2 bytes each), then at most two f32 copies of each input
+            // (values, task vectors) and eight tensor-sized temporaries (masks, ranks,
+            // products, the result).
+            return 2 * n * m + (2 * m + 8) * f32s;
+        }
         // Per-vector f64 sums of the geometry methods (one vector, rows or columns) and
         // their f32 coefficients: at most n / min(first, last dimension) vectors.
         let first = shape.first().copied().unwrap_or(1).max(1) as u64;

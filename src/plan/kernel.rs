@@ -85,9 +85,9 @@ impl Kernel {
             let held = stack.iter().filter(|&&c| c).count() as u64 * f32s;
             let during = match instr {
                 Instr::Load(_) => 0,
-                Instr::Method { op, .. } => {
+                Instr::Method { op, compute, .. } => {
                     let computed = args.iter().filter(|&&c| c).count() as u64;
-                    2 * computed * f32s + op.working_bytes(args.len(), shape, threads)
+                    2 * computed * f32s + op.working_bytes(*compute, args.len(), shape, threads)
                 }
                 _ => args.len() as u64 * f32s,
             };

@@ -367,10 +367,19 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
         let model = program.model(*m);
         card.push_str(&format!("- `{}`: `{}`\n", model.name, model.info.reference));
     }
+    let stored = out
+        .dtype
+        .map_or(String::new(), |d| format!(" ({})", d.script_name()));
+    let compute = match out.compute.half() {
+        None => format!("Computed in f32 and rounded once to the stored dtype{stored}"),
+        Some(h) => format!(
+            "Computed in {h} as mergekit computes (`compute: {h}`: inputs, weights and every intermediate rounded to {h}), stored{stored}",
+            h = h.name()
+        ),
+    };
     card.push_str(&format!(
-        "\nSeed of the random masks (`set seed`): {}. Computed in f32 and rounded once to the stored dtype{}, with mergec {}.\n",
+        "\nSeed of the random masks (`set seed`): {}. {compute}, with mergec {}.\n",
         program.seed,
-        out.dtype.map_or(String::new(), |d| format!(" ({})", d.script_name())),
         env!("CARGO_PKG_VERSION")
     ));
     if program.mergekit_config.is_some() {

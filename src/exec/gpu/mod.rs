@@ -329,7 +329,15 @@ impl GpuExecutor {
     /// A [`Kernel::Whole`] step: its program over device tensors (see [`whole`]).
     fn compute_whole(&self, step: &Step, program: &[Instr], inputs: &[&[u8]]) -> Result<Vec<u8>, GpuError> {
         for instr in program {
-            if let Instr::Method { op, .. } = instr {
+            if let Instr::Method { op, compute, .. } = instr {
+                if let Some(h) = compute.half() {
+                    // The 16-bit methods follow torch op by op on the CPU; see spec/ops.md.
+                    return Err(GpuError::Unsupported(format!(
+                        "`{}` in {} compute runs on the CPU",
+                        op.name(),
+                        h.name()
+                    )));
+                }
                 whole::supported(op).map_err(GpuError::Unsupported)?;
             }
         }
