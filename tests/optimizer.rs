@@ -9,7 +9,7 @@ use mergec::exec::cpu::encode;
 use mergec::exec::CpuExecutor;
 use mergec::graph::{verify, Graph, Node, Op};
 use mergec::io::DType;
-use mergec::ops::{Elementwise as E, MethodOp};
+use mergec::ops::{Compute, Elementwise as E, Half, MethodOp};
 use mergec::plan::{self, Step};
 use mergec::sema::hir::ModelId;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
@@ -83,7 +83,7 @@ fn expr(
     }
     let sub =
         |g: &mut Graph, rng: &mut Rng, memo: &mut Vec<NodeIndex>| expr(g, rng, loads, memo, shape, depth - 1);
-    let n = match rng.below(9) {
+    let n = match rng.below(10) {
         0 => {
             let x = sub(g, rng, memo);
             add(g, Op::Elementwise(E::Neg), &[x])
@@ -125,6 +125,18 @@ fn expr(
             };
             add(g, Op::Elementwise(E::WeightedSum { weights, divisor }), &xs)
         }
+        8 => {
+            // a 16-bit compute dtype's rounding, sometimes twice (folded to once), often of
+            // a bf16 or f16 load (folded away)
+            let x = sub(g, rng, memo);
+            let h = rng.pick(&[Half::Bf16, Half::F16]);
+            let once = add(g, Op::Elementwise(E::Round(h)), &[x]);
+            if rng.below(2) == 0 {
+                add(g, Op::Elementwise(E::Round(h)), &[once])
+            } else {
+                once
+            }
+        }
         7 => {
             // the same subterm built twice (for cse)
             let x = rng.pick(loads);
@@ -139,6 +151,7 @@ fn expr(
                 g,
                 Op::Method {
                     op: MethodOp::Slerp { t },
+                    compute: Compute::F32,
                     inputs: 2,
                 },
                 &[a, b],
