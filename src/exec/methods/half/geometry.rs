@@ -19,8 +19,8 @@
 //!   cascade sums differ from that by a few f32 ulps, far below a 16-bit ulp);
 //! * multislerp with more than two models whose unit vectors cancel returns the
 //!   weighted sum (mergekit raises), as the f32 method does;
-//! * karcher skips a member at exactly the mean (θ = 0) and stops on a zero tangent even
-//!   when `tol <= 0`, where mergekit would compute 0/0;
+//! * with `tol <= 0`, karcher skips a member at exactly the mean (θ = 0), stops on a zero
+//!   tangent and keeps the first unit vector for a zero mean, where mergekit computes 0/0;
 //! * a lone model (or only a base) is returned as it is, as the f32 methods do.
 
 use super::super::chunks::Layout;
@@ -501,4 +501,163 @@ fn nearswap(t: &Torch, swap: f64, mut xs: Vec<Vec<f32>>) -> Vec<f32> {
             t.r(t.r(w * b) + t.r(t.r(1.0 - w) * a))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::exec::methods::{Inputs, MethodInput};
+    use crate::io::DType;
+    use crate::ops::{Compute, Half, MethodOp};
+
+    /// `op` in bf16 over f32-stored inputs (cast to bf16 first, as `half::apply` does).
+    fn run(op: &MethodOp, half: Half, shape: &[usize], data: &[Vec<f32>]) -> Vec<f32> {
+        let bytes: Vec<Vec<u8>> = data
+            .iter()
+            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let tensors: Vec<MethodInput> = bytes
+            .iter()
+            .map(|b| MethodInput {
+                bytes: b,
+                dtype: DType::F32,
+            })
+            .collect();
+        super::super::apply(
+            op,
+            half,
+            &Inputs {
+                tensors: &tensors,
+                shape,
+            },
+        )
+    }
+
+    fn f32_method(op: &MethodOp, shape: &[usize], data: &[Vec<f32>]) -> Vec<f32> {
+        let bytes: Vec<Vec<u8>> = data
+            .iter()
+            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let tensors: Vec<MethodInput> = bytes
+            .iter()
+            .map(|b| MethodInput {
+                bytes: b,
+                dtype: DType::F32,
+            })
+            .collect();
+        crate::exec::methods::apply(
+            op,
+            Compute::F32,
+            &Inputs {
+                tensors: &tensors,
+                shape,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nearswap_bf16_hand_computed() {
+        let base = vec![0.0, 1.0, 5.0, 3.0];
+        let model = vec![0.5, 1.0, -5.0, 3.5];
+        let out = run(&MethodOp::Nearswap { t: 0.1 }, Half::Bf16, &[4], &[base, model]);
+        // [0, 0.5]: w = bf16(2 · 0.1) = 0.2001953125, w·0.5 exactly.
+        // [1, 1]: |d| clamps to bf16(1e-6), w = 1: the model.
+        // [5, -5]: 1/10 rounds to 0.10009765625, w = 0.010009765625, 1 - w = 0.98828125,
+        //   (1 - w)·5 = 4.9375, w·(-5) = -0.050048828125, sum 4.8874… rounds to 4.875
+        //   (f32 gives 4.9).
+        // [3, 3.5]: w = 0.2001953125, w·3.5 rounds to 0.69921875, (1 - w)·3 to 2.40625,
+        //   their sum 3.10546875 to 3.109375.
+        // 0.10009765625 = 205/2048
+        assert_eq!(out, vec![205.0 / 2048.0, 1.0, 4.875, 3.109_375]);
+    }
+
+    #[test]
+    fn model_stock_bf16_hand_computed() {
+        // Task vectors (1, 1) and (1, 0): ‖a‖ = bf16(√2) = 1.4140625, cos = bf16(1/1.4140625)
+        // = 0.70703125; 1 + cos = 1.70703125 ties to 1.703125; 2cos = 1.4140625;
+        // t = bf16(1.4140625 / 1.703125) = 0.83203125 (f64: t = 0.8284).
+        // avg = (1, 0.5); out = t·avg + (1 - t)·0.
+        let op = MethodOp::ModelStock { filter_wise: false };
+        let base = vec![0.0, 0.0];
+        let out = run(&op, Half::Bf16, &[2], &[base, vec![1.0, 1.0], vec![1.0, 0.0]]);
+        // 0.83203125 = 213/256
+        assert_eq!(out, vec![213.0 / 256.0, 213.0 / 512.0]);
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    /// Every method's 16-bit result holds only values of the compute dtype and stays
+    /// within a few 16-bit ulps of the f32 method on the same (cast) inputs.
+    #[test]
+    fn results_are_16_bit_values_near_the_f32_method() {
+        let shape = [6usize, 10];
+        let numel = 60;
+        for half in [Half::Bf16, Half::F16] {
+            let xs: Vec<Vec<f32>> = (0..4)
+                .map(|i| random(numel, 7 + i).iter().map(|x| half.round(*x)).collect())
+                .collect();
+            let ops = [
+                (
+                    MethodOp::Nuslerp {
+                        weights: [0.3, 0.7],
+                        flatten: false,
+                        row_wise: true,
+                        with_base: true,
+                    },
+                    3,
+                ),
+                (
+                    MethodOp::Nuslerp {
+                        weights: [0.3, 0.7],
+                        flatten: true,
+                        row_wise: false,
+                        with_base: false,
+                    },
+                    2,
+                ),
+                (
+                    MethodOp::Multislerp {
+                        weights: vec![0.5, 1.0, 0.5],
+                        normalize_weights: true,
+                        eps: 1e-8,
+                        with_base: true,
+                    },
+                    4,
+                ),
+                (
+                    MethodOp::Karcher {
+                        max_iter: 10,
+                        tol: 1e-5,
+                    },
+                    3,
+                ),
+                (MethodOp::ModelStock { filter_wise: true }, 4),
+                (MethodOp::Nearswap { t: 0.05 }, 2),
+            ];
+            for (op, k) in ops {
+                let out = run(&op, half, &shape, &xs[..k]);
+                let want = f32_method(&op, &shape, &xs[..k]);
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (o, w) in out.iter().zip(&want) {
+                    assert_eq!(*o, half.round(*o), "{op:?} {half:?}");
+                    // a few ulps of the largest value (bf16: 2^-8 relative, f16: 2^-11)
+                    let ulp = match half {
+                        Half::Bf16 => scale / 128.0,
+                        Half::F16 => scale / 1024.0,
+                    };
+                    assert!((o - w).abs() <= 4.0 * ulp, "{op:?} {half:?}: {o} vs {w}");
+                }
+            }
+        }
+    }
 }
