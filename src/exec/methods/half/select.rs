@@ -344,3 +344,119 @@ fn softmax(t: &Torch, x: &[f32]) -> Vec<f32> {
     let inv = 1.0 / f32_sum(&e);
     e.iter().map(|&v| t.r(v * inv)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::exec::methods::{apply, Inputs, MethodInput};
+    use crate::io::DType;
+    use crate::ops::{Compute, Half, MethodOp};
+    use half::bf16;
+
+    fn bf(x: f32) -> f32 {
+        bf16::from_f32(x).to_f32()
+    }
+
+    /// `op` in bf16 compute over bf16-stored `tensors` of `shape`.
+    fn run(op: &MethodOp, shape: &[usize], tensors: &[Vec<f32>]) -> Vec<f32> {
+        let raw: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|t| t.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect())
+            .collect();
+        let ins: Vec<MethodInput> = raw
+            .iter()
+            .map(|b| MethodInput {
+                bytes: b,
+                dtype: DType::BF16,
+            })
+            .collect();
+        let inputs = Inputs { tensors: &ins, shape };
+        apply(op, Compute::Half(Half::Bf16), &inputs).unwrap()
+    }
+
+    #[test]
+    fn ram_tests_the_rounded_delta() {
+        // 3 − (−3·2⁻¹⁰) = 3.0029296875 rounds to bf16 3.0, and ε = 3.001 rounds to 3.0 as
+        // well: the delta is not active (3.0 > 3.0 is false), although in f32 it would be.
+        // The next bf16 delta, 3.015625, is.
+        let base = vec![-0.0029296875f32, 0.0];
+        let m = vec![3.0f32, 3.015625];
+        let out = run(&MethodOp::Ram { epsilon: 3.001 }, &[2], &[base.clone(), m]);
+        assert_eq!(out, vec![base[0], 3.015625]);
+    }
+
+    #[test]
+    fn ram_divides_shared_deltas_in_bf16() {
+        // Three active deltas of 1.5: each 1.5/3 = 0.5, their sum 1.5 on base 0.25.
+        // One of 1.0 and one of 0.01 shared: 0.5 + bf(0.005) (= 0.0050048828125), summed
+        // in f32 and rounded.
+        let base = vec![0.25f32, 0.0];
+        let a = vec![1.75f32, 1.0];
+        let b = vec![1.75f32, bf(0.01)];
+        let c = vec![1.75f32, 0.0];
+        let out = run(&MethodOp::Ram { epsilon: 1e-5 }, &[2], &[base, a, b, c]);
+        assert_eq!(out, vec![bf(0.25 + 1.5), bf(0.5 + bf(bf(0.01) / 2.0))]);
+    }
+
+    #[test]
+    fn ramplus_scales_by_the_f32_lambda() {
+        // a: unique at 0 and 1, shared at 2 -> ρ 0.5; b: unique at 3, shared at 2 -> ρ 1.
+        // Both clamp to α = 0.5: λ = 1 + 0.3·0.5 in f32. 3·λ = 3.45 rounds to 3.453125;
+        // with λ rounded to bf16 first (1.1484375) it would give 3.4375.
+        let base = vec![0.0f32; 4];
+        let a = vec![3.0f32, 1.0, 1.0, 0.0];
+        let b = vec![0.0f32, 0.0, 1.0, 1.0];
+        let op = MethodOp::RamPlusTl {
+            r: 0.3,
+            alpha: 0.5,
+            epsilon: 1e-5,
+        };
+        let out = run(&op, &[4], &[base, a, b]);
+        let lambda = 1.0 + 0.3f32 * 0.5;
+        assert_eq!(out, vec![3.453125, bf(lambda), 1.0, bf(lambda)]);
+        assert_ne!(out[0], bf(3.0 * bf(lambda)));
+    }
+
+    #[test]
+    fn sce_by_hand_in_bf16() {
+        // Two models, 4 elements; |variance| is largest at elements 1 and 3 (k = 2).
+        let base = vec![0.0f32; 4];
+        let a = vec![1.0f32, 2.0, 0.5, -5.0];
+        let b = vec![1.0f32, -2.0, 0.25, 1.0];
+        let out = run(&MethodOp::Sce { select_topk: 0.67 }, &[4], &[base, a, b]);
+        // Masked: a = [0, 2, 0, -5], b = [0, -2, 0, 1]; mean squares 29/4 and 5/4, a's
+        // weight is 7.25 / 8.5 rounded.
+        let wa = bf(7.25 / 8.5);
+        // Element 1: the sum 0 elects +, only a agrees: bf(2·wa) / wa.
+        // Element 3: the sum −4 elects −, only a agrees: bf(−5·wa) / wa.
+        let want1 = bf(bf(2.0 * wa) / wa);
+        let want3 = bf(bf(-5.0 * wa) / wa);
+        assert_eq!(out, vec![0.0, want1, 0.0, want3]);
+    }
+
+    #[test]
+    fn arcee_fusion_keeps_outliers_in_bf16() {
+        let n = 64;
+        let base = vec![0.0f32; n];
+        let mut ft: Vec<f32> = (0..n).map(|j| bf(0.001 * (j % 7) as f32)).collect();
+        ft[5] = 2.0;
+        ft[40] = -1.5;
+        let out = run(&MethodOp::ArceeFusion, &[n], &[base, ft.clone()]);
+        assert_eq!(out[5], 2.0);
+        assert_eq!(out[40], -1.5);
+        assert!(out.iter().all(|&x| bf(x) == x));
+        let kept = out.iter().filter(|&&x| x != 0.0).count();
+        assert!(kept < n / 4, "kept {kept}");
+    }
+
+    #[test]
+    fn only_the_base_gives_the_base() {
+        let base = vec![0.5f32, -1.25];
+        for op in [
+            MethodOp::Sce { select_topk: 0.5 },
+            MethodOp::Ram { epsilon: 1e-5 },
+            MethodOp::ArceeFusion,
+        ] {
+            assert_eq!(run(&op, &[2], std::slice::from_ref(&base)), base);
+        }
+    }
+}
