@@ -26,19 +26,26 @@
 //! accumulate in f32 in model order. `mixed = r(mixed / div)` when `normalize`,
 //! `r(mixed · lambda)` when `lambda != 1` (lambda an f32 scalar), and `r(base + mixed)`.
 //!
+//! Sorts follow torch's CPU order, ties included: torch runs libstdc++'s unstable
+//! `std::sort`, emulated here step for step ([`std_sort`]), so a top-k picks the same
+//! tied elements as mergekit (for a top-k only the partitions holding a cut are sorted).
+//!
 //! Departures from mergekit, shared with the f32 method so both draw the same masks:
 //! * the random masks come from this crate's keyed Philox stream ([`rng::bernoulli`]
 //!   over the flattened element index), not torch's generator, so only their
-//!   statistics match;
-//! * sort ties (torch's CPU sort is not stable) are broken by lower element index:
-//!   first in descending `|δ|` order for magnitude and outliers, first in ascending
-//!   order for DELLA's ranks;
+//!   statistics match (the keep probabilities are mergekit's, rounded as it rounds them);
 //! * DELLA ranks along the last dimension (mergekit: dim 1, the same for 2-D tensors)
 //!   and gives a one-element row probability `density − ε` (mergekit's rank norm is
-//!   0/0 there).
+//!   0/0 there);
+//! * the `|δ|` sums of the rescale accumulate in f64 (torch: f32, cascaded) before
+//!   their one rounding.
 //!
-//! Memory: the base, one f32 vector per model (its weighted delta), a key or rank
-//! vector and a keep mask while one model is sparsified, and the result.
+//! In f16, `r(1e-8)` is 0: a plain-sum divisor of exactly 0 stays 0 and the division
+//! gives inf or NaN, as it does in mergekit.
+//!
+//! Memory: the base, one f32 vector per model (its weighted delta), while one model is
+//! sparsified (value, index) sort pairs (8 bytes an element) or DELLA's probabilities,
+//! and a keep mask, and the result.
 
 use rayon::prelude::*;
 
@@ -511,4 +518,177 @@ fn adjust_heap<T: Copy>(a: &mut [T], mut hole: usize, len: usize, value: T, less
         hole = parent;
     }
     a[hole] = value;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::MethodInput;
+    use super::*;
+    use crate::exec::cpu::encode;
+    use crate::ops::GtaKind;
+
+    /// The merge of bf16 `tensors` (`[base, m...]`, each value a bf16 value).
+    fn merge_bf16(op: &GtaOp, tensors: &[Vec<f32>]) -> Vec<f32> {
+        merge(Half::Bf16, op, tensors)
+    }
+
+    /// The merge of `tensors` stored and computed in `half`.
+    fn merge(half: Half, op: &GtaOp, tensors: &[Vec<f32>]) -> Vec<f32> {
+        let stored: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|v| {
+                let mut bytes = vec![0u8; v.len() * 2];
+                encode(v, half.dtype(), &mut bytes);
+                bytes
+            })
+            .collect();
+        let inputs: Vec<MethodInput> = stored
+            .iter()
+            .map(|b| MethodInput {
+                bytes: b,
+                dtype: half.dtype(),
+            })
+            .collect();
+        let shape = [tensors[0].len()];
+        let inputs = Inputs {
+            tensors: &inputs,
+            shape: &shape,
+        };
+        apply(op, &Torch::new(half), &inputs)
+    }
+
+    fn ties(weights: &[f64], densities: &[f64], lambda: f64, normalize: bool, rescale: bool) -> GtaOp {
+        GtaOp {
+            kind: GtaKind::Ties,
+            weights: weights.to_vec(),
+            densities: densities.to_vec(),
+            gammas: vec![0.01; weights.len()],
+            epsilons: vec![0.0; weights.len()],
+            lambda,
+            normalize,
+            rescale,
+            keys: vec![0; weights.len()],
+        }
+    }
+
+    #[test]
+    fn ties_rounds_weights_to_bf16_but_not_lambda() {
+        // m1 keeps its two largest |δ| (6.25 and -1); its weight 0.3 is bf16 0.30078125,
+        // so 6.25·w = 1.8798828125 rounds to 1.8828125 (0.3 in f32 would give 1.875).
+        // Element 0: Σ = 1.8828125 - 1 >= 0 elects +, so only m1 counts; element 2: m1's
+        // dropped delta is 0, which never agrees; element 3: nothing is kept.
+        let base = vec![0.0, 0.0, 0.0, 0.0];
+        let m1 = vec![6.25, -1.0, 0.5, 0.25];
+        let m2 = vec![-1.0, 3.0, 0.5, 0.0];
+        let op = ties(&[0.3, 1.0], &[0.5, 1.0], 1.0, false, false);
+        assert_eq!(merge_bf16(&op, &[base, m1, m2]), vec![1.8828125, 3.0, 0.5, 0.0]);
+        // lambda stays an f32 scalar: r(6.25 · 0.3f32) = 1.875, not r(6.25 · 0.30078125)
+        let op = ties(&[1.0], &[1.0], 0.3, false, false);
+        assert_eq!(merge_bf16(&op, &[vec![0.0], vec![6.25]]), vec![1.875]);
+    }
+
+    #[test]
+    fn ties_normalize_divides_by_the_rounded_weight_sum() {
+        // w = bf16(0.3), bf16(0.7) = 0.30078125, 0.69921875: divisor r(1.0) = 1.
+        // wd = 0.150390625 and 0.1748046875; their sum 0.3251953125 rounds to 0.32421875;
+        // base + mixed = 1.32421875 rounds (to even) to 1.328125.
+        let op = ties(&[0.3, 0.7], &[1.0, 1.0], 1.0, true, false);
+        let out = merge_bf16(&op, &[vec![1.0], vec![1.5], vec![1.25]]);
+        assert_eq!(out, vec![1.328125]);
+    }
+
+    #[test]
+    fn l1_rescale_rounds_the_norms_and_their_quotient() {
+        // k = int(0.34·3) = 1 keeps 1.375; before = 1.875, after = 1.375, the factor
+        // r(1.3636…) = 1.3671875 and r(1.375 · 1.3671875) = 1.8828125 (1.875 unrounded).
+        let op = ties(&[1.0], &[0.34], 1.0, false, true);
+        let out = merge_bf16(&op, &[vec![0.0; 3], vec![1.375, 0.25, 0.25]]);
+        assert_eq!(out, vec![1.8828125, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn magnitude_ties_fall_as_torch_sorts_them() {
+        // README of the conformance fixtures: ties_bf16, model.layers.0.input_layernorm,
+        // ft2, k = 6: torch keeps elements 23 and 25 of those with |δ| = 7·2^-8 (a stable
+        // sort would keep 5 and 12).
+        let sixteenths = [
+            1, 0, 0, 0, 4, 7, 8, 10, 8, 2, 2, 6, 7, 1, 5, 6, 7, 7, 8, 0, 1, 2, 4, 7, 2, 7, 0, 2, 7, 4, 1, 0,
+        ];
+        let delta: Vec<f32> = sixteenths.iter().map(|&v| v as f32 / 256.0).collect();
+        let keep = kept_range(&delta, Order::Descending, 0..6);
+        let kept: Vec<usize> = (0..delta.len()).filter(|&j| keep[j]).collect();
+        assert_eq!(kept, vec![6, 7, 8, 18, 23, 25]);
+    }
+
+    #[test]
+    fn dare_in_f16_rescales_in_f32_and_rounds_once() {
+        // torch.bernoulli lacks f16 on the CPU, so mergekit masks and rescales in f32:
+        // every kept delta of 1 becomes f16(n / kept) (kept ≈ n/2, 6 sigma = 192).
+        let n = 4096;
+        let op = GtaOp {
+            kind: GtaKind::DareLinear,
+            weights: vec![1.0],
+            densities: vec![0.5],
+            gammas: vec![0.01],
+            epsilons: vec![0.0],
+            lambda: 1.0,
+            normalize: true,
+            rescale: true,
+            keys: vec![7],
+        };
+        let out = merge(Half::F16, &op, &[vec![0.0; n], vec![1.0; n]]);
+        let kept = out.iter().filter(|&&x| x != 0.0).count();
+        assert!(kept.abs_diff(n / 2) < 192, "kept {kept}");
+        let scaled = Half::F16.round(n as f32 / kept as f32);
+        assert!(out.iter().all(|&x| x == 0.0 || x == scaled));
+    }
+
+    #[test]
+    fn della_probabilities_follow_the_rank() {
+        // f32 work (f16 tensors): ranks 1, 2, 3 normalise to 0, 0.5, 1 over the row
+        let probs = della_probs(Work { half: None }, &[0.3, -0.1, 0.2], 3, 0.5, 0.25);
+        assert_eq!(probs, vec![0.75, 0.25, 0.5]);
+    }
+
+    /// A few thousand values from a small set (many ties), deterministic.
+    fn tied_values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|j| ((j as u64).wrapping_mul(2_654_435_761) >> 7) % 37)
+            .map(|v| v as f32 - 18.0)
+            .collect()
+    }
+
+    #[test]
+    fn pruned_sort_agrees_with_the_full_sort_at_its_cuts() {
+        let values = tied_values(5000);
+        for order in [Order::Ascending, Order::Descending] {
+            let full = argsort::<u32>(&values, order, |_, _| true);
+            // a permutation, ordered by |value|
+            let mut seen = vec![false; values.len()];
+            full.iter().for_each(|&j| seen[j as usize] = true);
+            assert!(seen.iter().all(|&s| s));
+            for w in full.windows(2) {
+                let (a, b) = (values[w[0] as usize].abs(), values[w[1] as usize].abs());
+                assert!(!order.less(b, a));
+            }
+            for range in [0..1, 0..777, 1200..4100, 4999..5000] {
+                let keep = kept_range(&values, order, range.clone());
+                let mut expected = vec![false; values.len()];
+                full[range].iter().for_each(|&j| expected[j as usize] = true);
+                assert_eq!(keep, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn heap_sort_sorts_with_ties() {
+        let mut values: Vec<(f32, usize)> = tied_values(1001)
+            .into_iter()
+            .enumerate()
+            .map(|(j, v)| (v, j))
+            .collect();
+        let less = |a: &(f32, usize), b: &(f32, usize)| Order::Ascending.less(a.0, b.0);
+        heap_sort(&mut values, &less);
+        assert!(values.windows(2).all(|w| !less(&w[1], &w[0])));
+    }
 }
