@@ -127,6 +127,20 @@ save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }
         max_memory: None,
         target_ratio: 2.0,
     },
+    // mergekit's own bf16 arithmetic (`compute: bf16`): whole tensors, op for op as torch.
+    Scenario {
+        name: "ties4-bf16",
+        script: r#"model base = "models/base"
+model a = "models/ft1"
+model b = "models/ft2"
+model c = "models/ft3"
+save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }, c { weight: 0.2, density: 0.5 })
+    to "out/ties4" { dtype: bf16, compute: bf16 }
+"#,
+        output: "out/ties4",
+        max_memory: None,
+        target_ratio: 4.0,
+    },
     Scenario {
         name: "slerp2",
         script: r#"model a = "models/ft1"
