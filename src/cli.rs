@@ -658,6 +658,14 @@ fn summary(c: &Compiled) -> String {
             human_bytes(bytes),
             o.compute
         ));
+        // Which architecture a mixture of experts is written as, and why not the others.
+        if let Some(moe) = &o.moe {
+            out.push_str(&format!("    written as {}", moe.arch.name()));
+            for (arch, why) in &moe.refused {
+                out.push_str(&format!("; not {}: {why}", arch.name()));
+            }
+            out.push('\n');
+        }
     }
     let models = c.program.models.len();
     out.push_str(&format!(

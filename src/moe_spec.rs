@@ -8,17 +8,27 @@ use crate::io::DType;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoeArch {
     Mixtral,
+    /// DeepSeek-MoE (`DeepseekForCausalLM`, remote code): routed experts and at most one
+    /// ungated shared expert, one tensor per expert.
+    DeepSeek,
     Qwen2Moe,
     Qwen3Moe,
 }
 
 impl MoeArch {
-    pub const ALL: [MoeArch; 3] = [MoeArch::Mixtral, MoeArch::Qwen2Moe, MoeArch::Qwen3Moe];
+    /// In mergekit-moe's order of preference: the first that fits is chosen.
+    pub const ALL: [MoeArch; 4] = [
+        MoeArch::Mixtral,
+        MoeArch::DeepSeek,
+        MoeArch::Qwen2Moe,
+        MoeArch::Qwen3Moe,
+    ];
 
     /// The name scripts use (`architecture: "mixtral"`), also config.json's model_type.
     pub fn name(self) -> &'static str {
         match self {
             MoeArch::Mixtral => "mixtral",
+            MoeArch::DeepSeek => "deepseek",
             MoeArch::Qwen2Moe => "qwen2_moe",
             MoeArch::Qwen3Moe => "qwen3_moe",
         }
@@ -27,6 +37,7 @@ impl MoeArch {
     pub fn class_name(self) -> &'static str {
         match self {
             MoeArch::Mixtral => "MixtralForCausalLM",
+            MoeArch::DeepSeek => "DeepseekForCausalLM",
             MoeArch::Qwen2Moe => "Qwen2MoeForCausalLM",
             MoeArch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
@@ -148,6 +159,8 @@ pub struct MoeOutput {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub shared_intermediate_size: Option<usize>,
+    /// The architectures these models cannot make, each with the reason.
+    pub refused: Vec<(MoeArch, String)>,
     pub seed: u64,
     pub assembled: Vec<Assembled>,
     pub generated: Vec<Generated>,

@@ -173,6 +173,97 @@ save moe(base,
     }
 }
 
+/// A shared expert without prompts is DeepSeek-MoE, as mergekit-moe chooses it (Mixtral has
+/// no shared expert; Qwen2-MoE gates its shared expert by prompts): mergekit's tensor names
+/// and config keys, the experts' weights as they are, and the same routers Mixtral gets.
+#[test]
+fn deepseek_moe_from_llama_models_with_an_ungated_shared_expert() {
+    let script = r#"
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+model ft3 = "MODELS/micro-llama-ft3-f32"
+save moe(base,
+    ft1 { positive: ["the cat sat on the mat", "a dog ran"] },
+    ft2 { positive: ["one two three four"], negative: ["the cat"], residual_scale: 0.5 },
+    SHARED gate: "cheap_embed") to "out/moe"
+"#;
+    let (out, config, _) = run_here(&script.replace("SHARED", "shared: ft3,"));
+    let (mixtral, _, _) = run_here(&script.replace("SHARED", "layout: \"per_expert\","));
+    let ft3 = load_folder(&models().join("micro-llama-ft3-f32"));
+    assert_eq!(config["architectures"][0], "DeepseekForCausalLM");
+    assert_eq!(config["model_type"], "deepseek");
+    assert_eq!(config["n_routed_experts"], 2);
+    assert_eq!(config["n_shared_experts"], 1);
+    assert_eq!(config["num_experts_per_tok"], 2);
+    assert_eq!(config["moe_intermediate_size"], 64);
+    assert_eq!(config["first_k_dense_replace"], 0);
+    assert_eq!(config["moe_layer_freq"], 1);
+    assert_eq!(config["scoring_func"], "softmax");
+    assert_eq!(config["norm_topk_prob"], true);
+    assert!(config["auto_map"]["AutoModelForCausalLM"]
+        .as_str()
+        .unwrap()
+        .ends_with("modeling_deepseek.DeepseekForCausalLM"));
+    for l in 0..4 {
+        let p = format!("model.layers.{l}.mlp");
+        let mp = format!("model.layers.{l}.block_sparse_moe");
+        assert_eq!(
+            out[&format!("{p}.gate.weight")].values,
+            mixtral[&format!("{mp}.gate.weight")].values
+        );
+        for e in 0..2 {
+            for (proj, w) in [("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")] {
+                assert_eq!(
+                    out[&format!("{p}.experts.{e}.{proj}.weight")].values,
+                    mixtral[&format!("{mp}.experts.{e}.{w}.weight")].values,
+                    "layer {l} expert {e} {proj}"
+                );
+            }
+        }
+        for proj in ["gate_proj", "up_proj", "down_proj"] {
+            assert_eq!(
+                out[&format!("{p}.shared_experts.{proj}.weight")].values,
+                ft3[&format!("{p}.{proj}.weight")].values
+            );
+        }
+    }
+    // Only the routed experts' router: DeepSeek-MoE does not gate the shared expert.
+    assert!(!out.keys().any(|k| k.contains("shared_expert_gate")));
+    assert_eq!(out.len(), mixtral.len() + 4 * 3);
+}
+
+#[test]
+fn deepseek_moe_refuses_what_it_cannot_hold() {
+    let base = r#"
+model base = "MODELS/micro-llama-base-f32"
+model ft1 = "MODELS/micro-llama-ft1-f32"
+model ft2 = "MODELS/micro-llama-ft2-f32"
+model ft3 = "MODELS/micro-llama-ft3-f32"
+save moe(base, ft1 { positive: ["a b"] }, ft2 { positive: ["c d"] }, ARGS) to "out/moe"
+"#;
+    let errors = |args: &str| -> String {
+        let out = tempfile::tempdir().unwrap();
+        let text = base
+            .replace("ARGS", args)
+            .replace("MODELS", &models().display().to_string());
+        match compile_text(&text, &repo(), out.path()) {
+            Ok(_) => panic!("{args}: compiled"),
+            Err((s, d)) => render(&s, &d),
+        }
+    };
+    let fused = errors(r#"shared: ft3, architecture: "deepseek", layout: "fused""#);
+    assert!(
+        fused.contains("E0701") && fused.contains("no fused expert layout"),
+        "{fused}"
+    );
+    let gated = errors(r#"shared: ft3 { positive: ["e f"] }, architecture: "deepseek""#);
+    assert!(gated.contains("does not gate its shared expert"), "{gated}");
+    // Qwen2-MoE needs the shared expert's prompts for its shared gate.
+    let qwen = errors(r#"shared: ft3, architecture: "qwen2_moe""#);
+    assert!(qwen.contains("gates its shared expert by prompts"), "{qwen}");
+}
+
 /// Copies a fixture model with its config.json's model_type changed.
 fn retyped(src: &str, model_type: &str, class: &str, into: &Path) -> PathBuf {
     let dir = into.join(src);

@@ -114,11 +114,37 @@ fn moe_config(mut config: Map<String, Value>, out: &hir::Output, moe: &hir::MoeO
     set("model_type", Value::from(moe.arch.name()));
     set("num_experts_per_tok", Value::from(moe.experts_per_token as u64));
     set("intermediate_size", Value::from(moe.intermediate_size as u64));
-    set("sliding_window", Value::Null);
     let experts = Value::from(moe.experts.len() as u64);
     match moe.arch {
-        MoeArch::Mixtral => set("num_local_experts", experts),
+        MoeArch::Mixtral => {
+            set("num_local_experts", experts);
+            set("sliding_window", Value::Null);
+        }
+        // mergekit-moe's DeepSeek config: the base's keys plus these, and the remote
+        // modelling code of deepseek-moe-16b.
+        MoeArch::DeepSeek => {
+            set("n_routed_experts", experts);
+            set(
+                "n_shared_experts",
+                moe.shared.as_ref().map_or(Value::Null, |_| Value::from(1u64)),
+            );
+            set("first_k_dense_replace", Value::from(0u64));
+            set("moe_layer_freq", Value::from(1u64));
+            set("scoring_func", Value::from("softmax"));
+            set("norm_topk_prob", Value::Bool(true));
+            set("moe_intermediate_size", Value::from(moe.intermediate_size as u64));
+            let remote = "deepseek-ai/deepseek-moe-16b-base--";
+            set(
+                "auto_map",
+                serde_json::json!({
+                    "AutoConfig": format!("{remote}configuration_deepseek.DeepseekConfig"),
+                    "AutoModel": format!("{remote}modeling_deepseek.DeepseekModel"),
+                    "AutoModelForCausalLM": format!("{remote}modeling_deepseek.DeepseekForCausalLM"),
+                }),
+            );
+        }
         MoeArch::Qwen2Moe | MoeArch::Qwen3Moe => {
+            set("sliding_window", Value::Null);
             set("num_experts", experts);
             set("moe_intermediate_size", Value::from(moe.intermediate_size as u64));
             set("decoder_sparse_step", Value::from(1u64));

@@ -481,7 +481,11 @@ impl Ctx<'_> {
             let sum = self.cast_param(weights.iter().map(|w| *w as f32).sum::<f32>() as f64);
             // torch compares with the threshold rounded to the compute dtype (0 in f16,
             // so there a zero sum divides by zero, as in mergekit and `half::gta`).
-            let divisor = if sum.abs() < self.cast_param(1e-8) { 1.0 } else { sum };
+            let divisor = if sum.abs() < self.cast_param(1e-8) {
+                1.0
+            } else {
+                sum
+            };
             mixed = self.round(TensorExpr::divide(mixed, divisor));
         }
         if lambda != 1.0 {

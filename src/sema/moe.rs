@@ -261,10 +261,28 @@ impl Checker<'_> {
             return Value::Error;
         };
 
-        let Some(arch) = self.moe_arch(arch, &base, &members, shared.as_ref(), span) else {
+        let shape = ShapeFit {
+            gate,
+            shared_is_routed_size: shared_size.is_none_or(|s| s == intermediate),
+        };
+        let Some((arch, refused)) = self.moe_arch(arch, &base, &members, shared.as_ref(), shape, span) else {
             return Value::Error;
         };
-        if !self.moe_prompts(gate, &members, shared.as_ref(), allow_same, span) {
+        // DeepSeek-MoE stores one tensor per expert (its modelling code has no fused form).
+        let layout = match (arch, named.get("layout")) {
+            (MoeArch::DeepSeek, Some(n)) if layout == ExpertLayout::Fused => {
+                return self.error(
+                    Diagnostic::error(Code::E0701, "DeepSeek-MoE has no fused expert layout")
+                        .at(n.value.span, "`layout: \"fused\"`")
+                        .with_help("leave `layout` out, or write `layout: \"per_expert\"`"),
+                );
+            }
+            (MoeArch::DeepSeek, _) => ExpertLayout::PerExpert,
+            _ => layout,
+        };
+        // Only Qwen2-MoE gates its shared expert, so only there does it need prompts.
+        let gated_shared = shared.as_ref().filter(|_| arch == MoeArch::Qwen2Moe);
+        if !self.moe_prompts(gate, &members, gated_shared, allow_same, span) {
             return Value::Error;
         }
         if gate.uses_prompts() && !self.moe_gate_source(gate, &base) {
@@ -375,8 +393,12 @@ impl Checker<'_> {
                 }
             }
             if let Some(size) = shared_size {
+                let shared_prefix = match arch {
+                    MoeArch::DeepSeek => "shared_experts",
+                    _ => "shared_expert",
+                };
                 for proj in PROJECTIONS {
-                    let out_name = format!("model.layers.{l}.mlp.shared_expert.{proj}.weight");
+                    let out_name = format!("model.layers.{l}.mlp.{shared_prefix}.{proj}.weight");
                     let shape = match proj {
                         "down_proj" => vec![hidden, size],
                         _ => vec![size, hidden],
@@ -390,9 +412,11 @@ impl Checker<'_> {
                         },
                     );
                 }
-                let gate = format!("model.layers.{l}.mlp.shared_expert_gate.weight");
-                tensors.insert(gate.clone(), sig(vec![1, hidden]));
-                sources.insert(gate, MoeSource::Generated(Generate::SharedRouter { layer: l }));
+                if arch == MoeArch::Qwen2Moe {
+                    let gate = format!("model.layers.{l}.mlp.shared_expert_gate.weight");
+                    tensors.insert(gate.clone(), sig(vec![1, hidden]));
+                    sources.insert(gate, MoeSource::Generated(Generate::SharedRouter { layer: l }));
+                }
             }
             if arch == MoeArch::Qwen2Moe {
                 // Qwen2-MoE's attention has q/k/v biases; a Llama base has none: zeros.
@@ -432,6 +456,7 @@ impl Checker<'_> {
             hidden_size: hidden,
             intermediate_size: intermediate,
             shared_intermediate_size: shared_size,
+            refused,
             seed: self.seed,
             assembled: Vec::new(),
             generated: Vec::new(),
@@ -457,7 +482,7 @@ impl Checker<'_> {
             span,
         };
         Value::Model(ModelVal {
-            expr: Rc::new(MExpr::Moe(moe)),
+            expr: Rc::new(MExpr::Moe(Box::new(moe))),
             tensors: Rc::new(tensors),
             layer_sources: Rc::clone(&base.model.layer_sources),
             span,
@@ -678,8 +703,9 @@ impl Checker<'_> {
         base: &Member,
         members: &[Member],
         shared: Option<&Member>,
+        shape: ShapeFit,
         span: Span,
-    ) -> Option<MoeArch> {
+    ) -> Option<(MoeArch, Vec<(MoeArch, String)>)> {
         let mut types: Vec<(String, Span)> = Vec::new();
         for m in std::iter::once(base).chain(members).chain(shared) {
             match model_type(self, &m.model) {
@@ -712,8 +738,24 @@ impl Checker<'_> {
                 MoeArch::Mixtral if !matches!(kind, "llama" | "mistral") => Err(format!(
                     "Mixtral is built from llama or mistral models, not {kind}"
                 )),
+                MoeArch::DeepSeek
+                    if shared.is_some_and(|s| !s.positive.is_empty() || !s.negative.is_empty()) =>
+                {
+                    Err("DeepSeek-MoE does not gate its shared expert, so it takes no prompts".into())
+                }
+                MoeArch::DeepSeek if !shape.shared_is_routed_size => {
+                    Err("DeepSeek-MoE's shared expert has the routed experts' MLP size".into())
+                }
+                MoeArch::DeepSeek if !matches!(kind, "llama" | "mistral") => Err(format!(
+                    "DeepSeek-MoE is built from llama or mistral models, not {kind}"
+                )),
                 MoeArch::Qwen2Moe if shared.is_none() => {
                     Err("Qwen2-MoE needs exactly one shared expert (`shared: m { positive: [...] }`)".into())
+                }
+                MoeArch::Qwen2Moe
+                    if shape.gate.uses_prompts() && shared.is_some_and(|s| s.positive.is_empty()) =>
+                {
+                    Err("Qwen2-MoE gates its shared expert by prompts: give it `positive: [...]`".into())
                 }
                 MoeArch::Qwen2Moe if !matches!(kind, "llama" | "mistral" | "qwen2") => Err(format!(
                     "Qwen2-MoE is built from llama, mistral or qwen2 models, not {kind}"
@@ -725,9 +767,14 @@ impl Checker<'_> {
                 _ => Ok(()),
             }
         };
+        // Why each other architecture cannot hold these models (`mergec check` says).
+        let refused: Vec<(MoeArch, String)> = MoeArch::ALL
+            .into_iter()
+            .filter_map(|a| fits(a).err().map(|why| (a, why)))
+            .collect();
         if let Some((a, asked_span)) = asked {
             return match fits(a) {
-                Ok(()) => Some(a),
+                Ok(()) => Some((a, refused)),
                 Err(why) => {
                     self.diags.push(
                         Diagnostic::error(
@@ -742,11 +789,11 @@ impl Checker<'_> {
             };
         }
         if let Some(a) = MoeArch::ALL.into_iter().find(|a| fits(*a).is_ok()) {
-            return Some(a);
+            return Some((a, refused));
         }
-        let reasons: Vec<String> = MoeArch::ALL
-            .into_iter()
-            .filter_map(|a| fits(a).err().map(|why| format!("{}: {why}", a.name())))
+        let reasons: Vec<String> = refused
+            .iter()
+            .map(|(a, why)| format!("{}: {why}", a.name()))
             .collect();
         self.diags.push(
             Diagnostic::error(
@@ -858,4 +905,12 @@ impl Checker<'_> {
         }
         true
     }
+}
+
+/// What the output architecture's choice needs to know besides the models' types.
+#[derive(Clone, Copy)]
+struct ShapeFit {
+    gate: GateMode,
+    /// No shared expert, or one with the routed experts' intermediate size.
+    shared_is_routed_size: bool,
 }

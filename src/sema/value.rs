@@ -113,7 +113,7 @@ pub(crate) enum MExpr {
     Divide(Rc<MExpr>, Param, Span),
     Method(MethodCall),
     /// A mixture of experts (`moe(...)`): a model to save, not to merge further.
-    Moe(MoeExpr),
+    Moe(Box<MoeExpr>),
 }
 
 #[derive(Debug)]

@@ -23,12 +23,12 @@ const EXPERT_KEYS: &[&str] = &[
 ];
 
 /// mergekit-moe's output architectures, by the name its `architecture` key is a prefix
-/// of, with the script's name for each (`None`: not built by mergec).
-const ARCHITECTURES: &[(&str, Option<&str>)] = &[
-    ("mixtral", Some("mixtral")),
-    ("deepseek moe", None),
-    ("qwen moe", Some("qwen2_moe")),
-    ("qwen3 moe", Some("qwen3_moe")),
+/// of, with the script's name for each.
+const ARCHITECTURES: &[(&str, &str)] = &[
+    ("mixtral", "mixtral"),
+    ("deepseek moe", "deepseek"),
+    ("qwen moe", "qwen2_moe"),
+    ("qwen3 moe", "qwen3_moe"),
 ];
 
 pub(super) struct Moe {
@@ -239,11 +239,11 @@ impl Translator<'_> {
     /// name when it picks one mergec builds.
     fn architecture(&mut self, name: &str, span: Span, has_shared: bool) -> Option<(&'static str, Span)> {
         let prefix = name.to_lowercase();
-        let fits: Vec<&(&str, Option<&str>)> = ARCHITECTURES
+        let fits: Vec<&(&str, &str)> = ARCHITECTURES
             .iter()
             .filter(|(n, _)| n.starts_with(&prefix))
             .collect();
-        let built: Vec<&str> = fits.iter().filter_map(|(_, s)| *s).collect();
+        let built: Vec<&str> = fits.iter().map(|(_, s)| *s).collect();
         match (fits.len(), built.as_slice()) {
             (0, _) => {
                 self.err(
@@ -257,17 +257,6 @@ impl Translator<'_> {
                     "mergekit-moe builds `mixtral`, `deepseek`, `qwen` (Qwen2-MoE) and `qwen3` (Qwen3-MoE)"
                         .into(),
                 );
-                None
-            }
-            (_, []) => {
-                self.err(
-                    Code::E0606,
-                    "the DeepSeek-MoE output architecture is not supported yet",
-                    span,
-                    "not built by mergec",
-                )
-                .help
-                .push("use `mixtral`, or `qwen` with one shared expert".into());
                 None
             }
             // Every architecture: as if none were named.
