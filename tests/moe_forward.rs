@@ -413,22 +413,53 @@ fn missing_config_key_and_architecture_are_errors() {
     assert!(err.contains("architecture `GPT2LMHeadModel`"), "{err}");
 }
 
+/// Prompts longer than the window attend through it (Mistral: every layer), as the
+/// reference does; and the window changes the result, so the test could fail.
 #[test]
-fn prompt_longer_than_the_sliding_window_is_an_error() {
+fn sliding_window_attention_matches_the_reference() {
     let mut c = synth_config("mistral");
-    c["sliding_window"] = json!(4);
+    c["sliding_window"] = json!(3);
+    check_synth(&c, 10);
     let cfg = DecoderConfig::from_config_json(&c).unwrap();
-    let err = hidden_states(&cfg, &MemWeights(synth_weights(&c, 10)), &prompts()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ForwardError::PromptTooLong {
-                prompt: 2,
-                len: 7,
-                window: 4
-            }
-        ),
-        "{err:?}"
+    assert_eq!(cfg.layer_windows, vec![Some(3); 3]);
+    let weights = MemWeights(synth_weights(&c, 10));
+    let windowed = hidden_states(&cfg, &weights, &prompts()).unwrap();
+    c["sliding_window"] = json!(null);
+    let full = hidden_states(
+        &DecoderConfig::from_config_json(&c).unwrap(),
+        &weights,
+        &prompts(),
+    )
+    .unwrap();
+    // Prompts of at most 3 tokens see no difference; the 7-token one does.
+    assert_eq!(bits(&windowed[..2]), bits(&full[..2]));
+    assert_ne!(bits(&windowed[2..]), bits(&full[2..]));
+}
+
+/// Qwen2 with `use_sliding_window` slides from layer `max_window_layers` on; an explicit
+/// `layer_types` list decides per layer.
+#[test]
+fn qwen2_window_layers_match_the_reference() {
+    let mut c = synth_config("qwen2");
+    c["use_sliding_window"] = json!(true);
+    c["sliding_window"] = json!(2);
+    c["max_window_layers"] = json!(1);
+    check_synth(&c, 11);
+    assert_eq!(
+        DecoderConfig::from_config_json(&c).unwrap().layer_windows,
+        vec![None, Some(2), Some(2)]
+    );
+    c["layer_types"] = json!(["sliding_attention", "full_attention", "sliding_attention"]);
+    check_synth(&c, 12);
+    assert_eq!(
+        DecoderConfig::from_config_json(&c).unwrap().layer_windows,
+        vec![Some(2), None, Some(2)]
+    );
+    c["use_sliding_window"] = json!(false);
+    c.as_object_mut().unwrap().remove("layer_types");
+    assert_eq!(
+        DecoderConfig::from_config_json(&c).unwrap().layer_windows,
+        vec![None; 3]
     );
 }
 

@@ -73,8 +73,9 @@ pub struct DecoderConfig {
     pub o_bias: bool,
     /// RMSNorm of each query and key head before RoPE (Qwen3).
     pub qk_norm: bool,
-    /// Sliding attention window, where one applies; longer prompts are refused.
-    pub sliding_window: Option<usize>,
+    /// Per layer, the sliding attention window when the layer has one (a token attends to
+    /// itself and the `window − 1` tokens before it), as transformers decides it.
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 const SUPPORTED_ARCHS: &str = "llama, mistral, qwen2 and qwen3";
@@ -132,6 +133,37 @@ fn bool_key(config: &Value, name: &str) -> Result<Option<bool>, ConfigError> {
             found: found(v),
         }),
     }
+}
+
+/// Which layers attend through a sliding window, as transformers reads the config:
+/// `layer_types` when given (`"sliding_attention"`); otherwise Mistral slides in every
+/// layer when `sliding_window` is set, and Qwen2 / Qwen3 with `use_sliding_window` from
+/// layer `max_window_layers` on (transformers' default 28). Llama never slides.
+fn layer_windows(
+    config: &Value,
+    architecture: Architecture,
+    layers: usize,
+) -> Result<Vec<Option<usize>>, ConfigError> {
+    let window = usize_key(config, "sliding_window")?.filter(|&w| w > 0);
+    if let Some(types) = key(config, "layer_types").and_then(Value::as_array) {
+        if types.len() == layers {
+            return Ok(types
+                .iter()
+                .map(|t| window.filter(|_| t.as_str() == Some("sliding_attention")))
+                .collect());
+        }
+    }
+    let from = match architecture {
+        Architecture::Llama => return Ok(vec![None; layers]),
+        Architecture::Mistral => 0,
+        Architecture::Qwen2 | Architecture::Qwen3 => {
+            if !bool_key(config, "use_sliding_window")?.unwrap_or(false) {
+                return Ok(vec![None; layers]);
+            }
+            usize_key(config, "max_window_layers")?.unwrap_or(28)
+        }
+    };
+    Ok((0..layers).map(|l| window.filter(|_| l >= from)).collect())
 }
 
 fn architecture(config: &Value) -> Result<Architecture, ConfigError> {
@@ -271,21 +303,12 @@ impl DecoderConfig {
             Architecture::Mistral => (false, false),
             Architecture::Qwen2 => (true, false),
         };
-        let sliding_window = match architecture {
-            Architecture::Mistral => usize_key(config, "sliding_window")?,
-            Architecture::Qwen2 | Architecture::Qwen3 => {
-                if bool_key(config, "use_sliding_window")?.unwrap_or(false) {
-                    usize_key(config, "sliding_window")?
-                } else {
-                    None
-                }
-            }
-            Architecture::Llama => None,
-        };
+        let num_layers = required_usize(config, "num_hidden_layers")?;
+        let layer_windows = layer_windows(config, architecture, num_layers)?;
         let cfg = DecoderConfig {
             architecture,
             hidden_size,
-            num_layers: required_usize(config, "num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -297,7 +320,7 @@ impl DecoderConfig {
             qkv_bias,
             o_bias,
             qk_norm: architecture == Architecture::Qwen3,
-            sliding_window,
+            layer_windows,
         };
         cfg.validate()?;
         Ok(cfg)

@@ -59,6 +59,8 @@ pub struct RefConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub qk_norm: bool,
+    /// Per layer: how many tokens (itself included) a token sees, when the layer slides.
+    pub windows: Vec<Option<usize>>,
 }
 
 pub fn ref_config(c: &Value) -> RefConfig {
@@ -98,9 +100,34 @@ pub fn ref_config(c: &Value) -> RefConfig {
             }
         }
     }
+    // transformers' configs: an explicit `layer_types`, else Mistral slides everywhere and
+    // Qwen2/Qwen3 (with use_sliding_window) from layer max_window_layers (default 28) on.
+    let layers = n("num_hidden_layers");
+    let window = c["sliding_window"].as_u64().map(|w| w as usize);
+    let windows = (0..layers)
+        .map(|l| {
+            let slides = match c["layer_types"].as_array() {
+                Some(types) => types[l] == "sliding_attention",
+                None => match model_type {
+                    "mistral" => true,
+                    "qwen2" | "qwen3" => {
+                        c["use_sliding_window"] == true
+                            && l as u64 >= c["max_window_layers"].as_u64().unwrap_or(28)
+                    }
+                    _ => false,
+                },
+            };
+            if slides {
+                window
+            } else {
+                None
+            }
+        })
+        .collect();
     RefConfig {
+        windows,
         hidden,
-        layers: n("num_hidden_layers"),
+        layers,
         heads,
         kv_heads: c["num_key_value_heads"]
             .as_u64()
@@ -204,14 +231,15 @@ pub fn reference(config: &Value, w: &Tensors, tokens: &[u32]) -> Vec<Vec<Vec<f64
             let mut attn = vec![0.0; c.heads * d];
             for hq in 0..c.heads {
                 let hk = hq * c.kv_heads / c.heads;
-                let scores: Vec<f64> = (0..=i)
+                let lo = c.windows[l].map_or(0, |w| (i + 1).saturating_sub(w));
+                let scores: Vec<f64> = (lo..=i)
                     .map(|j| {
                         (0..d).map(|e| qs[i][hq * d + e] * ks[j][hk * d + e]).sum::<f64>() / (d as f64).sqrt()
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                for (j, s) in scores.iter().enumerate() {
+                for (j, s) in (lo..=i).zip(&scores) {
                     for e in 0..d {
                         attn[hq * d + e] += (s - m).exp() / z * vs[j][hk * d + e];
                     }

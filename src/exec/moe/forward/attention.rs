@@ -89,8 +89,9 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, table: &RopeTable) {
 
 /// Causal grouped-query attention of one prompt: `q` is `[n, heads * head_dim]`, `k` and
 /// `v` `[n, kv_heads * head_dim]`; query head `h` reads kv head `h / (heads / kv_heads)`.
-/// Scores are scaled by `1/sqrt(head_dim)` and soft-maxed in f32. Returns
-/// `[n, heads * head_dim]`.
+/// Scores are scaled by `1/sqrt(head_dim)` and soft-maxed in f32. With a sliding `window`,
+/// token `i` attends to tokens `i + 1 − window ..= i` only. Returns `[n, heads * head_dim]`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -99,6 +100,7 @@ pub fn attention(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    window: Option<usize>,
 ) -> Vec<f32> {
     let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
     let group = (heads / kv_heads.max(1)).max(1);
@@ -109,8 +111,9 @@ pub fn attention(
         let kvh = h / group;
         for i in 0..n {
             let qi = &q[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
-            let s = &mut scores[..=i];
-            for (j, sj) in s.iter_mut().enumerate() {
+            let first = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            let s = &mut scores[first..=i];
+            for (j, sj) in (first..).zip(s.iter_mut()) {
                 *sj = dot(qi, &k[j * kw + kvh * head_dim..j * kw + (kvh + 1) * head_dim]) * scale;
             }
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -120,7 +123,7 @@ pub fn attention(
                 sum += *sj;
             }
             let o = &mut out[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
-            for (j, &sj) in s.iter().enumerate() {
+            for (j, &sj) in (first..).zip(s.iter()) {
                 let p = sj / sum;
                 let vj = &v[j * kw + kvh * head_dim..j * kw + (kvh + 1) * head_dim];
                 for (ov, &vv) in o.iter_mut().zip(vj) {

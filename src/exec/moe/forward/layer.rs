@@ -129,6 +129,7 @@ pub(super) fn layer_forward(
     x: &mut [f32],
     spans: &[(usize, usize)],
     table: &RopeTable,
+    window: Option<usize>,
 ) {
     let (h, d) = (cfg.hidden_size, cfg.head_dim);
     let (qw, kw) = (cfg.num_heads * d, cfg.num_kv_heads * d);
@@ -159,6 +160,7 @@ pub(super) fn layer_forward(
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 d,
+                window,
             )
         })
         .collect();

@@ -55,14 +55,6 @@ pub enum ForwardError {
         token: u32,
         vocab: usize,
     },
-    #[error(
-        "prompt {prompt} has {len} tokens, more than the sliding attention window ({window}), which the forward pass does not implement"
-    )]
-    PromptTooLong {
-        prompt: usize,
-        len: usize,
-        window: usize,
-    },
 }
 
 /// Per prompt: for each layer `l`, the hidden state input to layer `l` (`hidden_states[l]`
@@ -89,13 +81,6 @@ pub fn hidden_states(
     for (p, prompt) in prompts.iter().enumerate() {
         if prompt.is_empty() {
             return Err(ForwardError::EmptyPrompt { prompt: p });
-        }
-        if let Some(window) = cfg.sliding_window.filter(|&w| prompt.len() > w) {
-            return Err(ForwardError::PromptTooLong {
-                prompt: p,
-                len: prompt.len(),
-                window,
-            });
         }
         for (position, &token) in prompt.iter().enumerate() {
             if token as usize >= cfg.vocab_size {
@@ -136,7 +121,8 @@ pub fn hidden_states(
         }
         if l + 1 < cfg.num_layers {
             let layer = load_layer(cfg, weights, l)?;
-            layer_forward(cfg, &layer, &mut x, &spans, &table);
+            let window = cfg.layer_windows.get(l).copied().flatten();
+            layer_forward(cfg, &layer, &mut x, &spans, &table, window);
         }
     }
     Ok(states)
