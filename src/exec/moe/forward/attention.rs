@@ -175,7 +175,20 @@ mod tests {
 
     #[test]
     fn attention_of_one_token_is_its_value() {
-        let out = attention(&[1.0, 2.0], &[0.5, 0.5], &[7.0, -3.0], 1, 1, 1, 2);
+        let out = attention(&[1.0, 2.0], &[0.5, 0.5], &[7.0, -3.0], 1, 1, 1, 2, None);
         assert_eq!(out, vec![7.0, -3.0]);
+    }
+
+    #[test]
+    fn a_window_of_one_token_sees_only_itself() {
+        // Three tokens, one head of width 1: with window 1 each output is its own value.
+        let (q, k, v) = ([1.0, 1.0, 1.0], [0.3, -2.0, 5.0], [7.0, -3.0, 0.5]);
+        assert_eq!(attention(&q, &k, &v, 3, 1, 1, 1, Some(1)), v.to_vec());
+        let full = attention(&q, &k, &v, 3, 1, 1, 1, None);
+        assert_ne!(full[2], v[2]);
+        // Window 2: token 2 mixes tokens 1 and 2 only, as the full pass over them does.
+        let two = attention(&q, &k, &v, 3, 1, 1, 1, Some(2));
+        let pair = attention(&q[1..], &k[1..], &v[1..], 2, 1, 1, 1, None);
+        assert_eq!(two[2], pair[1]);
     }
 }
