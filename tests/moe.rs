@@ -283,33 +283,123 @@ fn retyped(src: &str, model_type: &str, class: &str, into: &Path) -> PathBuf {
     dir
 }
 
+/// A fixture model retyped as Qwen3, with the per-head q/k norm weights Qwen3 has (the
+/// llama fixtures lack them): non-trivial gains, so the forward pass must apply them.
+fn qwen3_model(src: &str, into: &Path) -> PathBuf {
+    let dir = retyped(src, "qwen3", "Qwen3ForCausalLM", into);
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    for l in 0..4 {
+        for (k, which) in ["q_norm", "k_norm"].into_iter().enumerate() {
+            let gains: Vec<u8> = (0..8)
+                .flat_map(|i| (1.0f32 + 0.1 * ((l * 16 + k * 8 + i) as f32).sin()).to_le_bytes())
+                .collect();
+            tensors.push((
+                format!("model.layers.{l}.self_attn.{which}.weight"),
+                safetensors::Dtype::F32,
+                vec![8],
+                gains,
+            ));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+    dir
+}
+
+/// Qwen3-MoE end to end, as Mixtral and Qwen2-MoE: names, config, the experts' weights, and
+/// `hidden` routers against the independent forward pass (with Qwen3's q/k norms).
 #[test]
 fn qwen3_moe_from_qwen3_models() {
+    use common::llama_reference::{read_config, read_safetensors, reference};
     let tmp = tempfile::tempdir().unwrap();
-    for m in [
+    let dirs: Vec<PathBuf> = [
         "micro-llama-base-f32",
         "micro-llama-ft1-f32",
         "micro-llama-ft2-f32",
-    ] {
-        retyped(m, "qwen3", "Qwen3ForCausalLM", tmp.path());
-    }
+    ]
+    .iter()
+    .map(|m| qwen3_model(m, tmp.path()))
+    .collect();
     let script = r#"
 model base = "micro-llama-base-f32"
 model ft1 = "micro-llama-ft1-f32"
 model ft2 = "micro-llama-ft2-f32"
-save moe(base, ft1 { positive: ["the cat"] }, ft2 { positive: ["one two"] }, gate: "cheap_embed") to "out/moe"
+save moe(base, ft1 { positive: ["the cat"] }, ft2 { positive: ["one two"] }, gate: "hidden") to "out/moe"
 "#;
     let (out, config, _) = run_moe(script, tmp.path());
     assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
     assert_eq!(config["model_type"], "qwen3_moe");
     assert_eq!(config["num_experts"], 2);
+    assert_eq!(config["num_experts_per_tok"], 2);
     assert_eq!(config["moe_intermediate_size"], 64);
+    assert_eq!(config["decoder_sparse_step"], 1);
+    assert_eq!(config["norm_topk_prob"], true);
     assert!(config.get("shared_expert_intermediate_size").is_none());
-    assert_eq!(out["model.layers.3.mlp.experts.down_proj"].shape, vec![2, 32, 64]);
-    assert_eq!(out["model.layers.3.mlp.gate.weight"].shape, vec![2, 32]);
     assert!(!out
         .keys()
         .any(|k| k.contains("shared_expert") || k.ends_with("_proj.bias")));
+    let (base_config, base) = (read_config(&dirs[0]), read_safetensors(&dirs[0]));
+    let experts = [load_folder(&dirs[1]), load_folder(&dirs[2])];
+    for l in 0..4 {
+        // Attention (with the q/k norms) from the base; experts' MLPs fused, gate rows first.
+        let q_norm = format!("model.layers.{l}.self_attn.q_norm.weight");
+        assert_eq!(out[&q_norm].values, load_folder(&dirs[0])[&q_norm].values);
+        let gate_up = &out[&format!("model.layers.{l}.mlp.experts.gate_up_proj")];
+        assert_eq!(gate_up.shape, vec![2, 128, 32]);
+        assert_eq!(
+            out[&format!("model.layers.{l}.mlp.experts.down_proj")].shape,
+            vec![2, 32, 64]
+        );
+        for (e, ft) in experts.iter().enumerate() {
+            let g = &ft[&format!("model.layers.{l}.mlp.gate_proj.weight")].values;
+            assert_eq!(&gate_up.values[e * 128 * 32..e * 128 * 32 + 64 * 32], &g[..]);
+        }
+    }
+    // Each expert's router row: the base's hidden state at the layer's input at the
+    // prompt's last token, normalised.
+    let last = |prompt: &str| -> Vec<Vec<f64>> {
+        reference(&base_config, &base, &tokenize(prompt))
+            .into_iter()
+            .map(|positions| positions[positions.len() - 1].clone())
+            .collect()
+    };
+    let (cat, one) = (last("the cat"), last("one two"));
+    for l in 0..4 {
+        let want: Vec<f64> = normalized(cat[l].clone())
+            .into_iter()
+            .chain(normalized(one[l].clone()))
+            .collect();
+        let got = &out[&format!("model.layers.{l}.mlp.gate.weight")].values;
+        assert_eq!(
+            out[&format!("model.layers.{l}.mlp.gate.weight")].shape,
+            vec![2, 32]
+        );
+        assert_close(got, &want, 1e-4, &format!("qwen3 router of layer {l}"));
+    }
+    // The q/k norms matter: without them the routers of layers past 0 differ.
+    let mut plain = base_config.clone();
+    plain["model_type"] = Value::from("llama");
+    let unnormed = reference(&plain, &base, &tokenize("the cat"));
+    let l3 = &unnormed[3];
+    assert!(l3[l3.len() - 1]
+        .iter()
+        .zip(&cat[3])
+        .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
 /// The base's tokenizer, as an independent path to token ids.
