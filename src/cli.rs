@@ -609,7 +609,8 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
                     serde_json::json!({
                         "dir": o.dir.display().to_string(),
                         "tensors": compiled.plan.outputs[i].spec.tensors.len(),
-                        "bytes": steps.map(|s| s.out_bytes()).sum::<u64>(),
+                        "bytes": steps.map(|s| s.out_bytes()).sum::<u64>()
+                            + o.moe.iter().flat_map(|m| &m.generated).map(|g| g.nbytes()).sum::<u64>(),
                         "compute": o.compute.name(),
                     })
                 })
@@ -632,13 +633,15 @@ fn summary(c: &Compiled) -> String {
     let n = c.program.outputs.len();
     out.push_str(&format!("ok: {n} output{}\n", plural(n)));
     for (i, o) in c.program.outputs.iter().enumerate() {
+        let generated: u64 = o.moe.iter().flat_map(|m| &m.generated).map(|g| g.nbytes()).sum();
         let bytes: u64 = c
             .plan
             .steps
             .iter()
             .filter(|s| s.output == i)
             .map(|s| s.out_bytes())
-            .sum();
+            .sum::<u64>()
+            + generated;
         // Parts of a fused MoE tensor are copied but not written as they are.
         let written = &c.plan.outputs[i].spec.tensors;
         let names: std::collections::HashSet<&str> = written.iter().map(|(n, _, _)| n.as_str()).collect();

@@ -593,6 +593,13 @@ fn run_and_check_summaries_count_the_tensors_as_written() {
     );
     let json: Value = serde_json::from_str(json.trim()).unwrap();
     assert_eq!(json["outputs"][0]["tensors"], written);
+    // The byte figures count the generated routers too: the tensor data written.
+    let data: u64 = load_folder(&dir.path().join("out/moe"))
+        .values()
+        .map(|t| t.values.len() as u64 * if t.dtype == "F32" { 4 } else { 2 })
+        .sum();
+    assert_eq!(json["outputs"][0]["bytes"], data);
+    assert_eq!(json["write_bytes"], data);
     assert!(
         ran.contains(&format!("\n{written} tensors, read ")),
         "run says:\n{ran}\nwritten: {written}"

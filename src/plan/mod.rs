@@ -197,7 +197,15 @@ pub fn draft(graph: &Graph, program: &hir::Program, limits: &Limits, force: bool
             }
         }
     }
-    let write_bytes = steps.iter().map(Step::out_bytes).sum();
+    // The steps' tensors, and the tensors a MoE output generates (routers, zero biases).
+    let generated: u64 = program
+        .outputs
+        .iter()
+        .filter_map(|o| o.moe.as_ref())
+        .flat_map(|m| &m.generated)
+        .map(|g| g.nbytes())
+        .sum();
+    let write_bytes = steps.iter().map(Step::out_bytes).sum::<u64>() + generated;
     let releases = last_uses(&steps);
     let models = program
         .models
