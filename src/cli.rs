@@ -874,7 +874,7 @@ fn run_script(input: &Input, options: &RunOptions) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("the output folder was not created; inputs are untouched");
+            eprintln!("the output folder being written was left as it was; inputs are untouched");
             ExitCode::from(1)
         }
     }

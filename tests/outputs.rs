@@ -301,6 +301,20 @@ fn import_replaces_only_with_force() {
     );
 }
 
+/// `check config.yml` without an output folder does not report `out/NAME` when it is
+/// someone else's folder: the user never named it.
+#[test]
+fn checking_a_config_without_an_output_folder_skips_a_foreign_out_name() {
+    let ws = workspace();
+    std::fs::write(ws.path().join("c.yml"), CONFIG).unwrap();
+    std::fs::create_dir_all(ws.path().join("out/c")).unwrap();
+    std::fs::write(ws.path().join("out/c/model.safetensors"), "from mergekit").unwrap();
+    let out = mergec(ws.path(), &["check", "c.yml"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("out/c-2: "), "{stdout}");
+}
+
 /// A run that fails after its checks leaves the old output as it was.
 #[test]
 fn a_failed_replacement_keeps_the_old_output() {
