@@ -5,6 +5,14 @@
 //! then streamed after it, never holding a shard in memory. Everything is written into a
 //! temporary folder beside the target and renamed into place only once complete and
 //! synced, so a failed or interrupted run never leaves a folder that looks finished.
+//!
+//! Every output holds a [`MARKER_FILE`]; `--force` replaces only folders that hold one,
+//! and [`check_output_target`] refuses places no output may replace (the current, the
+//! script's, the home and the root folder, and folders above them; input models). An old
+//! output is exchanged with the new one in one step where the file system can. The
+//! temporary folders of the writers are registered so a signal handler can remove them
+//! ([`remove_temporary_folders_before_exit`]), and a later run removes what a killed run
+//! left ([`remove_leftovers`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -343,7 +351,8 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// An absolute, symlink-free form of `path` for comparing places (see [`comparable`]).
+/// An absolute, symlink-free form of `path` for comparing places, also for paths that do
+/// not exist yet (their deepest existing ancestor is canonicalized).
 pub fn comparable_path(path: &Path) -> PathBuf {
     comparable(path)
 }
