@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use mergec::diag::render;
 use mergec::diag::Diagnostics;
+use mergec::diag::{Code, Diagnostic};
 use mergec::driver::{self, Compiled, Script};
 use mergec::exec::gpu::{GpuContext, GpuExecutor};
 use mergec::exec::{CpuExecutor, GpuWithFallback};
 use mergec::import::{self, Import};
-use mergec::io::{DType, TensorReader};
+use mergec::io::{writer, DType, TensorReader};
 use mergec::ops::{Compute, Half};
 use mergec::plan::Limits;
 use mergec::source::SourceMap;
@@ -95,7 +96,7 @@ enum Command {
         out: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
-        /// Accept output folders that exist and are not empty (run would replace them).
+        /// Accept output folders that mergec wrote before (run would replace them).
         #[arg(long)]
         force: bool,
         /// The compute dtype of every save (see `run --compute`).
@@ -111,7 +112,9 @@ enum Command {
         script: PathBuf,
         /// For a mergekit config: the output folder (mergekit's OUT_PATH).
         out: Option<PathBuf>,
-        /// Replace output folders that exist and are not empty.
+        /// Replace output folders that mergec wrote before (they hold a `.mergec` file).
+        /// Never the current folder, a folder above it, the script's folder, the home
+        /// folder, `/` or an input model.
         #[arg(long)]
         force: bool,
         /// Worker threads (default: all cores).
@@ -171,7 +174,7 @@ enum Command {
         /// rewritten to be relative to this file's folder.
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
-        /// Replace the script file if it exists.
+        /// Replace the script file if it exists (never a file of an input model).
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -270,7 +273,7 @@ pub struct SynthArgs {
     seed: Option<u64>,
     #[arg(long)]
     dtype: Option<String>,
-    /// Replace the folder if it exists.
+    /// Replace the folder if mergec wrote it.
     #[arg(long)]
     force: bool,
 }
@@ -319,6 +322,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 adapter,
                 progress: if quiet { progress::Mode::None } else { progress },
                 notes: !quiet && format == Format::Human,
+                quiet,
             },
         ),
         Command::Info => info(),
@@ -386,7 +390,13 @@ struct Loaded {
 }
 
 fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
-    if !import::is_yaml(&input.path) {
+    let yaml = import::is_yaml(&input.path);
+    // No output may be the script's folder or one above it, even with --force.
+    writer::keep(
+        &input.path,
+        if yaml { "the mergekit config" } else { "the script" },
+    );
+    if !yaml {
         if let Some(out) = &input.out {
             eprintln!(
                 "error: `{}` is a script: its `save` statements name the output folders, so `{}` is not needed",
@@ -416,7 +426,7 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
             );
             return Err(ExitCode::from(2));
         }
-        None => (default_out(&input.path), true),
+        None => (placeholder_out(&input.path), true),
     };
     let opts = yaml_options(&input.path, out, Path::new("."), &input.yaml)?;
     let mut imported = translate_or_report(&input.path, &opts, format)?;
@@ -426,6 +436,26 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
         import: Some(imported),
         placeholder_out,
     })
+}
+
+/// The output folder a config is checked with when none is given: `out/NAME`, or, where
+/// that is a folder a run could not replace (so checking it would report a folder the user
+/// never named), `out/NAME-2`, `out/NAME-3`, ...
+fn placeholder_out(config: &Path) -> PathBuf {
+    let first = default_out(config);
+    let usable = |p: &Path| writer::check_output_target(p, true, &[], None).is_ok();
+    if usable(&first) {
+        return first;
+    }
+    let name = first
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    (2..100)
+        .map(|i| first.with_file_name(format!("{name}-{i}")))
+        .find(|p| usable(p))
+        .unwrap_or(first)
 }
 
 /// `out/NAME` for `NAME.yml`.
@@ -501,8 +531,8 @@ fn import_cmd(
             ExitCode::SUCCESS
         }
         Some(path) => {
-            if path.exists() && !force {
-                eprintln!("error: `{}` exists; pass --force to replace it", path.display());
+            if let Some(d) = script_target_problem(path, config, &imported, &script_dir, force) {
+                report(&Diagnostics(vec![d]), &imported.sources, Format::Human);
                 return ExitCode::from(1);
             }
             if let Err(e) = std::fs::write(path, imported.text()) {
@@ -517,6 +547,85 @@ fn import_cmd(
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Why `import -o path` may not write the script to `path`. Never a file of an input model
+/// or the config itself, even with `--force`; an existing file only with `--force`.
+fn script_target_problem(
+    path: &Path,
+    config: &Path,
+    imported: &Import,
+    script_dir: &Path,
+    force: bool,
+) -> Option<Diagnostic> {
+    let target = writer::comparable_path(path);
+    let error = |code, message: String, help: &str| Some(Diagnostic::error(code, message).with_help(help));
+    if target == writer::comparable_path(config) {
+        return error(
+            Code::E0405,
+            format!("`{}` is the config being imported", path.display()),
+            "write the script to a file of its own, e.g. `merge.merge`",
+        );
+    }
+    // The models the script reads, as its relative paths resolve from its own folder.
+    let script = imported.script();
+    let references = match mergec::syntax::parse(&script.sources, script.id) {
+        Ok(ast) => mergec::sema::model_references(&ast)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for reference in references {
+        let Ok(input) = mergec::io::model::resolve_reference(&reference, script_dir) else {
+            continue;
+        };
+        if target.starts_with(writer::comparable_path(&input)) {
+            return error(
+                Code::E0405,
+                format!(
+                    "`{}` is inside the input model `{}`",
+                    path.display(),
+                    input.display()
+                ),
+                "write the script outside every input model; --force never overwrites an input",
+            );
+        }
+    }
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if meta.is_dir() {
+        return error(
+            Code::E0405,
+            format!("`{}` is a folder", path.display()),
+            "name the script file, e.g. `merge.merge`",
+        );
+    }
+    if force {
+        return None;
+    }
+    if is_imported_script(path) {
+        error(
+            Code::E0405,
+            format!("`{}` exists", path.display()),
+            "pass --force to replace it (it is a script `mergec import` wrote)",
+        )
+    } else {
+        error(
+            Code::E0416,
+            format!("`{}` exists and was not written by mergec", path.display()),
+            "choose another file name, or pass --force to overwrite it",
+        )
+    }
+}
+
+/// Whether `path` starts with the header comment `mergec import` writes.
+fn is_imported_script(path: &Path) -> bool {
+    let mut head = [0u8; 4096];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    let first = head[..n].split(|&b| b == b'\n').next().unwrap_or_default();
+    first.starts_with(b"# Translated from ") && first.ends_with(b" by `mergec import`.")
 }
 
 fn load(path: &Path) -> Result<Script, ExitCode> {
@@ -691,6 +800,8 @@ struct RunOptions {
     progress: progress::Mode,
     /// Notes on stderr (the backend taken); off with `--quiet` and for JSON output.
     notes: bool,
+    /// `--quiet`: only warnings and errors on stderr.
+    quiet: bool,
 }
 
 fn run_script(input: &Input, options: &RunOptions) -> ExitCode {
@@ -727,6 +838,12 @@ fn run_script(input: &Input, options: &RunOptions) -> ExitCode {
     };
     if options.notes {
         eprintln!("backend: {}", executor.describe());
+    }
+    for o in &compiled.program.outputs {
+        let leftovers = writer::remove_leftovers(&o.dir);
+        if !options.quiet {
+            report_leftovers(&leftovers);
+        }
     }
     let reader = TensorReader::new();
     let mut progress = Progress::new(options.progress, &compiled.plan, &compiled.program);
@@ -768,8 +885,25 @@ fn run_script(input: &Input, options: &RunOptions) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("the output folder was not created; inputs are untouched");
+            eprintln!("the output folder being written was left as it was; inputs are untouched");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Says on stderr what [`writer::remove_leftovers`] cleaned up.
+fn report_leftovers(leftovers: &[writer::Leftover]) {
+    for l in leftovers {
+        match &l.restored_to {
+            None => eprintln!(
+                "note: removed a leftover temporary folder `{}` of an interrupted run",
+                l.path.display()
+            ),
+            Some(to) => eprintln!(
+                "note: moved `{}`, the previous output an interrupted run had moved aside, back to `{}`",
+                l.path.display(),
+                to.display()
+            ),
         }
     }
 }
@@ -907,6 +1041,7 @@ fn synth_cmd(args: SynthArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    report_leftovers(&writer::remove_leftovers(&args.dir));
     match synth::write_model(&spec, &args.dir, args.force) {
         Ok(w) => {
             println!("wrote {} ({} parameters)", w.dir.display(), spec.param_count());
@@ -949,6 +1084,7 @@ fn demo(dir: &Path) -> ExitCode {
         adapter: None,
         progress: progress::Mode::Auto,
         notes: true,
+        quiet: false,
     };
     run_script(&input, &options)
 }

@@ -82,16 +82,31 @@ fn existing_output_is_refused_without_force() {
     let out = ws.path().join("out/merged");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "precious").unwrap();
+    // A folder mergec did not write: refused with and without --force.
+    for force in [&[][..], &["--force"][..]] {
+        let args = [&["run", "script.merge"][..], force].concat();
+        let (code, _, stderr) = mergec(&args, ws.path());
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("[E0416]") && stderr.contains("--force"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "precious");
+    }
+    // One mergec wrote: refused without --force, replaced with it.
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    let (code, _, stderr) = mergec(&["run", "script.merge"], ws.path());
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::write(out.join("extra.txt"), "from the old output").unwrap();
     let (code, _, stderr) = mergec(&["run", "script.merge"], ws.path());
     assert_eq!(code, 1);
     assert!(
         stderr.contains("[E0405]") && stderr.contains("--force"),
         "{stderr}"
     );
-    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "precious");
     let (code, _, stderr) = mergec(&["run", "script.merge", "--force"], ws.path());
     assert_eq!(code, 0, "{stderr}");
-    assert!(!out.join("keep.txt").exists());
+    assert!(!out.join("extra.txt").exists());
     assert!(out.join("model.safetensors").exists());
 }
 

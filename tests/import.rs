@@ -269,7 +269,7 @@ fn unmapped_errors_show_the_generated_script() {
         panic!("an existing output folder should be refused");
     };
     let text = render_diags(&script, &d);
-    assert!(text.contains("[E0405]"), "{text}");
+    assert!(text.contains("[E0416]"), "{text}");
     assert!(text.contains("configs/ties_f32.yml (as .merge)"), "{text}");
 }
 

@@ -5,11 +5,21 @@
 //! then streamed after it, never holding a shard in memory. Everything is written into a
 //! temporary folder beside the target and renamed into place only once complete and
 //! synced, so a failed or interrupted run never leaves a folder that looks finished.
+//!
+//! Every output holds a [`MARKER_FILE`]; `--force` replaces only folders that hold one,
+//! and [`check_output_target`] refuses places no output may replace (the current, the
+//! script's, the home and the root folder, and folders above them; input models). An old
+//! output is exchanged with the new one in one step where the file system can. The
+//! temporary folders of the writers are registered so a signal handler can remove them
+//! ([`remove_temporary_folders_before_exit`]), and a later run removes what a killed run
+//! left ([`remove_leftovers`]).
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufWriter, ErrorKind, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Map, Value};
 
@@ -71,6 +81,34 @@ pub enum WriteError {
     ContainsInput { dir: PathBuf, input: PathBuf },
     #[error("output path `{}` does not name a folder that can be created", dir.display())]
     BadTarget { dir: PathBuf },
+    #[error("output folder `{}` is the root folder", dir.display())]
+    Root { dir: PathBuf },
+    #[error("output folder `{}` {} the home folder{}", dir.display(), if *contains { "contains" } else { "is" }, if *contains { format!(" `{}`", home.display()) } else { String::new() })]
+    Home {
+        dir: PathBuf,
+        home: PathBuf,
+        contains: bool,
+    },
+    #[error("output folder `{}` {} the current folder", dir.display(), if *contains { "contains" } else { "is" })]
+    WorkingFolder { dir: PathBuf, contains: bool },
+    #[error("output folder `{}` {} {what}{}", dir.display(), if *contains { "contains" } else { "is" }, if *contains { format!(" `{}`", script.display()) } else { String::new() })]
+    HoldsScript {
+        dir: PathBuf,
+        script: PathBuf,
+        what: &'static str,
+        contains: bool,
+    },
+    #[error("output folder `{}` exists and was not written by mergec", dir.display())]
+    NotMergecOutput { dir: PathBuf },
+    #[error(
+        "output folder name `{}` is {bytes} bytes long, over the {NAME_MAX}-byte limit of file names",
+        shortened(name)
+    )]
+    NameTooLong {
+        dir: PathBuf,
+        name: String,
+        bytes: usize,
+    },
     #[error("no space left on device while writing `{}`", path.display())]
     NoSpace { path: PathBuf, source: std::io::Error },
     #[error("cannot write `{}`: {source}", path.display())]
@@ -111,6 +149,17 @@ pub enum WriteError {
     Failed { dir: PathBuf },
 }
 
+/// A long name's first and last characters, for messages.
+fn shortened(name: &str) -> String {
+    let chars: Vec<char> = name.chars().collect();
+    if chars.len() <= 40 {
+        return name.to_owned();
+    }
+    let head: String = chars[..20].iter().collect();
+    let tail: String = chars[chars.len() - 12..].iter().collect();
+    format!("{head}...{tail}")
+}
+
 fn io_error(path: PathBuf, source: std::io::Error) -> WriteError {
     if matches!(source.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) {
         WriteError::NoSpace { path, source }
@@ -119,26 +168,125 @@ fn io_error(path: PathBuf, source: std::io::Error) -> WriteError {
     }
 }
 
+/// The file mergec writes in every output folder. `--force` replaces a non-empty folder
+/// only when it holds this file, and a later run removes a leftover temporary folder of an
+/// interrupted run only when it holds it.
+pub const MARKER_FILE: &str = ".mergec";
+
+/// The first line of [`MARKER_FILE`] starts with this, then the version that wrote it.
+const MARKER_PREFIX: &str = "mergec ";
+
+/// The longest file name most file systems take (ext4, XFS, Btrfs, APFS, NTFS), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// The marker's contents: a version line, and what the file is for.
+fn marker_text() -> String {
+    format!(
+        "{MARKER_PREFIX}{}\nThis folder was written by mergec: `mergec run --force` may replace it. Delete this file to keep --force from replacing it.\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Whether `dir` is a folder mergec wrote: it holds a [`MARKER_FILE`] (a plain file, not a
+/// link) whose first line names mergec. The model card alone is no proof.
+pub fn is_mergec_output(dir: &Path) -> bool {
+    let marker = dir.join(MARKER_FILE);
+    let plain = fs::symlink_metadata(&marker).is_ok_and(|m| m.file_type().is_file());
+    if !plain {
+        return false;
+    }
+    let mut head = [0u8; 64];
+    let n = File::open(&marker)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    head[..n].starts_with(MARKER_PREFIX.as_bytes())
+}
+
+/// Paths no output may be or contain besides the built-in ones: the script or mergekit
+/// config being run, registered by the command line with [`keep`].
+static KEPT: Mutex<Vec<(PathBuf, &'static str)>> = Mutex::new(Vec::new());
+
+/// Registers `path` (a file or folder, described as `what`, e.g. "the script") as a place
+/// no output folder may be or contain, even with `--force`: checked by every later
+/// [`check_output_target`] of this process.
+pub fn keep(path: &Path, what: &'static str) {
+    lock(&KEPT).push((path.to_path_buf(), what));
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Checks that `dir` can be written (used at check time, before anything runs, and again
-/// when writing): it must not exist, be an empty folder, or (with `force`) a folder; and
-/// it must neither be nor be inside nor contain any protected path.
-pub fn check_output_target(dir: &Path, force: bool, protected: &[PathBuf]) -> Result<(), WriteError> {
+/// when writing):
+///
+/// - it is not the root folder, the home folder, the current folder, the script's folder
+///   (`script_dir`, and anything registered with [`keep`]), nor a folder above one of them;
+/// - it neither is nor is inside nor contains any `protected` path (the input models);
+/// - no part of its path is longer than [`NAME_MAX`] bytes;
+/// - it does not exist, or is an empty folder, or (with `force`) a folder mergec wrote; a
+///   non-empty folder mergec did not write is never replaced.
+pub fn check_output_target(
+    dir: &Path,
+    force: bool,
+    protected: &[PathBuf],
+    script_dir: Option<&Path>,
+) -> Result<(), WriteError> {
     let target = comparable(dir);
+    let owned = || dir.to_path_buf();
+    // Refused even when the place is empty or does not exist yet (a home folder can be
+    // empty): an output there would be a mistake, and --force would delete it.
+    if target.parent().is_none() {
+        return Err(WriteError::Root { dir: owned() });
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let home = PathBuf::from(home);
+        let resolved = comparable(&home);
+        if resolved.starts_with(&target) {
+            return Err(WriteError::Home {
+                dir: owned(),
+                home,
+                contains: resolved != target,
+            });
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        let resolved = comparable(&cwd);
+        if resolved.starts_with(&target) {
+            return Err(WriteError::WorkingFolder {
+                dir: owned(),
+                contains: resolved != target,
+            });
+        }
+    }
+    let kept = lock(&KEPT).clone();
+    let script = script_dir.map(|d| (d.to_path_buf(), "the script's folder"));
+    for (path, what) in script.into_iter().chain(kept) {
+        let resolved = comparable(&path);
+        if resolved.starts_with(&target) {
+            return Err(WriteError::HoldsScript {
+                dir: owned(),
+                script: path,
+                what,
+                contains: resolved != target,
+            });
+        }
+    }
     for input in protected.iter().filter(|p| !p.as_os_str().is_empty()) {
         let resolved = comparable(input);
         let err = if target == resolved {
             WriteError::SameAsInput {
-                dir: dir.to_path_buf(),
+                dir: owned(),
                 input: input.clone(),
             }
         } else if target.starts_with(&resolved) {
             WriteError::InsideInput {
-                dir: dir.to_path_buf(),
+                dir: owned(),
                 input: input.clone(),
             }
         } else if resolved.starts_with(&target) {
             WriteError::ContainsInput {
-                dir: dir.to_path_buf(),
+                dir: owned(),
                 input: input.clone(),
             }
         } else {
@@ -146,15 +294,23 @@ pub fn check_output_target(dir: &Path, force: bool, protected: &[PathBuf]) -> Re
         };
         return Err(err);
     }
+    if let Some(name) = dir
+        .components()
+        .map(|c| c.as_os_str())
+        .find(|c| c.len() > NAME_MAX)
+    {
+        return Err(WriteError::NameTooLong {
+            dir: owned(),
+            name: name.to_string_lossy().into_owned(),
+            bytes: name.len(),
+        });
+    }
     let meta = match fs::symlink_metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_error(dir.to_path_buf(), e)),
+        Err(e) => return Err(io_error(owned(), e)),
     };
-    let not_a_folder = |what| WriteError::NotAFolder {
-        dir: dir.to_path_buf(),
-        what,
-    };
+    let not_a_folder = |what| WriteError::NotAFolder { dir: owned(), what };
     let kind = meta.file_type();
     if kind.is_symlink() {
         Err(not_a_folder("a symbolic link"))
@@ -162,12 +318,14 @@ pub fn check_output_target(dir: &Path, force: bool, protected: &[PathBuf]) -> Re
         Err(not_a_folder("a file"))
     } else if !kind.is_dir() {
         Err(not_a_folder("a special file"))
-    } else if force || is_empty_dir(dir)? {
+    } else if is_empty_dir(dir)? {
         Ok(())
+    } else if !is_mergec_output(dir) {
+        Err(WriteError::NotMergecOutput { dir: owned() })
+    } else if !force {
+        Err(WriteError::NotEmpty { dir: owned() })
     } else {
-        Err(WriteError::NotEmpty {
-            dir: dir.to_path_buf(),
-        })
+        Ok(())
     }
 }
 
@@ -191,6 +349,12 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// An absolute, symlink-free form of `path` for comparing places, also for paths that do
+/// not exist yet (their deepest existing ancestor is canonicalized).
+pub fn comparable_path(path: &Path) -> PathBuf {
+    comparable(path)
 }
 
 /// An absolute, symlink-free form of `path` for comparing places, also for paths that do
@@ -271,7 +435,7 @@ impl ModelWriter {
     /// Checks the target, plans the shards, and creates the temporary folder with the
     /// first shard's header.
     pub fn create(spec: OutputSpec) -> Result<ModelWriter, WriteError> {
-        check_output_target(&spec.dir, spec.force, &spec.protected)?;
+        check_output_target(&spec.dir, spec.force, &spec.protected, None)?;
         let bad = |reason: String| WriteError::BadSpec {
             dir: spec.dir.clone(),
             reason,
@@ -280,11 +444,7 @@ impl ModelWriter {
         let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
             return Err(WriteError::BadTarget { dir: spec.dir });
         };
-        let tmp = parent.join(format!(
-            ".{}.mergec-tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = scratch_path(parent, name, Scratch::Tmp, std::process::id());
 
         let (tensors, shards, tensor_bytes) = plan(spec.tensors, spec.max_shard_bytes).map_err(bad)?;
 
@@ -313,11 +473,31 @@ impl ModelWriter {
         }
 
         fs::create_dir_all(parent).map_err(|e| io_error(parent.to_path_buf(), e))?;
-        // A leftover of a crashed run that had the same process id.
-        if fs::symlink_metadata(&tmp).is_ok() {
-            fs::remove_dir_all(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+        {
+            // Created and registered together: a signal's cleanup either sees the folder
+            // registered or runs before it exists.
+            let mut registered = lock(&SCRATCH);
+            // A leftover of a crashed run that had the same process id.
+            if fs::symlink_metadata(&tmp).is_ok() {
+                if !is_scratch_leftover(&tmp) {
+                    return Err(io_error(tmp, ErrorKind::AlreadyExists.into()));
+                }
+                fs::remove_dir_all(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+            }
+            fs::create_dir(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+            registered.push(tmp.clone());
         }
-        fs::create_dir(&tmp).map_err(|e| io_error(tmp.clone(), e))?;
+        // The marker goes in first, so a run killed at any later point leaves a folder the
+        // next run can prove is a leftover of mergec's.
+        let marker = tmp.join(MARKER_FILE);
+        if let Err(e) = File::create_new(&marker).and_then(|mut f| {
+            f.write_all(marker_text().as_bytes())?;
+            f.sync_all()
+        }) {
+            let _ = fs::remove_dir_all(&tmp);
+            unregister(&[&tmp]);
+            return Err(io_error(marker, e));
+        }
 
         let mut writer = ModelWriter {
             dir: spec.dir,
@@ -502,9 +682,15 @@ impl ModelWriter {
         sync_dir(&self.tmp).map_err(|e| io_error(self.tmp.clone(), e))?;
 
         // The target may have changed since create.
-        check_output_target(&self.dir, self.force, &self.protected)?;
-        self.install()?;
+        check_output_target(&self.dir, self.force, &self.protected, None)?;
+        let old = self.install()?;
         self.finished = true;
+        // The new output is in place; the old one (if any) is only wasted space now, and
+        // a leftover of it is removed by a later run.
+        if let Some(old) = old {
+            let _ = fs::remove_dir_all(&old);
+            unregister(&[&old]);
+        }
         // Best effort: the rename is done and every file is synced; a failure to sync the
         // parent folder only risks the rename itself on a crash.
         if let Some(parent) = self.target.parent() {
@@ -637,45 +823,98 @@ impl ModelWriter {
         }
     }
 
-    /// Renames the temporary folder onto the target. An existing target is moved aside
-    /// first and deleted only after the rename succeeded (or moved back if it failed).
-    fn install(&mut self) -> Result<(), WriteError> {
-        let target = &self.target;
-        let io = |e| io_error(target.clone(), e);
-        let exists = match fs::symlink_metadata(target) {
-            Ok(_) => true,
-            Err(e) if e.kind() == ErrorKind::NotFound => false,
-            Err(e) => return Err(io(e)),
-        };
-        if !exists {
-            return fs::rename(&self.tmp, target).map_err(io);
-        }
-        if is_empty_dir(target)? {
-            fs::remove_dir(target).map_err(io)?;
-            return fs::rename(&self.tmp, target).map_err(io);
-        }
-        let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
+    /// Puts the temporary folder in place of the target; returns where the old target
+    /// now is, to be deleted, if there was one. At no instant is the target path missing
+    /// where the file system can exchange two folders atomically (Linux); elsewhere the old
+    /// target is moved aside first, and moved back if the second rename fails.
+    fn install(&mut self) -> Result<Option<PathBuf>, WriteError> {
+        let (Some(name), Some(parent)) = (self.target.file_name(), self.target.parent()) else {
             return Err(WriteError::BadTarget {
                 dir: self.dir.clone(),
             });
         };
-        let old = parent.join(format!(
-            ".{}.mergec-old-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        if fs::symlink_metadata(&old).is_ok() {
-            fs::remove_dir_all(&old).map_err(|e| io_error(old.clone(), e))?;
+        let aside = scratch_path(parent, name, Scratch::Old, std::process::id());
+        // Held across the renames: a signal's cleanup waits for them, then removes
+        // whichever registered folder holds the old output.
+        let mut registered = lock(&SCRATCH);
+        let result = put_in_place(&self.tmp, &self.target, &aside, exchange);
+        match &result {
+            Ok(Some(old)) if *old == aside => {
+                registered.retain(|p| *p != self.tmp);
+                registered.push(aside.clone());
+            }
+            Ok(None) => registered.retain(|p| *p != self.tmp),
+            _ => {}
         }
-        fs::rename(target, &old).map_err(io)?;
-        if let Err(e) = fs::rename(&self.tmp, target) {
-            let _ = fs::rename(&old, target);
-            return Err(io(e));
-        }
-        // The new model is in place; a leftover old copy is only wasted space.
-        let _ = fs::remove_dir_all(&old);
-        Ok(())
+        drop(registered);
+        result.map_err(|e| io_error(self.target.clone(), e))
     }
+}
+
+/// Moves `tmp` to `target`. With an existing `target`, first tries `exchange`; where the
+/// file system cannot, renames `target` to `aside` and `tmp` to `target`. Returns where
+/// the old target is now: `tmp` after an exchange, `aside` after the two renames.
+fn put_in_place(
+    tmp: &Path,
+    target: &Path,
+    aside: &Path,
+    exchange: fn(&Path, &Path) -> std::io::Result<bool>,
+) -> std::io::Result<Option<PathBuf>> {
+    match fs::symlink_metadata(target) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => return fs::rename(tmp, target).map(|()| None),
+        Err(e) => return Err(e),
+    }
+    if exchange(tmp, target)? {
+        return Ok(Some(tmp.to_path_buf()));
+    }
+    if fs::symlink_metadata(aside).is_ok() {
+        fs::remove_dir_all(aside)?;
+    }
+    fs::rename(target, aside)?;
+    if let Err(e) = fs::rename(tmp, target) {
+        let _ = fs::rename(aside, target);
+        return Err(e);
+    }
+    Ok(Some(aside.to_path_buf()))
+}
+
+/// Swaps two existing paths in one step (`renameat2` with `RENAME_EXCHANGE`). `Ok(false)`
+/// when the kernel or file system cannot (old kernels, some network file systems).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call; the
+    // syscall reads them and nothing else.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 impl Drop for ModelWriter {
@@ -686,8 +925,173 @@ impl Drop for ModelWriter {
         }
         if !self.finished {
             let _ = fs::remove_dir_all(&self.tmp);
+            unregister(&[&self.tmp]);
         }
     }
+}
+
+/// What a scratch folder beside an output is: the output being written, or (where folders
+/// cannot be exchanged) the old output moved aside.
+#[derive(Clone, Copy)]
+enum Scratch {
+    Tmp,
+    Old,
+}
+
+/// Digits of the largest process id.
+const PID_DIGITS: usize = 10;
+
+/// A scratch folder's name up to its process id: `.NAME.mergec-tmp-`, or, where that
+/// would take the name past [`NAME_MAX`], `.mergec-tmp-HASH-` with a hash of NAME, so a
+/// legal output name never gets an illegal scratch name.
+fn scratch_prefix(name: &OsStr, kind: Scratch) -> OsString {
+    let tag = match kind {
+        Scratch::Tmp => "tmp",
+        Scratch::Old => "old",
+    };
+    let bytes = name.as_encoded_bytes();
+    let mut out = OsString::from(".");
+    if 1 + bytes.len() + ".mergec-".len() + tag.len() + 1 + PID_DIGITS <= NAME_MAX {
+        out.push(name);
+        out.push(format!(".mergec-{tag}-"));
+    } else {
+        out.push(format!("mergec-{tag}-{:016x}-", fnv1a(bytes)));
+    }
+    out
+}
+
+fn scratch_path(parent: &Path, name: &OsStr, kind: Scratch, pid: u32) -> PathBuf {
+    let mut file = scratch_prefix(name, kind);
+    file.push(pid.to_string());
+    parent.join(file)
+}
+
+/// 64-bit FNV-1a: stable across versions and platforms, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether the scratch folder at `path` is one mergec made: an empty folder, or one with
+/// the marker (written first).
+fn is_scratch_leftover(path: &Path) -> bool {
+    let is_dir = fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+    is_dir && (is_mergec_output(path) || is_empty_dir(path).unwrap_or(false))
+}
+
+/// The scratch folders this process's writers have on disk now.
+static SCRATCH: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn unregister(paths: &[&Path]) {
+    lock(&SCRATCH).retain(|p| !paths.contains(&p.as_path()));
+}
+
+/// Removes every scratch folder of this process's writers (unfinished outputs, and old
+/// outputs being deleted) and returns the ones removed: for a process about to exit on a
+/// signal. It never releases the registry, so from then on no writer of this process
+/// creates, installs or registers a folder; the caller must exit right after.
+pub fn remove_temporary_folders_before_exit() -> Vec<PathBuf> {
+    let registered = lock(&SCRATCH);
+    let mut removed = Vec::new();
+    for path in registered.iter() {
+        // A writer thread may add a file while the folder is being emptied: try again.
+        for _ in 0..20 {
+            match fs::remove_dir_all(path) {
+                Ok(()) => {
+                    removed.push(path.clone());
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+    }
+    std::mem::forget(registered);
+    removed
+}
+
+/// A leftover of an interrupted run that [`remove_leftovers`] dealt with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    pub path: PathBuf,
+    /// Set when the leftover was the previous output, moved aside by a run killed before
+    /// it put the new one in place, and was moved back to the output path.
+    pub restored_to: Option<PathBuf>,
+}
+
+/// Removes the scratch folders that interrupted runs of mergec left beside output `dir`.
+/// A folder is removed only when it is provably such a leftover: its name is the scratch
+/// name of this output with the id of a process that no longer runs, and it is empty or
+/// holds mergec's marker. An old output moved aside while the output path is empty is
+/// moved back instead.
+pub fn remove_leftovers(dir: &Path) -> Vec<Leftover> {
+    let Ok(absolute) = std::path::absolute(dir) else {
+        return Vec::new();
+    };
+    let target = normalize(&absolute);
+    let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let prefixes = [Scratch::Tmp, Scratch::Old].map(|k| scratch_prefix(name, k));
+    let own = std::process::id();
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let pid = prefixes
+            .iter()
+            .find_map(|p| file.as_encoded_bytes().strip_prefix(p.as_encoded_bytes()))
+            .filter(|digits| !digits.is_empty() && digits.len() <= PID_DIGITS)
+            .filter(|digits| digits.iter().all(u8::is_ascii_digit))
+            .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let path = entry.path();
+        if pid == own || process_alive(pid) || !is_scratch_leftover(&path) {
+            continue;
+        }
+        let moved_aside = file
+            .as_encoded_bytes()
+            .starts_with(prefixes[1].as_encoded_bytes());
+        if moved_aside
+            && fs::symlink_metadata(&target).is_err_and(|e| e.kind() == ErrorKind::NotFound)
+            && fs::rename(&path, &target).is_ok()
+        {
+            removed.push(Leftover {
+                path,
+                restored_to: Some(target.clone()),
+            });
+        } else if fs::remove_dir_all(&path).is_ok() {
+            removed.push(Leftover {
+                path,
+                restored_to: None,
+            });
+        }
+    }
+    removed.sort_by(|a, b| a.path.cmp(&b.path));
+    removed
+}
+
+/// Whether process `pid` may still run (when unsure: yes).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+#[cfg(not(unix))]
+fn process_alive(_: u32) -> bool {
+    true
 }
 
 type Plan = (Vec<Planned>, Vec<Shard>, u64);
@@ -1045,22 +1449,292 @@ mod tests {
             e.to_string(),
             format!("output folder `{}` exists and is not empty", out.display())
         );
-        assert!(check_output_target(&out, false, &[]).is_err());
-        assert!(check_output_target(&out, true, &[]).is_ok());
+        assert!(check_output_target(&out, false, &[], None).is_err());
+        assert!(check_output_target(&out, true, &[], None).is_ok());
 
         let mut s = spec(&out, &[("t", DType::U8, &[1])], 1);
         s.force = true;
         let mut w = ModelWriter::create(s).unwrap();
         w.write_tensor("t", &[7]).unwrap();
         w.finish().unwrap();
-        assert_eq!(listing(&out), [SINGLE_FILE]);
+        assert_eq!(listing(&out), [MARKER_FILE, SINGLE_FILE]);
         assert_eq!(listing(tmp.path()), ["out"]);
 
         // A file is never replaced, even with force.
         let file = tmp.path().join("file");
         fs::write(&file, b"x").unwrap();
-        let e = check_output_target(&file, true, &[]).unwrap_err();
+        let e = check_output_target(&file, true, &[], None).unwrap_err();
         assert!(matches!(e, WriteError::NotAFolder { .. }), "{e}");
+    }
+
+    #[test]
+    fn force_replaces_only_what_mergec_wrote() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        ModelWriter::create(spec(&out, &[], 1)).unwrap().finish().unwrap();
+        let marker = fs::read_to_string(out.join(MARKER_FILE)).unwrap();
+        assert!(
+            marker.starts_with(&format!("mergec {}\n", env!("CARGO_PKG_VERSION"))),
+            "{marker}"
+        );
+        assert!(is_mergec_output(&out));
+
+        // Someone else's folder: refused with or without force, and left as it was.
+        let theirs = tmp.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        fs::write(theirs.join("notes.txt"), b"mine").unwrap();
+        for force in [false, true] {
+            let e = check_output_target(&theirs, force, &[], None).unwrap_err();
+            assert!(matches!(e, WriteError::NotMergecOutput { .. }), "{e}");
+            let mut s = spec(&theirs, &[], 1);
+            s.force = force;
+            let e = ModelWriter::create(s).unwrap_err();
+            assert!(matches!(e, WriteError::NotMergecOutput { .. }), "{e}");
+        }
+        assert_eq!(listing(&theirs), ["notes.txt"]);
+        // A model card is no proof; neither is a marker that is a link or names no mergec.
+        fs::write(theirs.join("README.md"), b"---\ntags:\n- mergec\n---\n").unwrap();
+        assert!(!is_mergec_output(&theirs));
+        fs::write(theirs.join(MARKER_FILE), b"something else\n").unwrap();
+        assert!(!is_mergec_output(&theirs));
+        fs::remove_file(theirs.join(MARKER_FILE)).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(out.join(MARKER_FILE), theirs.join(MARKER_FILE)).unwrap();
+            assert!(!is_mergec_output(&theirs));
+        }
+        assert_eq!(listing(tmp.path()), ["out", "theirs"]);
+    }
+
+    #[test]
+    fn places_never_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = check_output_target(Path::new("/"), true, &[], None).unwrap_err();
+        assert!(matches!(e, WriteError::Root { .. }), "{e}");
+        // The tests run in the crate's folder.
+        for (dir, contains) in [(".", false), ("..", true), ("src/..", false)] {
+            let e = check_output_target(Path::new(dir), true, &[], None).unwrap_err();
+            assert!(
+                matches!(e, WriteError::WorkingFolder { contains: c, .. } if c == contains),
+                "{dir}: {e}"
+            );
+        }
+        let script_dir = tmp.path().join("scripts");
+        fs::create_dir(&script_dir).unwrap();
+        for (dir, contains) in [(script_dir.clone(), false), (tmp.path().to_path_buf(), true)] {
+            let e = check_output_target(&dir, true, &[], Some(&script_dir)).unwrap_err();
+            assert!(
+                matches!(e, WriteError::HoldsScript { contains: c, .. } if c == contains),
+                "{}: {e}",
+                dir.display()
+            );
+        }
+        // Inside the script's folder is where outputs usually go.
+        assert!(check_output_target(&script_dir.join("out"), true, &[], Some(&script_dir)).is_ok());
+    }
+
+    #[test]
+    fn long_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        for len in [1, 200, 232, 233, 250, NAME_MAX] {
+            let name = "n".repeat(len);
+            for kind in [Scratch::Tmp, Scratch::Old] {
+                let scratch = scratch_path(tmp.path(), OsStr::new(&name), kind, u32::MAX);
+                let file = scratch.file_name().unwrap().len();
+                assert!(file <= NAME_MAX, "{len}: {file}");
+                // Short names keep the readable form.
+                let readable = scratch.to_string_lossy().contains(name.as_str());
+                assert_eq!(readable, len <= 232, "{len}");
+            }
+        }
+        // The longest legal name works end to end; one byte more is refused up front.
+        let out = tmp.path().join("n".repeat(NAME_MAX));
+        let mut w = ModelWriter::create(spec(&out, &[("t", DType::U8, &[1])], 1)).unwrap();
+        w.write_tensor("t", &[1]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(listing(&out), [MARKER_FILE, SINGLE_FILE]);
+        let mut s = spec(&out, &[], 1);
+        s.force = true;
+        ModelWriter::create(s).unwrap().finish().unwrap();
+        assert_eq!(listing(tmp.path()), ["n".repeat(NAME_MAX)]);
+        let too_long = tmp.path().join("n".repeat(NAME_MAX + 1));
+        let e = ModelWriter::create(spec(&too_long, &[], 1)).unwrap_err();
+        assert!(matches!(e, WriteError::NameTooLong { bytes: 256, .. }), "{e}");
+        assert!(
+            e.to_string().contains("nnnnnnnnnnnnnnnnnnnn...nnnnnnnnnnnn"),
+            "{e}"
+        );
+        let e = check_output_target(&too_long.join("x"), false, &[], None).unwrap_err();
+        assert!(matches!(e, WriteError::NameTooLong { .. }), "{e}");
+    }
+
+    /// Writes an output holding `tag` and returns its folder.
+    fn output_with(out: &Path, tag: u8, force: bool) -> Result<WrittenModel, WriteError> {
+        let mut s = spec(out, &[("t", DType::U8, &[1])], 1);
+        s.force = force;
+        let mut w = ModelWriter::create(s)?;
+        w.write_tensor("t", &[tag])?;
+        w.finish()
+    }
+
+    fn tag_of(out: &Path) -> u8 {
+        let bytes = fs::read(out.join(SINGLE_FILE)).unwrap();
+        SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .tensor("t")
+            .unwrap()
+            .data()[0]
+    }
+
+    #[test]
+    fn replacing_keeps_the_old_output_until_the_new_one_is_complete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        output_with(&out, 1, false).unwrap();
+
+        // The new output fails half way: the old one is untouched, nothing is left beside.
+        let mut s = spec(&out, &[("t", DType::U8, &[1]), ("u", DType::U8, &[1])], 1);
+        s.force = true;
+        let mut w = ModelWriter::create(s).unwrap();
+        w.write_tensor("t", &[2]).unwrap();
+        assert_eq!(
+            tag_of(&out),
+            1,
+            "the old output stays while the new one is written"
+        );
+        assert!(matches!(w.finish(), Err(WriteError::Unfinished { .. })));
+        assert_eq!(tag_of(&out), 1);
+        assert_eq!(listing(tmp.path()), ["out"]);
+
+        output_with(&out, 3, true).unwrap();
+        assert_eq!(tag_of(&out), 3);
+        assert_eq!(listing(tmp.path()), ["out"]);
+    }
+
+    #[test]
+    fn put_in_place_exchanges_or_falls_back_to_two_renames() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (new, target, aside) = (
+            tmp.path().join("new"),
+            tmp.path().join("target"),
+            tmp.path().join("aside"),
+        );
+        let fill = |dir: &Path, text: &str| {
+            fs::create_dir(dir).unwrap();
+            fs::write(dir.join("f"), text).unwrap();
+        };
+        let read = |dir: &Path| fs::read_to_string(dir.join("f")).unwrap();
+
+        // Nothing there: a plain rename.
+        fill(&new, "1");
+        assert_eq!(put_in_place(&new, &target, &aside, exchange).unwrap(), None);
+        assert_eq!(read(&target), "1");
+
+        // The exchange (where the file system has it) leaves the old one where the new was.
+        fill(&new, "2");
+        let old = put_in_place(&new, &target, &aside, exchange).unwrap().unwrap();
+        assert_eq!(read(&target), "2");
+        assert_eq!(read(&old), "1");
+        fs::remove_dir_all(&old).unwrap();
+
+        // Without it: two renames through `aside`.
+        let no_exchange = |_: &Path, _: &Path| Ok(false);
+        fill(&new, "3");
+        let old = put_in_place(&new, &target, &aside, no_exchange).unwrap().unwrap();
+        assert_eq!(old, aside);
+        assert_eq!((read(&target), read(&aside)), ("3".into(), "2".into()));
+        fs::remove_dir_all(&aside).unwrap();
+
+        // A failed exchange changes nothing.
+        let failing = |_: &Path, _: &Path| Err(std::io::Error::from(ErrorKind::PermissionDenied));
+        fill(&new, "4");
+        assert!(put_in_place(&new, &target, &aside, failing).is_err());
+        assert_eq!((read(&target), read(&new)), ("3".into(), "4".into()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exchange_swaps_folders_on_linux() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("from_a"), b"").unwrap();
+        // tmpfs and ext4 have RENAME_EXCHANGE; a file system without it falls back.
+        if exchange(&a, &b).unwrap() {
+            assert!(b.join("from_a").exists() && !a.join("from_a").exists());
+        }
+    }
+
+    /// The id of a process that has exited.
+    #[cfg(unix)]
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn leftovers_removed_only_when_provably_mergecs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let name = OsStr::new("out");
+        let dead = dead_pid();
+        let with_marker = |dir: &Path| {
+            fs::create_dir(dir).unwrap();
+            fs::write(dir.join(MARKER_FILE), marker_text()).unwrap();
+            fs::write(dir.join(SINGLE_FILE), b"partial").unwrap();
+        };
+        let stale = scratch_path(tmp.path(), name, Scratch::Tmp, dead);
+        with_marker(&stale);
+        // A live process's (our parent's), someone else's folder, another output's.
+        let alive = scratch_path(
+            tmp.path(),
+            name,
+            Scratch::Tmp,
+            std::os::unix::process::parent_id(),
+        );
+        with_marker(&alive);
+        let unmarked = tmp.path().join(format!(".out.mergec-tmp-{}", dead_pid()));
+        fs::create_dir(&unmarked).unwrap();
+        fs::write(unmarked.join("x"), b"").unwrap();
+        let other = scratch_path(tmp.path(), OsStr::new("other"), Scratch::Tmp, dead);
+        with_marker(&other);
+        let odd = tmp.path().join(format!(".out.mergec-tmp-{dead}x"));
+        with_marker(&odd);
+
+        let removed = remove_leftovers(&out);
+        assert_eq!(
+            removed,
+            [Leftover {
+                path: stale.clone(),
+                restored_to: None
+            }]
+        );
+        assert!(!stale.exists());
+        for kept in [&alive, &unmarked, &other, &odd] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+
+        // An old output moved aside by a run killed between its two renames comes back.
+        let aside = scratch_path(tmp.path(), name, Scratch::Old, dead);
+        with_marker(&aside);
+        let removed = remove_leftovers(&out);
+        assert_eq!(removed[0].restored_to.as_deref(), Some(out.as_path()));
+        assert!(out.join(SINGLE_FILE).exists() && !aside.exists());
+        // With the output in place, it is only a leftover.
+        with_marker(&aside);
+        assert_eq!(remove_leftovers(&out)[0].restored_to, None);
+        assert!(!aside.exists());
+
+        // A long name's hashed scratch name is recognised too.
+        let long = tmp.path().join("l".repeat(250));
+        let stale = scratch_path(tmp.path(), long.file_name().unwrap(), Scratch::Tmp, dead);
+        with_marker(&stale);
+        assert_eq!(remove_leftovers(&long).len(), 1);
+        assert!(!stale.exists());
     }
 
     #[test]
@@ -1072,7 +1746,7 @@ mod tests {
         fs::write(&weights, b"x").unwrap();
         let protected = vec![input.clone(), weights.clone()];
 
-        let e = check_output_target(&input.join("out"), false, &protected).unwrap_err();
+        let e = check_output_target(&input.join("out"), false, &protected, None).unwrap_err();
         assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
         // Through `..` and an unnormalized path.
         let sneaky = tmp
@@ -1082,11 +1756,11 @@ mod tests {
             .join("..")
             .join("in")
             .join("o");
-        let e = check_output_target(&sneaky, false, &protected).unwrap_err();
+        let e = check_output_target(&sneaky, false, &protected, None).unwrap_err();
         assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
-        let e = check_output_target(&input, true, &protected).unwrap_err();
+        let e = check_output_target(&input, true, &protected, None).unwrap_err();
         assert!(matches!(e, WriteError::SameAsInput { .. }), "{e}");
-        let e = check_output_target(&tmp.path().join("models"), true, &protected).unwrap_err();
+        let e = check_output_target(&tmp.path().join("models"), true, &protected, None).unwrap_err();
         assert!(matches!(e, WriteError::ContainsInput { .. }), "{e}");
         let mut s = spec(&tmp.path().join("models"), &[], 1);
         s.force = true;
@@ -1097,16 +1771,16 @@ mod tests {
         ));
         assert!(weights.exists());
         // A sibling is fine.
-        assert!(check_output_target(&tmp.path().join("models").join("out"), false, &protected).is_ok());
+        assert!(check_output_target(&tmp.path().join("models").join("out"), false, &protected, None).is_ok());
 
         #[cfg(unix)]
         {
             // Reached through a symlink.
             let link = tmp.path().join("link");
             std::os::unix::fs::symlink(&input, &link).unwrap();
-            let e = check_output_target(&link.join("out"), false, &protected).unwrap_err();
+            let e = check_output_target(&link.join("out"), false, &protected, None).unwrap_err();
             assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
-            let e = check_output_target(&link, true, &[]).unwrap_err();
+            let e = check_output_target(&link, true, &[], None).unwrap_err();
             assert!(matches!(e, WriteError::NotAFolder { .. }), "{e}");
         }
     }

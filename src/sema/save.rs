@@ -9,7 +9,7 @@ use super::params::Param;
 use super::value::{MExpr, Value};
 use super::{describe, instantiate, names, templates, wrong_type, Checker, DEFAULT_SHARD_BYTES};
 use crate::diag::{Code, Diagnostic};
-use crate::io::DType;
+use crate::io::{DType, WriteError};
 use crate::ops::Compute;
 use crate::source::Span;
 use crate::syntax::ast::{self, Expr, ExprKind, Named};
@@ -77,19 +77,13 @@ impl Checker<'_> {
             );
             return;
         }
-        if let Err(e) =
-            crate::io::writer::check_output_target(&dir_path, self.options.force, &self.protected_paths())
-        {
-            let mut d = Diagnostic::error(Code::E0405, e.to_string()).at(dir.span, "output folder");
-            d = match e {
-                crate::io::WriteError::NotEmpty { .. } => {
-                    d.with_help("choose another folder, or pass --force to replace it")
-                }
-                _ => d.with_help(
-                    "choose a folder outside every input model; --force never overwrites an input",
-                ),
-            };
-            self.diags.push(d);
+        if let Err(e) = crate::io::writer::check_output_target(
+            &dir_path,
+            self.options.force,
+            &self.protected_paths(),
+            Some(&self.options.base_dir),
+        ) {
+            self.diags.push(output_folder_diagnostic(&e, dir.span));
         }
         let Some(model) = model else { return };
         let config_from = config_from.or_else(|| model.inputs.first().copied());
@@ -270,6 +264,51 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// Why the output folder of a save cannot be written, with its code and what to do.
+fn output_folder_diagnostic(e: &WriteError, span: Span) -> Diagnostic {
+    const NEW_FOLDER: &str = "name a new folder for the output, e.g. \"out/merged\"";
+    let (code, help) = match e {
+        WriteError::WorkingFolder { .. } => (
+            Code::E0413,
+            format!("{NEW_FOLDER}; --force never replaces the current folder or a folder above it"),
+        ),
+        WriteError::HoldsScript { .. } => (
+            Code::E0414,
+            format!("{NEW_FOLDER}; --force never replaces the folder that holds the script"),
+        ),
+        WriteError::Root { .. } | WriteError::Home { .. } => (
+            Code::E0415,
+            format!("{NEW_FOLDER}; --force never replaces the home folder, a folder above it or `/`"),
+        ),
+        WriteError::NotMergecOutput { .. } => (
+            Code::E0416,
+            format!(
+                "choose another folder, or delete this one yourself: --force replaces only a folder mergec wrote (it holds a `{}` file)",
+                crate::io::writer::MARKER_FILE
+            ),
+        ),
+        WriteError::NameTooLong { .. } => (
+            Code::E0417,
+            format!(
+                "file systems take names of up to {} bytes; choose a shorter name",
+                crate::io::writer::NAME_MAX
+            ),
+        ),
+        WriteError::NotEmpty { .. } => (
+            Code::E0405,
+            "choose another folder, or pass --force to replace it".to_owned(),
+        ),
+        WriteError::SameAsInput { .. } | WriteError::InsideInput { .. } | WriteError::ContainsInput { .. } => (
+            Code::E0405,
+            "choose a folder outside every input model; --force never overwrites an input".to_owned(),
+        ),
+        _ => (Code::E0405, "choose another folder".to_owned()),
+    };
+    Diagnostic::error(code, e.to_string())
+        .at(span, "output folder")
+        .with_help(help)
 }
 
 /// The options `save ... to "dir" { ... }` takes.
