@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mergec::io::model::load_model;
+use mergec::io::reader::ReadError;
+use mergec::io::TensorReader;
+
 fn models() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conformance/models")
 }
@@ -387,5 +391,146 @@ fn tensor_listed_twice_in_the_index_is_refused() {
         ws.path(),
         "E0409",
         &["it is in both `s1.safetensors` and `s2.safetensors`"],
+    );
+}
+
+// 2. A file that changes under a running merge.
+
+/// A model folder with one 1 MiB tensor `big` (so it spans many pages).
+fn big_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..262_144).map(|i| i as f32).collect();
+    write_safetensors(&dir.path().join("model.safetensors"), &[("big", &values)]);
+    dir
+}
+
+fn shrink(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+#[test]
+fn reader_notices_a_file_that_shrank_since_it_was_mapped() {
+    let dir = big_model();
+    let model = load_model("model.safetensors", dir.path()).unwrap();
+    let reader = TensorReader::new();
+    let bytes = reader.read(&model, "big").unwrap();
+    assert_eq!(bytes.len(), 1 << 20);
+    drop(bytes);
+    let path = dir.path().join("model.safetensors");
+    shrink(&path, 4096);
+    let e = reader.read(&model, "big").unwrap_err();
+    assert!(matches!(e, ReadError::ChangedWhileReading { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "`{}` changed while mergec was reading it",
+            path.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains("and is now 4096"), "{text}");
+}
+
+const CHILD_ENV: &str = "MERGEC_HOSTILE_SIGBUS_DIR";
+
+/// Not a test by itself: run by [`truncation_under_a_map_is_an_error_not_a_sigbus`] in a
+/// child process, where it maps a model file, truncates it and reads the lost pages.
+#[test]
+fn sigbus_child_process() {
+    let Some(dir) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else {
+        return;
+    };
+    let model = load_model("model.safetensors", &dir).unwrap();
+    let reader = TensorReader::new();
+    let bytes = reader.read(&model, "big").unwrap();
+    let _cleanup = mergec::io::sigbus::remove_on_fault(&dir.join("out.tmp"));
+    shrink(&dir.join("model.safetensors"), 4096);
+    // Past the new end: the kernel raises SIGBUS on the first lost page.
+    let sum: u64 = bytes.iter().map(|&b| u64::from(b)).sum();
+    println!("read {sum} without a fault");
+    std::process::exit(3);
+}
+
+/// Not a test by itself: as [`sigbus_child_process`] with a map mergec did not make, whose
+/// SIGBUS must stay a SIGBUS.
+#[test]
+fn foreign_sigbus_child_process() {
+    let Some(dir) = std::env::var_os(format!("{CHILD_ENV}_FOREIGN")).map(PathBuf::from) else {
+        return;
+    };
+    // Installs the handler.
+    let model = load_model(".", &dir).unwrap();
+    let reader = TensorReader::new();
+    let _ours = reader.read(&model, "big").unwrap();
+    let other = dir.join("other.bin");
+    std::fs::write(&other, vec![1u8; 1 << 20]).unwrap();
+    let file = std::fs::File::open(&other).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: the test truncates the file on purpose to fault.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    shrink(&other, 4096);
+    let sum: u64 = map.iter().map(|&b| u64::from(b)).sum();
+    println!("read {sum} without a fault");
+    std::process::exit(3);
+}
+
+fn run_child(test: &str, env: &str, dir: &Path) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn truncation_under_a_map_is_an_error_not_a_sigbus() {
+    let dir = big_model();
+    let tmp = dir.path().join("out.tmp");
+    std::fs::create_dir_all(tmp.join("sub")).unwrap();
+    std::fs::write(tmp.join("model.safetensors"), b"partial").unwrap();
+    std::fs::write(tmp.join("sub/file"), b"x").unwrap();
+    let out = run_child("sigbus_child_process", CHILD_ENV, dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status {:?} (signal {:?})\nstdout: {stdout}\nstderr: {stderr}",
+        out.status,
+        out.status.signal()
+    );
+    let path = dir.path().join("model.safetensors");
+    assert!(
+        stderr.contains(&format!(
+            "error: `{}` changed while mergec was reading it",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!tmp.exists(), "the registered temporary folder was left behind");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_sigbus_elsewhere_is_still_a_sigbus() {
+    let dir = big_model();
+    let out = run_child(
+        "foreign_sigbus_child_process",
+        &format!("{CHILD_ENV}_FOREIGN"),
+        dir.path(),
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGBUS),
+        "{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -8,6 +8,7 @@
 //! - [`model`]: resolve a model reference (folder, file, `hf:org/name[@rev]`) into a
 //!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
 //! - [`reader`]: memory-mapped access to tensor bytes.
+//! - [`sigbus`]: a model file truncated under a map is reported, not a silent SIGBUS.
 //! - [`writer`]: a streaming, sharded, atomic writer of a Hugging Face model folder.
 //!
 //! A leaf module every stage may use; it imports only `diag`.
@@ -18,6 +19,7 @@ pub mod header;
 pub mod input_file;
 pub mod model;
 pub mod reader;
+pub mod sigbus;
 pub mod writer;
 
 pub use dtype::DType;
