@@ -534,3 +534,59 @@ fn a_sigbus_elsewhere_is_still_a_sigbus() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// 4. MoE routing prompts.
+
+fn moe_script(prompt: &str) -> String {
+    let m = models();
+    format!(
+        "model base = \"{}\"\nmodel ft1 = \"{}\"\nmodel ft2 = \"{}\"\n\
+         save moe(base, ft1 {{ positive: [\"the cat sat on the mat\", \"a dog ran\"] }}, \
+         ft2 {{ positive: [\"{prompt}\"], negative: [\"the cat\"] }}, gate: \"hidden\") to \"out/moe\"\n",
+        m.join("micro-llama-base-f32").display(),
+        m.join("micro-llama-ft1-f32").display(),
+        m.join("micro-llama-ft2-f32").display(),
+    )
+}
+
+#[test]
+fn check_prints_the_forward_pass_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    write_script(dir.path(), &moe_script("one two three four"));
+    let (code, out) = mergec(&["check", "script.merge"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    // 4 prompts of 22, 9, 18 and 7 bytes, each bounded by 3 BOS bytes + its bytes + 1.
+    assert!(
+        out.contains(
+            "gate \"hidden\": a forward pass over 4 prompts, at most 72 tokens × 4 layers = 288 token-layers"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn long_routing_prompt_is_refused_at_check_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let essay = "word ".repeat(4000);
+    write_script(dir.path(), &moe_script(essay.trim()));
+    let start = Instant::now();
+    let (code, out) = mergec(&["check", "script.merge"], dir.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[E0410]"), "{out}");
+    assert!(
+        out.contains("this routing prompt has 20000 tokens; at most 2048 are allowed"),
+        "{out}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "check took {:?}",
+        start.elapsed()
+    );
+
+    // Over the limit in bytes (2 per `é`) but not in tokens: counted exactly, accepted.
+    let dir = tempfile::tempdir().unwrap();
+    write_script(dir.path(), &moe_script(&"é".repeat(1500)));
+    let (code, out) = mergec(&["check", "script.merge"], dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("at most 2098 tokens"), "{out}");
+}

@@ -61,6 +61,7 @@ codes! {
     E0407 => "model has no tensors",
     E0408 => "empty tensor name",
     E0409 => "tensor listed twice",
+    E0410 => "routing prompt too long",
     E0501 => "over the memory budget",
     E0601 => "YAML syntax error",
     E0602 => "unknown key in a mergekit config",

@@ -9,6 +9,7 @@
 //!   [`ModelInfo`]: every tensor's dtype, shape and place, plus config.json and donor files.
 //! - [`reader`]: memory-mapped access to tensor bytes.
 //! - [`sigbus`]: a model file truncated under a map is reported, not a silent SIGBUS.
+//! - [`tokenizer`]: a model's tokenizer and the length limit of routing prompts.
 //! - [`writer`]: a streaming, sharded, atomic writer of a Hugging Face model folder.
 //!
 //! A leaf module every stage may use; it imports only `diag`.
@@ -20,6 +21,7 @@ pub mod input_file;
 pub mod model;
 pub mod reader;
 pub mod sigbus;
+pub mod tokenizer;
 pub mod writer;
 
 pub use dtype::DType;
