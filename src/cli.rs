@@ -778,6 +778,9 @@ fn summary(c: &Compiled) -> String {
             }
             out.push('\n');
         }
+        if let Some(line) = o.moe.as_deref().and_then(|m| gate_cost(c, m)) {
+            out.push_str(&line);
+        }
     }
     let models = c.program.models.len();
     out.push_str(&format!(
@@ -788,6 +791,32 @@ fn summary(c: &Compiled) -> String {
         human_bytes(c.plan.peak_bytes)
     ));
     out
+}
+
+/// The estimated cost of a `hidden` gate's forward pass over the routing prompts: the
+/// tokens it runs through each layer of the base model.
+fn gate_cost(c: &Compiled, moe: &mergec::moe_spec::MoeOutput) -> Option<String> {
+    use mergec::moe_spec::GateMode;
+    if !matches!(moe.gate, GateMode::Hidden | GateMode::HiddenAvg) {
+        return None;
+    }
+    let base = c.program.models.get(moe.base.0 as usize)?;
+    let bos = mergec::io::tokenizer::bos_token(&base.info.root).unwrap_or_default();
+    let prompts: Vec<&String> = moe
+        .experts
+        .iter()
+        .chain(moe.shared.as_ref())
+        .flat_map(|e| e.positive.iter().chain(&e.negative))
+        .collect();
+    let tokens = mergec::io::tokenizer::checked_prompts_bound(&bos, prompts.iter().copied());
+    let prompts = prompts.len();
+    Some(format!(
+        "    gate \"{}\": a forward pass over {prompts} prompt{}, at most {tokens} tokens × {} layers = {} token-layers\n",
+        moe.gate.name(),
+        plural(prompts),
+        moe.num_layers,
+        tokens.saturating_mul(moe.num_layers)
+    ))
 }
 
 /// How `run` runs, from its command line.

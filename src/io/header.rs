@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -52,6 +51,9 @@ pub struct FileHeader {
 pub enum HeaderError {
     #[error("cannot read the header: {0}")]
     Io(#[from] std::io::Error),
+    /// The path is not a regular file, or a broken link; the error names the path.
+    #[error(transparent)]
+    File(#[from] crate::io::input_file::InputError),
     #[error("the file is {len} bytes long, shorter than the 8-byte header length")]
     TooShort { len: u64 },
     #[error("header length {len} is larger than the file ({file_len} bytes)")]
@@ -101,7 +103,7 @@ pub enum HeaderError {
 /// Reads and validates the header of the safetensors file at `path`, reading only the
 /// header bytes.
 pub fn read_header(path: &Path) -> Result<FileHeader, HeaderError> {
-    let mut file = File::open(path)?;
+    let mut file = crate::io::input_file::open_regular(path)?;
     let file_len = file.metadata()?.len();
     if file_len < LEN_BYTES {
         return Err(HeaderError::TooShort { len: file_len });
@@ -469,7 +471,9 @@ mod tests {
         ));
         assert!(matches!(
             read_header(&dir.path().join("missing")),
-            Err(HeaderError::Io(_))
+            Err(HeaderError::File(
+                crate::io::input_file::InputError::NotFound { .. }
+            ))
         ));
     }
 

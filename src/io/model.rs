@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use crate::diag::Code;
 use crate::io::header::{read_header, FileHeader, HeaderError};
+use crate::io::input_file::{self, classify, InputError, Kind, MAX_JSON_BYTES};
 use crate::io::DType;
 
 /// Tokenizer and generation files copied into a merged model, in copy order.
@@ -134,6 +135,29 @@ pub enum ModelError {
     BadShardIndex { path: PathBuf, reason: String },
     #[error("invalid config `{}`: {reason}", path.display())]
     BadConfig { path: PathBuf, reason: String },
+    /// A path that is not a regular file (a FIFO, device, socket or directory), a
+    /// looping or dangling link, or a small file over its size cap.
+    #[error(transparent)]
+    File(InputError),
+    #[error("model `{}` has no tensors{detail}", path.display())]
+    NoTensors { path: PathBuf, detail: String },
+    #[error("`{}` has a tensor with an empty name", path.display())]
+    EmptyTensorName { path: PathBuf },
+    #[error("tensor `{name}` appears twice in model `{}`: {detail}", path.display())]
+    DuplicateTensor {
+        path: PathBuf,
+        name: String,
+        detail: String,
+    },
+}
+
+impl From<InputError> for ModelError {
+    fn from(e: InputError) -> ModelError {
+        match e {
+            InputError::NotFound { path } => ModelError::NotFound { path },
+            e => ModelError::File(e),
+        }
+    }
 }
 
 fn hf_name(repo: &str, revision: Option<&str>) -> String {
@@ -148,10 +172,24 @@ impl ModelError {
         match self {
             ModelError::NotFound { .. } | ModelError::NotAModel { .. } => Code::E0401,
             ModelError::HfNotCached { .. } => Code::E0403,
+            ModelError::Corrupt {
+                source: HeaderError::Duplicate { name },
+                ..
+            } if name != "__metadata__" => Code::E0409,
             ModelError::Io { .. } | ModelError::Corrupt { .. } | ModelError::BadShardIndex { .. } => {
                 Code::E0402
             }
             ModelError::BadConfig { .. } => Code::E0404,
+            ModelError::File(e) => match e {
+                InputError::NotFound { .. } => Code::E0401,
+                InputError::NotAFile { .. } | InputError::LinkLoop { .. } | InputError::Dangling { .. } => {
+                    Code::E0406
+                }
+                InputError::TooLarge { .. } | InputError::Io { .. } => Code::E0402,
+            },
+            ModelError::NoTensors { .. } => Code::E0407,
+            ModelError::EmptyTensorName { .. } => Code::E0408,
+            ModelError::DuplicateTensor { .. } => Code::E0409,
         }
     }
 
@@ -198,6 +236,34 @@ impl ModelError {
             ModelError::BadConfig { .. } => {
                 Some("config.json must be a JSON object, as transformers writes it".to_owned())
             }
+            ModelError::File(e) => match e {
+                InputError::NotFound { .. } | InputError::Io { .. } => None,
+                InputError::NotAFile { .. } => Some(
+                    "mergec reads model files only from regular files (or links to them)".to_owned(),
+                ),
+                InputError::Dangling { .. } => Some(
+                    "in a Hugging Face cache a link to a missing blob means an incomplete download; download the model again"
+                        .to_owned(),
+                ),
+                InputError::LinkLoop { .. } => {
+                    Some("point the link at the file itself, or replace it with the file".to_owned())
+                }
+                InputError::TooLarge { .. } => Some(
+                    "a file this large is not a real model's; the file may be damaged".to_owned(),
+                ),
+            },
+            ModelError::NoTensors { .. } => Some(
+                "a download may be incomplete; a model folder holds its weights in `*.safetensors` files"
+                    .to_owned(),
+            ),
+            ModelError::EmptyTensorName { .. } => Some(
+                "a safetensors file written by transformers or safetensors never has one; the file is damaged"
+                    .to_owned(),
+            ),
+            ModelError::DuplicateTensor { .. } => Some(
+                "each tensor must be in one file only; remove the stray file or download the model again"
+                    .to_owned(),
+            ),
         }
     }
 
@@ -208,7 +274,11 @@ impl ModelError {
             | ModelError::Io { path, .. }
             | ModelError::Corrupt { path, .. }
             | ModelError::BadShardIndex { path, .. }
-            | ModelError::BadConfig { path, .. } => path,
+            | ModelError::BadConfig { path, .. }
+            | ModelError::NoTensors { path, .. }
+            | ModelError::EmptyTensorName { path }
+            | ModelError::DuplicateTensor { path, .. } => path,
+            ModelError::File(e) => e.path(),
             ModelError::HfNotCached { cache, .. } => cache,
         }
     }
@@ -274,7 +344,9 @@ fn resolve_with_cache(reference: &str, base_dir: &Path, cache: Option<&Path>) ->
         },
         None => base_dir.join(reference),
     };
-    fs::metadata(&path).map_err(|e| io_err(&path, e))?;
+    if classify(&path)? == Kind::Missing {
+        return Err(ModelError::NotFound { path });
+    }
     Ok(path)
 }
 
@@ -318,8 +390,11 @@ fn resolve_hf(repo: &str, revision: Option<&str>, cache: &Path) -> Result<PathBu
     }
     let rev = revision.unwrap_or("main");
     let ref_file = repo_dir.join("refs").join(rev);
-    let commit = match fs::read_to_string(&ref_file) {
-        Ok(text) => {
+    let commit = match classify(&ref_file)? {
+        Kind::File(_) => {
+            // A ref holds a 40-character hash; anything much longer is not a ref.
+            let bytes = input_file::read_capped(&ref_file, 4096)?.unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
             let hash = text.trim();
             if hash.is_empty() || hash.contains(['/', '\\']) || hash == "." || hash == ".." {
                 return Err(ModelError::NotAModel {
@@ -329,15 +404,8 @@ fn resolve_hf(repo: &str, revision: Option<&str>, cache: &Path) -> Result<PathBu
             }
             hash.to_owned()
         }
-        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => rev.to_owned(),
         // A folder named like the ref (e.g. `refs/pr`) means the revision is not a ref.
-        Err(_) if ref_file.is_dir() => rev.to_owned(),
-        Err(e) => {
-            return Err(ModelError::Io {
-                path: ref_file,
-                source: e,
-            })
-        }
+        Kind::Dir | Kind::Missing => rev.to_owned(),
     };
     let snapshot = repo_dir.join("snapshots").join(commit);
     if snapshot.is_dir() {
@@ -359,8 +427,11 @@ fn load_model_with_cache(
     cache: Option<&Path>,
 ) -> Result<ModelInfo, ModelError> {
     let path = resolve_with_cache(reference, base_dir, cache)?;
-    let meta = fs::metadata(&path).map_err(|e| io_err(&path, e))?;
-    let (root, weights) = if meta.is_dir() {
+    let kind = classify(&path)?;
+    if kind == Kind::Missing {
+        return Err(ModelError::NotFound { path });
+    }
+    let (root, weights) = if kind == Kind::Dir {
         let weights = find_weights(&path)?;
         (path, weights)
     } else {
@@ -390,20 +461,29 @@ fn load_model_with_cache(
         (root, weights)
     };
 
-    let (files, tensors) = match weights {
+    let (files, tensors, weights_kind) = match weights {
         Weights::Files(files) => {
             let headers = read_headers(&files)?;
             let tensors = index_unsharded(&root, &files, headers)?;
-            (files, tensors)
+            (files, tensors, WeightsKind::Files)
         }
-        Weights::Index(index) => index_sharded(&root, &index)?,
+        Weights::Index(index) => {
+            let (files, tensors) = index_sharded(&root, &index)?;
+            (files, tensors, WeightsKind::Index(index))
+        }
     };
+    if tensors.is_empty() {
+        let detail = match &weights_kind {
+            WeightsKind::Index(index) => format!(": the `weight_map` of `{}` is empty", file_name(index)),
+            WeightsKind::Files => String::new(),
+        };
+        return Err(ModelError::NoTensors {
+            path: root_or_file(&root, &files, reference),
+            detail,
+        });
+    }
     let config = read_config(&root.join(CONFIG_FILE))?;
-    let donor_files = DONOR_FILES
-        .iter()
-        .map(|name| root.join(name))
-        .filter(|p| p.is_file())
-        .collect();
+    let donor_files = donor_files(&root)?;
     Ok(ModelInfo {
         reference: reference.to_owned(),
         root,
@@ -412,6 +492,49 @@ fn load_model_with_cache(
         config,
         donor_files,
     })
+}
+
+/// Where the tensors of a model were listed (for messages).
+enum WeightsKind {
+    Files,
+    Index(PathBuf),
+}
+
+/// The path a message about the whole model names: the file of a single-file reference,
+/// else the folder.
+fn root_or_file(root: &Path, files: &[PathBuf], reference: &str) -> PathBuf {
+    match files {
+        [file] if reference.ends_with(".safetensors") => file.clone(),
+        _ => root.to_path_buf(),
+    }
+}
+
+/// The tokenizer and generation files present in `root`, in [`DONOR_FILES`] order. Each
+/// must be a regular file (or a link to one) within its size cap: the writer copies them
+/// and the MoE gates read the tokenizer, so a FIFO or a directory here is an error, not a
+/// file silently left out.
+fn donor_files(root: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let mut found = Vec::new();
+    for name in DONOR_FILES {
+        let path = root.join(name);
+        match classify(&path)? {
+            Kind::Missing => {}
+            Kind::Dir => {
+                return Err(ModelError::File(InputError::NotAFile {
+                    path,
+                    what: "a directory",
+                }))
+            }
+            Kind::File(len) => {
+                let cap = input_file::cap_for(name);
+                if len > cap {
+                    return Err(ModelError::File(InputError::TooLarge { path, cap }));
+                }
+                found.push(path);
+            }
+        }
+    }
+    Ok(found)
 }
 
 enum Weights {
@@ -430,11 +553,13 @@ fn file_name(path: &Path) -> String {
 /// Picks the weights of a model folder as transformers would.
 fn find_weights(dir: &Path) -> Result<Weights, ModelError> {
     let single = dir.join(SINGLE_FILE);
-    if single.is_file() {
+    if classify(&single)? != Kind::Missing {
+        input_file::require_file(&single)?;
         return Ok(Weights::Files(vec![single]));
     }
     let index = dir.join(INDEX_FILE);
-    if index.is_file() {
+    if classify(&index)? != Kind::Missing {
+        input_file::require_file(&index)?;
         return Ok(Weights::Index(index));
     }
     let mut safetensors = Vec::new();
@@ -443,8 +568,19 @@ fn find_weights(dir: &Path) -> Result<Weights, ModelError> {
         let entry = entry.map_err(|e| io_err(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if name.ends_with(".safetensors") && path.is_file() {
-            safetensors.push(path);
+        if name.ends_with(".safetensors") {
+            // A loose file that is a FIFO, a directory or a broken link is an error, not
+            // a shard quietly left out.
+            match classify(&path)? {
+                Kind::File(_) => safetensors.push(path),
+                Kind::Dir => {
+                    return Err(ModelError::File(InputError::NotAFile {
+                        path,
+                        what: "a directory",
+                    }))
+                }
+                Kind::Missing => {}
+            }
         }
         names.insert(name);
     }
@@ -476,6 +612,7 @@ fn read_headers(files: &[PathBuf]) -> Result<Vec<FileHeader>, ModelError> {
         .map(|path| {
             read_header(path).map_err(|e| match e {
                 HeaderError::Io(source) => io_err(path, source),
+                HeaderError::File(e) => e.into(),
                 source => ModelError::Corrupt {
                     path: path.clone(),
                     source,
@@ -512,13 +649,18 @@ fn index_unsharded(
     for (i, header) in headers.into_iter().enumerate() {
         let file = file_index(root, i)?;
         for entry in &header.entries {
+            if entry.name.is_empty() {
+                return Err(ModelError::EmptyTensorName {
+                    path: files.get(i).cloned().unwrap_or_default(),
+                });
+            }
             let info = tensor_info(entry, file);
             if let Some(prev) = tensors.insert(entry.name.clone(), info) {
-                return Err(ModelError::BadShardIndex {
+                return Err(ModelError::DuplicateTensor {
                     path: root.to_path_buf(),
-                    reason: format!(
-                        "tensor `{}` is in both `{}` and `{}`",
-                        entry.name,
+                    name: entry.name.clone(),
+                    detail: format!(
+                        "it is in both `{}` and `{}`, and there is no `{INDEX_FILE}` to say which one counts",
                         files
                             .get(prev.file as usize)
                             .map(|p| file_name(p))
@@ -543,15 +685,41 @@ fn index_sharded(
         path: index.to_path_buf(),
         reason,
     };
-    let text = fs::read(index).map_err(|e| io_err(index, e))?;
+    let text = input_file::read_capped(index, MAX_JSON_BYTES)?.ok_or_else(|| ModelError::NotFound {
+        path: index.to_path_buf(),
+    })?;
     let json: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let Some(Value::Object(weight_map)) = json.get("weight_map") else {
+    let Some(Value::Object(_)) = json.get("weight_map") else {
         return Err(bad("no `weight_map` object".to_owned()));
     };
+    // Parsed again keeping every entry: a JSON object may repeat a key, and a parser keeps
+    // only one of them, so a tensor listed under two shards would quietly lose one.
+    let WeightMapOnly { weight_map } =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let mut seen: HashMap<&str, &Value> = HashMap::with_capacity(weight_map.0.len());
+    for (tensor, shard) in &weight_map.0 {
+        if tensor.is_empty() {
+            return Err(ModelError::EmptyTensorName {
+                path: index.to_path_buf(),
+            });
+        }
+        if let Some(first) = seen.insert(tensor.as_str(), shard) {
+            return Err(ModelError::DuplicateTensor {
+                path: root.to_path_buf(),
+                name: tensor.clone(),
+                detail: format!(
+                    "`{}` lists it twice (under {} and {})",
+                    file_name(index),
+                    shown(first),
+                    shown(shard)
+                ),
+            });
+        }
+    }
     // Shard names, in sorted order, and each tensor's shard name.
     let mut shard_names = BTreeSet::new();
-    let mut listed = Vec::with_capacity(weight_map.len());
-    for (tensor, shard) in weight_map {
+    let mut listed = Vec::with_capacity(weight_map.0.len());
+    for (tensor, shard) in &weight_map.0 {
         let Value::String(shard) = shard else {
             return Err(bad(format!("tensor `{tensor}` maps to a non-string")));
         };
@@ -567,8 +735,15 @@ fn index_sharded(
     let shard_names: Vec<&str> = shard_names.into_iter().collect();
     let files: Vec<PathBuf> = shard_names.iter().map(|s| root.join(s)).collect();
     for (name, path) in shard_names.iter().zip(&files) {
-        if !path.is_file() {
-            return Err(bad(format!("it names shard `{name}`, which does not exist")));
+        match classify(path)? {
+            Kind::File(_) => {}
+            Kind::Missing => return Err(bad(format!("it names shard `{name}`, which does not exist"))),
+            Kind::Dir => {
+                return Err(ModelError::File(InputError::NotAFile {
+                    path: path.clone(),
+                    what: "a directory",
+                }))
+            }
         }
     }
     let headers = read_headers(&files)?;
@@ -590,10 +765,11 @@ fn index_sharded(
                 .iter()
                 .map(|(f, _)| format!("`{}`", shard_name(*f)))
                 .collect();
-            return Err(bad(format!(
-                "tensor `{tensor}` is in more than one shard: {}",
-                names.join(", ")
-            )));
+            return Err(ModelError::DuplicateTensor {
+                path: root.to_path_buf(),
+                name: tensor.clone(),
+                detail: format!("it is in more than one shard: {}", names.join(", ")),
+            });
         }
         let Some(&(file, entry)) = places.iter().find(|(f, _)| shard_name(*f) == shard) else {
             return Err(bad(format!(
@@ -605,16 +781,46 @@ fn index_sharded(
     Ok((files, tensors))
 }
 
-fn read_config(path: &Path) -> Result<Option<Map<String, Value>>, ModelError> {
-    let text = match fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(ModelError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
+/// A shard name of the index as a message shows it: `name`, or the JSON if not a string.
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("`{s}`"),
+        other => other.to_string(),
+    }
+}
+
+/// The `weight_map` of a shard index, every entry kept (repeated keys included).
+#[derive(serde::Deserialize)]
+struct WeightMapOnly {
+    weight_map: Entries,
+}
+
+/// A JSON object's entries in order, a repeated key kept as often as it appears.
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Entries, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
         }
+        d.deserialize_map(V)
+    }
+}
+
+fn read_config(path: &Path) -> Result<Option<Map<String, Value>>, ModelError> {
+    let Some(text) = input_file::read_capped(path, MAX_JSON_BYTES)? else {
+        return Ok(None);
     };
     let bad = |reason: String| ModelError::BadConfig {
         path: path.to_path_buf(),
@@ -745,7 +951,8 @@ mod tests {
 
         write_st(&dir.path().join("c.safetensors"), &[("x", 1)]);
         let e = load_model(".", dir.path()).unwrap_err();
-        assert!(matches!(e, ModelError::BadShardIndex { .. }), "{e}");
+        assert!(matches!(e, ModelError::DuplicateTensor { .. }), "{e}");
+        assert_eq!(e.code(), Code::E0409);
     }
 
     #[test]
@@ -793,6 +1000,7 @@ mod tests {
         write_index(dir.path(), &[("a", "s1.safetensors"), ("c", "s2.safetensors")]);
         let e = load_model(".", dir.path()).unwrap_err();
         assert!(e.to_string().contains("more than one shard"), "{e}");
+        assert_eq!(e.code(), Code::E0409);
 
         write_st(&dir.path().join("s2.safetensors"), &[("b", 4)]);
         let e = load_model(".", dir.path()).unwrap_err();

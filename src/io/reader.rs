@@ -3,15 +3,24 @@
 //! Each safetensors file is mapped once and shared: tensors are handed out as ranges of
 //! the map, so reading a tensor copies nothing and the kernel pages data in on demand
 //! (and can drop it again under memory pressure).
+//!
+//! A mapped file that shrinks makes reading its lost pages raise SIGBUS. Two guards keep
+//! that from killing a run without a word: every tensor read first checks that the file
+//! still has the length and modification time it had when it was mapped (an error naming
+//! the file otherwise), and every map is registered with [`crate::io::sigbus`], whose
+//! handler reports a file that shrinks in the middle of a read and exits with status 1.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use memmap2::Mmap;
 
+use crate::io::input_file::{self, InputError};
+use crate::io::sigbus::{self, MapRegistration};
 use crate::io::ModelInfo;
 
 /// Why tensor bytes could not be read.
@@ -21,6 +30,8 @@ pub enum ReadError {
     UnknownTensor { model: String, name: String },
     #[error("cannot map `{}`: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] InputError),
     #[error(
         "file `{}` changed since its header was read: tensor `{name}` ends at byte {end} but the file is now {len} bytes long",
         path.display()
@@ -31,20 +42,74 @@ pub enum ReadError {
         end: u64,
         len: u64,
     },
+    /// The file's length or modification time changed after it was mapped.
+    #[error("`{}` changed while mergec was reading it: {detail}", path.display())]
+    ChangedWhileReading { path: PathBuf, detail: String },
     #[error("tensor `{name}` of model `{model}` names file #{file}, which the model does not have (a bug in mergec)")]
     BadFileIndex { model: String, name: String, file: u32 },
+}
+
+/// What a file looked like when it was mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl Stamp {
+    fn of(file: &File) -> std::io::Result<Stamp> {
+        let meta = file.metadata()?;
+        Ok(Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// One mapped file: the map, the open file (to notice changes cheaply) and the SIGBUS
+/// registration, which is dropped before the map is unmapped (fields drop in order).
+#[derive(Debug)]
+struct Mapped {
+    _registration: MapRegistration,
+    map: Mmap,
+    file: File,
+    path: PathBuf,
+    stamp: Stamp,
+}
+
+impl Mapped {
+    /// An error when the file no longer has the length and modification time it had when
+    /// it was mapped.
+    fn check_unchanged(&self) -> Result<(), ReadError> {
+        let now = Stamp::of(&self.file).map_err(|source| ReadError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        if now == self.stamp {
+            return Ok(());
+        }
+        let detail = if now.len != self.stamp.len {
+            format!("it was {} bytes long and is now {}", self.stamp.len, now.len)
+        } else {
+            "it was modified".to_owned()
+        };
+        Err(ReadError::ChangedWhileReading {
+            path: self.path.clone(),
+            detail,
+        })
+    }
 }
 
 /// Shares one read-only map per file across threads.
 #[derive(Debug, Default)]
 pub struct TensorReader {
-    maps: Mutex<HashMap<PathBuf, Arc<Mmap>>>,
+    maps: Mutex<HashMap<PathBuf, Arc<Mapped>>>,
 }
 
 /// One tensor's bytes: a range of a shared map, kept alive as long as this value.
 #[derive(Clone, Debug)]
 pub struct TensorBytes {
-    map: Arc<Mmap>,
+    map: Arc<Mapped>,
     start: usize,
     end: usize,
 }
@@ -53,7 +118,7 @@ impl Deref for TensorBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // The range was checked against the map when this value was made.
-        self.map.get(self.start..self.end).unwrap_or(&[])
+        self.map.map.get(self.start..self.end).unwrap_or(&[])
     }
 }
 
@@ -62,7 +127,7 @@ impl TensorBytes {
     /// with the size of the models read. A later read simply pages them in again. Failure
     /// only costs memory, so it is ignored.
     pub fn release(&self) {
-        release_range(&self.map, self.start, self.end - self.start);
+        release_range(&self.map.map, self.start, self.end - self.start);
     }
 
     /// Asks the kernel to start reading the first `max` bytes of this tensor from disk now
@@ -74,7 +139,10 @@ impl TensorBytes {
         {
             let len = (self.end - self.start).min(max);
             if len > 0 {
-                let _ = self.map.advise_range(memmap2::Advice::WillNeed, self.start, len);
+                let _ = self
+                    .map
+                    .map
+                    .advise_range(memmap2::Advice::WillNeed, self.start, len);
             }
         }
         #[cfg(not(unix))]
@@ -86,7 +154,7 @@ impl TensorBytes {
         let len = self.end - self.start;
         let (from, to) = (from.min(len), to.min(len));
         if from < to {
-            release_range(&self.map, self.start + from, to - from);
+            release_range(&self.map.map, self.start + from, to - from);
         }
     }
 }
@@ -132,7 +200,8 @@ impl TensorReader {
                 file: info.file,
             })?;
         let map = self.map(path)?;
-        let len = map.len() as u64;
+        map.check_unchanged()?;
+        let len = map.map.len() as u64;
         let end = info.offset.saturating_add(info.len);
         let changed = || ReadError::FileChanged {
             path: path.clone(),
@@ -154,12 +223,12 @@ impl TensorReader {
         self.lock().remove(path);
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, Arc<Mmap>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, Arc<Mapped>>> {
         // A panic elsewhere cannot leave the map inconsistent (inserts are single calls).
         self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn map(&self, path: &Path) -> Result<Arc<Mmap>, ReadError> {
+    fn map(&self, path: &Path) -> Result<Arc<Mapped>, ReadError> {
         if let Some(map) = self.lock().get(path) {
             return Ok(Arc::clone(map));
         }
@@ -170,20 +239,29 @@ impl TensorReader {
     }
 }
 
-/// Maps a whole file read-only.
+/// Maps a whole regular file read-only and registers the map with the SIGBUS handler.
 #[allow(unsafe_code)]
-fn map_file(path: &Path) -> Result<Mmap, ReadError> {
+fn map_file(path: &Path) -> Result<Mapped, ReadError> {
     let io = |source| ReadError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    let file = input_file::open_regular(path)?;
+    let stamp = Stamp::of(&file).map_err(io)?;
     // SAFETY: the map is read-only and only ever read as plain bytes (any bit pattern is
-    // valid). The remaining hazard of file-backed maps is another process modifying or
-    // truncating the file while it is mapped: model files are not written while a merge
-    // reads them, and `read` checks every range against the map's length.
+    // valid). The remaining hazard of file-backed maps is another process truncating the
+    // file while it is mapped: `read` checks the file's length and modification time and
+    // every range against the map's length, and a page lost after that check raises a
+    // SIGBUS that `sigbus` reports as an error naming the file.
     let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    Ok(map)
+    let registration = sigbus::register_map(map.as_ptr(), map.len(), path);
+    Ok(Mapped {
+        _registration: registration,
+        map,
+        file,
+        path: path.to_path_buf(),
+        stamp,
+    })
 }
 
 #[cfg(test)]

@@ -412,6 +412,8 @@ pub struct ModelWriter {
     /// Absolute target.
     target: PathBuf,
     tmp: PathBuf,
+    /// Removes `tmp` if an input file faults under the run (SIGBUS, `io::sigbus`).
+    _fault_cleanup: crate::io::sigbus::FaultCleanup,
     tensors: Vec<Planned>,
     shards: Vec<Shard>,
     config: Option<Map<String, Value>>,
@@ -502,6 +504,7 @@ impl ModelWriter {
         let mut writer = ModelWriter {
             dir: spec.dir,
             target,
+            _fault_cleanup: crate::io::sigbus::remove_on_fault(&tmp),
             tmp,
             tensors,
             shards,

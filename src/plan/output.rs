@@ -168,7 +168,9 @@ fn moe_config(mut config: Map<String, Value>, out: &hir::Output, moe: &hir::MoeO
 /// The donor's tokenizer_config.json with `chat_template` set (the file as it was when it is
 /// not a JSON object, so nothing of the donor's is lost).
 fn with_chat_template(path: &std::path::Path, template: &str) -> Option<Vec<u8>> {
-    let original = std::fs::read(path).ok()?;
+    let original = crate::io::input_file::read_capped(path, crate::io::input_file::MAX_JSON_BYTES)
+        .ok()
+        .flatten()?;
     match serde_json::from_slice::<Value>(&original) {
         Ok(Value::Object(mut map)) => {
             map.insert("chat_template".to_string(), Value::String(template.to_string()));

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::Value as Json;
 
@@ -13,6 +14,7 @@ use super::hir::{ExpertLayout, GateMode, Generate, MoeArch, MoeExpert, MoeOutput
 use super::value::{MExpr, ModelVal, MoeExpr, MoeMember, MoeSource, TensorSig, Value};
 use super::{names, union_inputs, wrong_type, Checker};
 use crate::diag::{Code, Diagnostic};
+use crate::io::tokenizer::{self, MAX_PROMPT_TOKENS};
 use crate::source::Span;
 use crate::syntax::ast::{Arg, Expr, ExprKind, Named};
 
@@ -34,6 +36,8 @@ struct Member {
     span: Span,
     positive: Vec<String>,
     negative: Vec<String>,
+    /// Where each prompt is written: the positive ones, then the negative ones.
+    prompt_spans: Vec<Span>,
     noise_scale: f64,
     residual_scale: f64,
     /// Whether a `{ ... }` block was given.
@@ -288,6 +292,9 @@ impl Checker<'_> {
         if gate.uses_prompts() && !self.moe_gate_source(gate, &base) {
             return Value::Error;
         }
+        if !self.moe_prompt_lengths(gate, &base, &members, shared.as_ref()) {
+            return Value::Error;
+        }
         if !members.len().is_power_of_two() {
             self.diags.push(
                 Diagnostic::error(
@@ -526,6 +533,7 @@ impl Checker<'_> {
             span: target.span,
             positive: Vec::new(),
             negative: Vec::new(),
+            prompt_spans: Vec::new(),
             noise_scale: 0.0,
             residual_scale: 1.0,
             has_block: (!params.is_empty()).then(|| {
@@ -539,6 +547,7 @@ impl Checker<'_> {
             match p.name.name.as_str() {
                 "positive" => member.positive = self.strings(&p.value)?,
                 "negative" => member.negative = self.strings(&p.value)?,
+                // Spans follow below, once both lists are known.
                 key @ ("noise_scale" | "residual_scale") => {
                     let value = match self.expr(&p.value) {
                         Value::Param(super::params::Param::Number(x)) => x,
@@ -578,6 +587,18 @@ impl Checker<'_> {
                 }
             }
         }
+        // As `strings` reads them, the last of a repeated key winning.
+        let spans_of = |key: &str| -> Vec<Span> {
+            match params.iter().rev().find(|p| p.name.name == key) {
+                Some(p) => match &p.value.kind {
+                    ExprKind::List(items) => items.iter().map(|i| i.span).collect(),
+                    _ => vec![p.value.span],
+                },
+                None => Vec::new(),
+            }
+        };
+        member.prompt_spans = spans_of("positive");
+        member.prompt_spans.extend(spans_of("negative"));
         ok.then_some(member)
     }
 
@@ -856,6 +877,75 @@ impl Checker<'_> {
             return false;
         }
         true
+    }
+
+    /// Refuses a routing prompt with more tokens than the gate takes. A prompt is tokenised (with the base's
+    /// tokenizer) only when its length in bytes allows more tokens than the limit, so
+    /// checking stays fast for the usual short prompts.
+    fn moe_prompt_lengths(
+        &mut self,
+        gate: GateMode,
+        base: &Member,
+        members: &[Member],
+        shared: Option<&Member>,
+    ) -> bool {
+        if !gate.uses_prompts() {
+            return true;
+        }
+        let MExpr::Input(id) = &*base.model.expr else {
+            return true; // refused by `moe_gate_source`
+        };
+        let info = Arc::clone(&self.models[id.0 as usize].info);
+        let bos = tokenizer::bos_token(&info.root).unwrap_or_default();
+        let limit = MAX_PROMPT_TOKENS;
+        let why = format!(
+            "the `{}` gate takes prompts of at most {MAX_PROMPT_TOKENS} tokens",
+            gate.name()
+        );
+        let mut loaded: Option<Result<tokenizers::Tokenizer, String>> = None;
+        let mut ok = true;
+        for m in members.iter().chain(shared) {
+            let prompts = m.positive.iter().chain(&m.negative);
+            for (prompt, &span) in prompts.zip(&m.prompt_spans) {
+                let bound = tokenizer::token_bound(&bos, prompt);
+                let mut exact = false;
+                let mut count = bound;
+                if bound > limit {
+                    let loaded =
+                        loaded.get_or_insert_with(|| tokenizer::load(&info.root).map_err(|e| e.to_string()));
+                    if let Ok(n) = loaded
+                        .as_ref()
+                        .map_err(String::clone)
+                        .and_then(|t| tokenizer::count_tokens(t, &bos, prompt))
+                    {
+                        (count, exact) = (n, true);
+                    }
+                }
+                if count > limit {
+                    ok = false;
+                    let (message, label) = if exact {
+                        (
+                            format!("this routing prompt has {count} tokens; at most {limit} are allowed"),
+                            format!("{count} tokens"),
+                        )
+                    } else {
+                        (
+                            format!("this routing prompt may have up to {count} tokens; at most {limit} are allowed"),
+                            format!("{} bytes", prompt.len()),
+                        )
+                    };
+                    self.diags.push(
+                        Diagnostic::error(Code::E0410, message)
+                            .at(span, label)
+                            .with_note(format!(
+                                "{why}: the forward pass over a prompt costs time that grows with its length, faster than linearly"
+                            ))
+                            .with_help("a sentence or two typical of what the expert should handle routes as well as a long text"),
+                    );
+                }
+            }
+        }
+        ok
     }
 
     /// The prompt gates read the base from disk: it must be an input model with a

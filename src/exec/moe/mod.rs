@@ -12,8 +12,6 @@
 
 pub mod forward;
 
-use std::path::Path;
-
 use crate::exec::cpu::encode;
 use crate::exec::methods::rng;
 use crate::io::{ModelInfo, TensorReader};
@@ -21,19 +19,23 @@ use crate::moe_spec::{GateMode, Generate, MoeExpert, MoeOutput};
 use crate::ops::rng_key;
 
 use crate::io::decoder_config::DecoderConfig;
+use crate::io::tokenizer::{self, TokenizerError, MAX_PROMPT_TOKENS};
 use forward::{ForwardError, ModelWeights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoeError {
-    #[error("cannot load the tokenizer `{}`: {message}", path.display())]
-    Tokenizer {
-        path: std::path::PathBuf,
-        message: String,
-    },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     #[error("cannot tokenise prompt {prompt:?}: {message}")]
     Encode { prompt: String, message: String },
     #[error("prompt {prompt:?} has no tokens")]
     EmptyPrompt { prompt: String },
+    #[error("prompt {prompt:?} has {tokens} tokens, more than the {max} a routing prompt may have")]
+    PromptTooLong {
+        prompt: String,
+        tokens: usize,
+        max: usize,
+    },
     #[error("the gate's forward pass failed: {0}")]
     Forward(#[from] ForwardError),
 }
@@ -211,14 +213,9 @@ struct Prompts {
 
 impl Prompts {
     fn load(base: &ModelInfo) -> Result<Prompts, MoeError> {
-        let path = base.root.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| MoeError::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
         Ok(Prompts {
-            tokenizer,
-            bos: bos_token(&base.root.join("tokenizer_config.json")).unwrap_or_default(),
+            tokenizer: tokenizer::load(&base.root)?,
+            bos: tokenizer::bos_token(&base.root).unwrap_or_default(),
         })
     }
 
@@ -239,19 +236,26 @@ impl Prompts {
                 if ids.is_empty() {
                     return Err(MoeError::EmptyPrompt { prompt: p.clone() });
                 }
+                // Checked from the prompt's length when the script was checked; counted
+                // here again, as the tokenizer sees it.
+                if ids.len() > MAX_PROMPT_TOKENS {
+                    return Err(MoeError::PromptTooLong {
+                        prompt: shorten(p),
+                        tokens: ids.len(),
+                        max: MAX_PROMPT_TOKENS,
+                    });
+                }
                 Ok(ids)
             })
             .collect()
     }
 }
 
-/// `bos_token` of tokenizer_config.json: a string, or an object with `content`.
-fn bos_token(path: &Path) -> Option<String> {
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    match config.get("bos_token")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
+/// The start of a long prompt, for a message.
+fn shorten(prompt: &str) -> String {
+    match prompt.char_indices().nth(60) {
+        Some((at, _)) => format!("{}…", &prompt[..at]),
+        None => prompt.to_owned(),
     }
 }
 
@@ -336,6 +340,37 @@ pub(crate) fn condition_number(rows: &[Vec<f32>]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_counts_prompt_tokens_too() {
+        // The check bounds a prompt's tokens by its bytes; the run counts them again, so a
+        // tokenizer that makes more tokens than bytes cannot slip a long prompt through.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/conformance/models/micro-llama-base-f32");
+        let prompts = Prompts {
+            tokenizer: tokenizer::load(&root).unwrap(),
+            bos: "<s>".to_owned(),
+        };
+        let ok = "a".repeat(MAX_PROMPT_TOKENS - 1);
+        assert_eq!(
+            prompts.encode_all(std::slice::from_ref(&ok)).unwrap()[0].len(),
+            MAX_PROMPT_TOKENS
+        );
+        let long = "a".repeat(MAX_PROMPT_TOKENS);
+        let e = prompts.encode_all(&[long]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MoeError::PromptTooLong {
+                    tokens: 2049,
+                    max: 2048,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("aaaa…\" has 2049 tokens"), "{e}");
+    }
 
     #[test]
     fn condition_number_of_orthonormal_rows_is_one_and_of_parallel_rows_is_large() {
