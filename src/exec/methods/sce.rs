@@ -159,7 +159,8 @@ pub(super) fn sce(inputs: &Inputs, select_topk: f64) -> Vec<f32> {
     out
 }
 
-fn sign(x: f32) -> f32 {
+/// `torch.sign`, with NaN (never equal to ±1) as 0; shared by the sign-election methods.
+pub(super) fn sign(x: f32) -> f32 {
     if x > 0.0 {
         1.0
     } else if x < 0.0 {

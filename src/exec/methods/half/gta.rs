@@ -50,6 +50,7 @@
 use rayon::prelude::*;
 
 use super::super::rng;
+use super::super::sce::sign;
 use super::super::CHUNK;
 use super::{Inputs, Torch};
 use crate::ops::{GtaOp, Half, Sparsifier};
@@ -167,16 +168,6 @@ fn combine(t: &Torch, op: &GtaOp, base: &[f32], deltas: &[Vec<f32>], weights: &[
         *out = t.r(base[j] + mixed);
     });
     out
-}
-
-fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
 }
 
 /// mergekit's `sparsify` of one delta, in place (the delta and result in the compute

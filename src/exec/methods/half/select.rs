@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use super::super::sce::sign;
 use super::{Inputs, Torch};
 use crate::exec::methods::select::{abs_key, from_ord_key, ord_key, select_top_k};
 use crate::exec::methods::CHUNK;
@@ -84,17 +85,6 @@ fn clamp_min(t: &Torch, x: f32, lo: f64) -> f32 {
         lo
     } else {
         x
-    }
-}
-
-/// `torch.sign`, with NaN (never equal to ±1) as 0.
-fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
     }
 }
 
