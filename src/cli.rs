@@ -599,13 +599,14 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
     match format {
         Format::Human => print!("{}", summary(&compiled)),
         Format::Json => {
+            let by_output = steps_by_output(&compiled);
             let outputs: Vec<_> = compiled
                 .program
                 .outputs
                 .iter()
                 .enumerate()
                 .map(|(i, o)| {
-                    let steps = compiled.plan.steps.iter().filter(|s| s.output == i);
+                    let steps = by_output[i].iter();
                     serde_json::json!({
                         "dir": o.dir.display().to_string(),
                         "tensors": compiled.plan.outputs[i].spec.tensors.len(),
@@ -627,26 +628,30 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Each output's plan steps, gathered in one pass.
+fn steps_by_output(c: &Compiled) -> Vec<Vec<&mergec::plan::Step>> {
+    let mut by_output = vec![Vec::new(); c.program.outputs.len()];
+    for s in &c.plan.steps {
+        if let Some(o) = by_output.get_mut(s.output) {
+            o.push(s);
+        }
+    }
+    by_output
+}
+
 fn summary(c: &Compiled) -> String {
     let mut out = String::new();
     let n = c.program.outputs.len();
     out.push_str(&format!("ok: {n} output{}\n", plural(n)));
+    let by_output = steps_by_output(c);
     for (i, o) in c.program.outputs.iter().enumerate() {
-        let bytes: u64 = c
-            .plan
-            .steps
-            .iter()
-            .filter(|s| s.output == i)
-            .map(|s| s.out_bytes())
-            .sum();
+        let bytes: u64 = by_output[i].iter().map(|s| s.out_bytes()).sum();
         // Parts of a fused MoE tensor are copied but not written as they are.
         let written = &c.plan.outputs[i].spec.tensors;
         let names: std::collections::HashSet<&str> = written.iter().map(|(n, _, _)| n.as_str()).collect();
-        let copies = c
-            .plan
-            .steps
+        let copies = by_output[i]
             .iter()
-            .filter(|s| s.output == i && s.kernel == mergec::plan::Kernel::Copy)
+            .filter(|s| s.kernel == mergec::plan::Kernel::Copy)
             .filter(|s| names.contains(s.tensor.as_str()))
             .count();
         out.push_str(&format!(

@@ -96,6 +96,13 @@ fn check_models_and_outputs(plan: &Draft, program: &hir::Program) -> Result<(), 
             program.outputs.len()
         )));
     }
+    // Steps per output, counted once (not once per output).
+    let mut steps_of = vec![0usize; plan.outputs.len()];
+    for s in &plan.steps {
+        if let Some(n) = steps_of.get_mut(s.output) {
+            *n += 1;
+        }
+    }
     for (index, (planned, out)) in plan.outputs.iter().zip(&program.outputs).enumerate() {
         if planned.spec.dir != out.dir {
             return Err(bug(format!(
@@ -109,7 +116,7 @@ fn check_models_and_outputs(plan: &Draft, program: &hir::Program) -> Result<(), 
             m.assembled.iter().map(|a| a.parts.len() - 1).sum::<usize>()
         });
         let generated = out.moe.as_deref().map_or(0, |m| m.generated.len());
-        let steps = plan.steps.iter().filter(|s| s.output == index).count();
+        let steps = steps_of[index];
         if planned.spec.tensors.len() + parts != steps + generated {
             return Err(bug(format!(
                 "plan lists {} tensors for output {index}, which has {steps} steps, {parts} assembled parts and {generated} generated tensors",
