@@ -69,7 +69,12 @@ fn more_line(rest: &[Diagnostic]) -> String {
     format!("and {said} (only the first {MAX_SHOWN} diagnostics are shown; `--format json` lists them all)\n")
 }
 
-fn render_one(d: &Diagnostic, sources: &SourceMap, lines: &mut HashMap<SourceId, Lines>, colour: bool) -> String {
+fn render_one(
+    d: &Diagnostic,
+    sources: &SourceMap,
+    lines: &mut HashMap<SourceId, Lines>,
+    colour: bool,
+) -> String {
     let kind = match d.severity {
         Severity::Error => ReportKind::Error,
         Severity::Warning => ReportKind::Warning,
@@ -292,15 +297,29 @@ struct Excerpt {
     text: String,
     /// For each line of the excerpt: the source line it shows (None for a gap).
     shown: Vec<Option<usize>>,
-    /// For each source line shown: its excerpt line, where that line starts in the
-    /// excerpt, and the pieces kept `(from, to, at)`: source bytes `from..to` (relative to
-    /// the line start) are at `at` in the excerpt line.
-    lines: HashMap<usize, (usize, usize, Vec<(usize, usize, usize)>)>,
-    /// Source line starts of the lines shown and the excerpt's own line table.
-    source_starts: HashMap<usize, usize>,
+    /// The source lines shown, in order.
+    lines: Vec<ShownLine>,
+    /// The excerpt's own line table.
     own: Lines,
     /// The source's length: offsets past it stay past the excerpt's end.
     source_len: usize,
+}
+
+/// A source line in an excerpt.
+struct ShownLine {
+    /// Where it starts in the source.
+    source_start: usize,
+    /// Where it starts in the excerpt.
+    start: usize,
+    /// What is kept of it: source bytes `from..to` (from the line's start) are at `at` (from
+    /// the excerpt line's start). A whole line is one piece.
+    pieces: Vec<Piece>,
+}
+
+struct Piece {
+    from: usize,
+    to: usize,
+    at: usize,
 }
 
 impl Excerpt {
@@ -326,8 +345,7 @@ impl Excerpt {
         wanted.dedup();
         let mut out = String::new();
         let mut shown = Vec::new();
-        let mut lines = HashMap::new();
-        let mut source_starts = HashMap::new();
+        let mut lines = Vec::new();
         // Lines left out are blank: ariadne shows no text of theirs. It draws the margin of
         // help and note rows as that of the first line of the file, so that one is there
         // as well.
@@ -358,12 +376,18 @@ impl Excerpt {
             previous = Some(l);
             let range = index.range(l);
             let full = &text[range.clone()];
-            let content_len = full.trim_end_matches(['\r', '\n', '\x0B', '\x0C', '\u{0085}', '\u{2028}', '\u{2029}']).len();
+            let content_len = full
+                .trim_end_matches(['\r', '\n', '\x0B', '\x0C', '\u{0085}', '\u{2028}', '\u{2029}'])
+                .len();
             let content = &full[..content_len];
             let line_start = out.len();
             let pieces = if content_len <= LONG_LINE {
                 out.push_str(full);
-                vec![(0, full.len(), 0)]
+                vec![Piece {
+                    from: 0,
+                    to: full.len(),
+                    at: 0,
+                }]
             } else {
                 let windows = windows(content, range.start, content_len, places, index, l);
                 let mut pieces = Vec::new();
@@ -374,20 +398,31 @@ impl Excerpt {
                     if k > 0 {
                         out.push_str(ELLIPSIS);
                     }
-                    pieces.push((*a, *b, out.len() - line_start));
+                    pieces.push(Piece {
+                        from: *a,
+                        to: *b,
+                        at: out.len() - line_start,
+                    });
                     out.push_str(&content[*a..*b]);
                 }
                 if windows.last().is_some_and(|w| w.1 < content_len) {
                     out.push_str(ELLIPSIS);
                 }
                 // The line break, as it is.
-                pieces.push((content_len, full.len(), out.len() - line_start));
+                pieces.push(Piece {
+                    from: content_len,
+                    to: full.len(),
+                    at: out.len() - line_start,
+                });
                 out.push_str(&full[content_len..]);
                 pieces
             };
             shown.push(Some(l));
-            lines.insert(l, (shown.len() - 1, line_start, pieces));
-            source_starts.insert(l, range.start);
+            lines.push(ShownLine {
+                source_start: range.start,
+                start: line_start,
+                pieces,
+            });
         }
         let own = Lines::new(&out, Breaks::Ariadne);
         Excerpt {
@@ -396,31 +431,35 @@ impl Excerpt {
             text: out,
             shown,
             lines,
-            source_starts,
             own,
             source_len: text.len(),
         }
     }
 
-    /// The excerpt offset of source offset `pos` on source line `line`; `end` says whether
-    /// it ends a place (then a position left out maps back to the piece before it).
-    fn offset(&self, line: usize, pos: usize, end: bool) -> Option<usize> {
-        let (_, line_start, pieces) = self.lines.get(&line)?;
-        let rel = pos - self.source_starts[&line];
+    /// The excerpt offset of source offset `pos`, on the last line shown that starts at or
+    /// before `anchor`; `end` says whether it ends a place (then a position left out maps
+    /// back to the end of the piece before it, else on to the start of the next).
+    fn offset(&self, anchor: usize, pos: usize, end: bool) -> usize {
+        let k = self.lines.partition_point(|l| l.source_start <= anchor);
+        let Some(shown) = k.checked_sub(1).map(|k| &self.lines[k]) else {
+            return 0;
+        };
+        let rel = pos.saturating_sub(shown.source_start);
         let mut before = None;
-        for &(a, b, at) in pieces {
-            if (a..=b).contains(&rel) {
-                return Some(line_start + at + (rel - a));
+        for p in &shown.pieces {
+            if (p.from..=p.to).contains(&rel) {
+                return shown.start + p.at + (rel - p.from);
             }
-            if rel < a {
-                return Some(match (end, before) {
-                    (true, Some(prev)) => line_start + prev,
-                    _ => line_start + at,
-                });
+            if rel < p.from {
+                return shown.start
+                    + match (end, before) {
+                        (true, Some(prev)) => prev,
+                        _ => p.at,
+                    };
             }
-            before = Some(at + (b - a));
+            before = Some(p.at + (p.to - p.from));
         }
-        before.map(|prev| line_start + prev)
+        shown.start + before.unwrap_or(0)
     }
 
     /// A byte range of the excerpt as a char range (past the end stays past it).
@@ -440,20 +479,12 @@ impl Excerpt {
             let past = self.text.len() + 1;
             return past..past.max(end - start + past);
         }
-        let at = |pos: usize, is_end: bool, anchor: usize| {
-            self.lines
-                .keys()
-                .copied()
-                .filter(|l| self.source_starts[l] <= anchor)
-                .max()
-                .and_then(|l| self.offset(l, pos, is_end))
-                .unwrap_or(0)
-        };
-        let a = at(start, false, start);
+        let a = self.offset(start, start, false);
         if end <= start {
             return a..a;
         }
-        let b = at(end.min(self.source_len), true, (end - 1).min(self.source_len));
+        let last = (end - 1).min(self.source_len);
+        let b = self.offset(last, end.min(self.source_len), true);
         a..b.max(a)
     }
 }
@@ -542,10 +573,7 @@ fn restore_places(text: &str, excerpts: &[Excerpt], headers: &[(String, String)]
             if let Some((from, to)) = headers.iter().find(|(from, _)| line.contains(from.as_str())) {
                 line = line.replacen(from.as_str(), to, 1);
             }
-            if let Some(e) = excerpts
-                .iter()
-                .find(|e| line.contains(&format!(" {}:", e.name)))
-            {
+            if let Some(e) = excerpts.iter().find(|e| line.contains(&format!(" {}:", e.name))) {
                 current = Some(e);
             }
         }
@@ -762,7 +790,7 @@ mod tests {
                 let a = sources.add("first.merge", None, t.clone());
                 let b = sources.add("second.yml", None, "key: value\nother: [1, 2]\n");
                 for case in 0..400 {
-                    let mut span = |rng: &mut Rng| {
+                    let span = |rng: &mut Rng| {
                         let (id, text) = if rng.below(4) == 0 {
                             (b, "key: value\nother: [1, 2]\n".to_string())
                         } else {
@@ -772,8 +800,8 @@ mod tests {
                         let y = boundary_below(&text, text.len(), rng);
                         Span::new(id, x.min(y), x.max(y))
                     };
-                    let mut d = Diagnostic::error(Code::E0201, format!("case {case}"))
-                        .at(span(&mut rng), "here");
+                    let mut d =
+                        Diagnostic::error(Code::E0201, format!("case {case}")).at(span(&mut rng), "here");
                     for k in 0..rng.below(4) {
                         d = d.with_label(span(&mut rng), format!("label {k}"));
                     }
@@ -781,7 +809,11 @@ mod tests {
                         d = d.with_help("some help").with_note("a note\nover two lines");
                     }
                     let colour = case % 3 == 0;
-                    assert_eq!(excerpted(&d, &sources, colour), whole(&d, &sources, colour), "{d:?}");
+                    assert_eq!(
+                        excerpted(&d, &sources, colour),
+                        whole(&d, &sources, colour),
+                        "{d:?}"
+                    );
                 }
             }
         }
@@ -829,7 +861,9 @@ mod tests {
         let mut sources = SourceMap::new();
         let id = sources.add("x.merge", None, "save x to \"o\"\n");
         let mut diags: Vec<Diagnostic> = (0..MAX_SHOWN + 7)
-            .map(|_| Diagnostic::error(Code::E0201, "unknown name `x`").at(Span::new(id, 5, 6), "not defined"))
+            .map(|_| {
+                Diagnostic::error(Code::E0201, "unknown name `x`").at(Span::new(id, 5, 6), "not defined")
+            })
             .collect();
         diags.push(Diagnostic::error(Code::W0001, "unused").at(Span::new(id, 0, 4), "never used"));
         let text = render_text(&diags, &sources, false);
@@ -850,9 +884,19 @@ mod tests {
             let d = Diagnostic::error(Code::E0201, "x").at(Span::new(id, at, at), "");
             let json = to_json(&[d], &sources);
             assert_eq!(json[0]["span"]["line"], 2);
-            assert_eq!(json[0]["span"]["column"], (text[2..at].chars().count() + 1) as u64, "{at}");
+            assert_eq!(
+                json[0]["span"]["column"],
+                (text[2..at].chars().count() + 1) as u64,
+                "{at}"
+            );
             let (l, c) = sources.line_col(id, at as u32);
-            assert_eq!((json[0]["span"]["line"].as_u64(), json[0]["span"]["column"].as_u64()), (Some(l as u64), Some(c as u64)));
+            assert_eq!(
+                (
+                    json[0]["span"]["line"].as_u64(),
+                    json[0]["span"]["column"].as_u64()
+                ),
+                (Some(l as u64), Some(c as u64))
+            );
         }
     }
 }
