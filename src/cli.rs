@@ -399,7 +399,7 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
             eprintln!("error: `{flag}` is a mergekit option, for YAML configs only; in a script use `set seed = N` or `save ... {{ shard: SIZE }}`");
             return Err(ExitCode::from(2));
         }
-        let mut script = load(&input.path)?;
+        let mut script = load(&input.path, format)?;
         script.compute = input.compute;
         return Ok(Loaded {
             script,
@@ -519,9 +519,17 @@ fn import_cmd(
     }
 }
 
-fn load(path: &Path) -> Result<Script, ExitCode> {
+fn load(path: &Path, format: Format) -> Result<Script, ExitCode> {
     Script::from_file(path).map_err(|e| {
-        eprintln!("error: cannot read `{}`: {e}", path.display());
+        match e {
+            driver::ReadError::Unreadable(message) => eprintln!("error: {message}"),
+            driver::ReadError::NotUtf8 { sources, diagnostics } => {
+                report(&diagnostics, &sources, format);
+                if format == Format::Human {
+                    eprintln!("1 error found; nothing was read or written");
+                }
+            }
+        }
         ExitCode::from(1)
     })
 }
@@ -851,7 +859,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
     if let Stage::Ast = stage {
         return match mergec::syntax::parse(&script.sources, script.id) {
             Ok(ast) => {
-                emit(&format!("{ast:#?}\n"));
+                emit(&mergec::syntax::ast::dump(&ast));
                 ExitCode::SUCCESS
             }
             Err(d) => {

@@ -128,17 +128,16 @@ pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Fai
     }
 }
 
-/// Reads and translates a YAML file.
+/// Reads ([`driver::read_source`]: a regular file, at most 16 MiB, UTF-8) and translates
+/// a YAML file.
 pub fn translate_file(path: &Path, opts: &Options) -> Result<Import, Failure> {
-    match std::fs::read_to_string(path) {
+    match driver::read_source(path) {
         Ok(text) => translate(&path.display().to_string(), text, opts),
-        Err(e) => Err(Failure {
+        Err(driver::ReadError::Unreadable(message)) => Err(Failure {
             sources: SourceMap::new(),
-            diagnostics: Diagnostics::from(crate::diag::Diagnostic::error(
-                Code::E0401,
-                format!("cannot read `{}`: {e}", path.display()),
-            )),
+            diagnostics: Diagnostics::from(crate::diag::Diagnostic::error(Code::E0401, message)),
         }),
+        Err(driver::ReadError::NotUtf8 { sources, diagnostics }) => Err(Failure { sources, diagnostics }),
     }
 }
 
