@@ -421,7 +421,7 @@ impl Translator<'_> {
         let refs: Vec<Vec<usize>> = docs.iter().map(Doc::doc_refs).collect();
         let mut order = Vec::new();
         let mut state = vec![0u8; docs.len()]; // 0 new, 1 in progress, 2 done
-        // The longest chain of documents from each one down (1: it uses no other).
+                                               // The longest chain of documents from each one down (1: it uses no other).
         let mut chain = vec![0usize; docs.len()];
         for root in 0..docs.len() {
             if state[root] != 0 {
@@ -462,7 +462,7 @@ impl Translator<'_> {
         }
         if let Some((i, &longest)) = chain.iter().enumerate().max_by_key(|(_, c)| **c) {
             if longest > MAX_DOC_CHAIN {
-                let span = docs[i].name.as_ref().map_or(docs[i].span, |n| n.1);
+                let span = docs[i].name.as_ref().map_or(first_line_of(docs[i].span), |n| n.1);
                 self.err(
                     Code::E0607,
                     format!("the documents use each other in a chain of {longest}, more than {MAX_DOC_CHAIN}"),
