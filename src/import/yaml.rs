@@ -474,6 +474,22 @@ b:
     }
 
     #[test]
+    fn nesting_is_limited_aliases_included() {
+        // The document is 1 deep, the value of `a` 2, each list one more: the `1` inside
+        // n lists is n + 2 deep.
+        let nested = |n: usize| format!("a: {}1{}\n", "[".repeat(n), "]".repeat(n));
+        assert!(load(&nested(MAX_DEPTH - 2), SourceId(0)).is_ok());
+        let e = load(&nested(MAX_DEPTH - 1), SourceId(0)).unwrap_err();
+        assert_eq!(e.code, Code::E0608);
+        // An alias is as deep as where it is used plus what it stands for.
+        let deep = "[".repeat(MAX_DEPTH - 10) + "1" + &"]".repeat(MAX_DEPTH - 10);
+        let ok = format!("a: &x {deep}\nb: *x\n");
+        assert!(load(&ok, SourceId(0)).is_ok());
+        let used_deeper = format!("a: &x {deep}\nb: [[[[[[[[[[[[*x]]]]]]]]]]]]\n");
+        assert_eq!(load(&used_deeper, SourceId(0)).unwrap_err().code, Code::E0608);
+    }
+
+    #[test]
     fn scalars_resolve_like_pyyaml() {
         let n = one("a: 1\nb: 0.5\nc: 1e-5\nd: yes\ne: '0.5'\nf: ~\ng: models/x\nh: .5\n");
         let Value::Map(m) = n.value else { panic!() };

@@ -547,3 +547,94 @@ fn is_keyword(rule: Rule) -> bool {
             | Rule::kw_layers
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::SourceMap;
+
+    fn parse(text: &str) -> Result<Script, Diagnostics> {
+        let mut sources = SourceMap::new();
+        let id = sources.add("t.merge", None, text);
+        crate::syntax::parse(&sources, id)
+    }
+
+    /// The saved expression, written back with every operation in brackets.
+    fn shape(text: &str) -> String {
+        fn show(e: &Expr) -> String {
+            match &e.kind {
+                ExprKind::Name(n) => n.clone(),
+                ExprKind::Number(v) => v.to_string(),
+                ExprKind::Neg(x) => format!("(-{})", show(x)),
+                ExprKind::Binary { op, lhs, rhs } => format!("({} {} {})", show(lhs), op.symbol(), show(rhs)),
+                ExprKind::Layers {
+                    target, start, end, ..
+                } => format!("{}[{start}..{end}]", show(target)),
+                ExprKind::Params { target, params } => format!("{}{{{}}}", show(target), params.len()),
+                ExprKind::Call { func, args } => format!("{}/{}", func.name, args.len()),
+                other => format!("{other:?}"),
+            }
+        }
+        let script = parse(&format!("save {text} to \"o\"")).unwrap();
+        match &script.stmts[0].kind {
+            StmtKind::Save { value, .. } => show(value),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn precedence_and_associativity() {
+        assert_eq!(shape("a - b - c"), "((a - b) - c)");
+        assert_eq!(shape("a / b * c"), "((a / b) * c)");
+        assert_eq!(shape("a + b * c - d"), "((a + (b * c)) - d)");
+        assert_eq!(shape("a * b + c * d"), "((a * b) + (c * d))");
+        assert_eq!(shape("-a * b"), "((-a) * b)");
+        assert_eq!(shape("a * - - b"), "(a * (-(-b)))");
+        assert_eq!(shape("-a.layers[0..2] { w: 1 }"), "(-a[0..2]{1})");
+        assert_eq!(shape("a - (b - c) * 2"), "(a - ((b - c) * 2))");
+        assert_eq!(shape("f(a, b) + g(c)"), "(f/2 + g/1)");
+    }
+
+    #[test]
+    fn spans_cover_each_node() {
+        let text = "save -a + b.layers[0..1] to \"o\"";
+        let script = parse(text).unwrap();
+        let StmtKind::Save { value, .. } = &script.stmts[0].kind else {
+            unreachable!()
+        };
+        assert_eq!(&text[value.span.range()], "-a + b.layers[0..1]");
+        let ExprKind::Binary { lhs, rhs, .. } = &value.kind else {
+            unreachable!()
+        };
+        assert_eq!(&text[lhs.span.range()], "-a");
+        assert_eq!(&text[rhs.span.range()], "b.layers[0..1]");
+    }
+
+    #[test]
+    fn depth_is_limited_at_each_kind_of_level() {
+        let depth = MAX_EXPR_DEPTH as usize;
+        let at = |n: usize| {
+            [
+                format!("save {}a to \"o\"", "- ".repeat(n - 1)),
+                format!("save a{} to \"o\"", " + a".repeat(n - 1)),
+                format!("save a{} to \"o\"", ".layers[0..1]".repeat(n - 1)),
+                format!("save a{} to \"o\"", " { w: 1 }".repeat(n - 1)),
+            ]
+        };
+        for text in at(depth) {
+            assert!(parse(&text).is_ok(), "{}", &text[..40]);
+        }
+        for text in at(depth + 1) {
+            let d = parse(&text).unwrap_err();
+            assert_eq!(
+                d.iter().map(|d| d.code).collect::<Vec<_>>(),
+                [Code::E0103],
+                "{}",
+                &text[..40]
+            );
+        }
+        // Once per statement, however far past.
+        let two = format!("let x = {}1\nlet y = {}1\n", "- ".repeat(1000), "- ".repeat(1000));
+        assert_eq!(parse(&two).unwrap_err().len(), 2);
+    }
+}
