@@ -452,18 +452,26 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
         .unwrap()
 }
 
-/// Asserts that `work(4n)` takes less than 8 times `work(n)`.
+/// Asserts that `work(4n)` takes less than 8 times `work(n)`. The timing tests run one at
+/// a time; a ratio past 8 is measured once more before it fails (the machine is shared).
 fn linear<T>(what: &str, n: usize, mut work: impl FnMut(usize) -> T) {
+    let _alone = TIMING.lock().unwrap_or_else(|e| e.into_inner());
     work(n / 4); // warm the caches and the models' headers
-    let small = time(2, || work(n));
-    let large = time(1, || work(4 * n));
-    let ratio = large.as_secs_f64() / small.as_secs_f64();
-    eprintln!("{what}: n = {n}: {small:?}, 4n: {large:?}, ratio {ratio:.2}");
-    assert!(
-        ratio < 8.0,
-        "{what}: {small:?} at n = {n}, {large:?} at 4n (ratio {ratio:.1})"
-    );
+    let mut ratio = f64::INFINITY;
+    for _ in 0..2 {
+        let small = time(2, || work(n));
+        let large = time(1, || work(4 * n));
+        ratio = large.as_secs_f64() / small.as_secs_f64();
+        eprintln!("{what}: n = {n}: {small:?}, 4n: {large:?}, ratio {ratio:.2}");
+        if ratio < 8.0 {
+            return;
+        }
+    }
+    panic!("{what}: 4n takes {ratio:.1} times as long as n = {n}");
 }
+
+/// Held by each timing test, so that they do not share the machine with each other.
+static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn thousands_of_saves_check_in_linear_time() {

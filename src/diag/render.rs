@@ -820,6 +820,28 @@ mod tests {
     }
 
     #[test]
+    fn places_at_and_past_the_end() {
+        for text in ["a\nb\n", "a\nb", ""] {
+            let mut sources = SourceMap::new();
+            let id = sources.add("end.merge", None, text);
+            let len = text.len();
+            for (start, end) in [(len, len), (len.saturating_sub(1), len), (0, len)] {
+                let d = Diagnostic::error(Code::E0101, "at the end").at(Span::new(id, start, end), "here");
+                assert_eq!(
+                    excerpted(&d, &sources, false),
+                    whole(&d, &sources, false),
+                    "{text:?} {start}..{end}"
+                );
+            }
+            // Past the end: no panic, the label left out.
+            let d = Diagnostic::error(Code::E0101, "past")
+                .at(Span::new(id, 0, len.min(1)), "here")
+                .with_label(Span::new(id, len + 3, len + 5), "nowhere");
+            assert!(excerpted(&d, &sources, false).contains("past"));
+        }
+    }
+
+    #[test]
     fn long_lines_are_cut_around_the_places() {
         let line = format!("let x = {}", "1 + ".repeat(5000));
         let text = format!("# first\n{line}\n");
