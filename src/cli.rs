@@ -409,7 +409,7 @@ fn load_input(input: &Input, format: Format) -> Result<Loaded, ExitCode> {
             eprintln!("error: `{flag}` is a mergekit option, for YAML configs only; in a script use `set seed = N` or `save ... {{ shard: SIZE }}`");
             return Err(ExitCode::from(2));
         }
-        let mut script = load(&input.path)?;
+        let mut script = load(&input.path, format)?;
         script.compute = input.compute;
         return Ok(Loaded {
             script,
@@ -628,9 +628,17 @@ fn is_imported_script(path: &Path) -> bool {
     first.starts_with(b"# Translated from ") && first.ends_with(b" by `mergec import`.")
 }
 
-fn load(path: &Path) -> Result<Script, ExitCode> {
+fn load(path: &Path, format: Format) -> Result<Script, ExitCode> {
     Script::from_file(path).map_err(|e| {
-        eprintln!("error: cannot read `{}`: {e}", path.display());
+        match e {
+            driver::ReadError::Unreadable(message) => eprintln!("error: {message}"),
+            driver::ReadError::NotUtf8 { sources, diagnostics } => {
+                report(&diagnostics, &sources, format);
+                if format == Format::Human {
+                    eprintln!("1 error found; nothing was read or written");
+                }
+            }
+        }
         ExitCode::from(1)
     })
 }
@@ -708,13 +716,14 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
     match format {
         Format::Human => print!("{}", summary(&compiled)),
         Format::Json => {
+            let by_output = steps_by_output(&compiled);
             let outputs: Vec<_> = compiled
                 .program
                 .outputs
                 .iter()
                 .enumerate()
                 .map(|(i, o)| {
-                    let steps = compiled.plan.steps.iter().filter(|s| s.output == i);
+                    let steps = by_output[i].iter();
                     serde_json::json!({
                         "dir": o.dir.display().to_string(),
                         "tensors": compiled.plan.outputs[i].spec.tensors.len(),
@@ -737,28 +746,31 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Each output's plan steps, gathered in one pass.
+fn steps_by_output(c: &Compiled) -> Vec<Vec<&mergec::plan::Step>> {
+    let mut by_output = vec![Vec::new(); c.program.outputs.len()];
+    for s in &c.plan.steps {
+        if let Some(o) = by_output.get_mut(s.output) {
+            o.push(s);
+        }
+    }
+    by_output
+}
+
 fn summary(c: &Compiled) -> String {
     let mut out = String::new();
     let n = c.program.outputs.len();
     out.push_str(&format!("ok: {n} output{}\n", plural(n)));
+    let by_output = steps_by_output(c);
     for (i, o) in c.program.outputs.iter().enumerate() {
         let generated: u64 = o.moe.iter().flat_map(|m| &m.generated).map(|g| g.nbytes()).sum();
-        let bytes: u64 = c
-            .plan
-            .steps
-            .iter()
-            .filter(|s| s.output == i)
-            .map(|s| s.out_bytes())
-            .sum::<u64>()
-            + generated;
+        let bytes: u64 = by_output[i].iter().map(|s| s.out_bytes()).sum::<u64>() + generated;
         // Parts of a fused MoE tensor are copied but not written as they are.
         let written = &c.plan.outputs[i].spec.tensors;
         let names: std::collections::HashSet<&str> = written.iter().map(|(n, _, _)| n.as_str()).collect();
-        let copies = c
-            .plan
-            .steps
+        let copies = by_output[i]
             .iter()
-            .filter(|s| s.output == i && s.kernel == mergec::plan::Kernel::Copy)
+            .filter(|s| s.kernel == mergec::plan::Kernel::Copy)
             .filter(|s| names.contains(s.tensor.as_str()))
             .count();
         out.push_str(&format!(
@@ -1020,7 +1032,7 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
     if let Stage::Ast = stage {
         return match mergec::syntax::parse(&script.sources, script.id) {
             Ok(ast) => {
-                emit(&format!("{ast:#?}\n"));
+                emit(&mergec::syntax::ast::dump(&ast));
                 ExitCode::SUCCESS
             }
             Err(d) => {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::diag::{Diagnostic, Diagnostics};
+use crate::diag::{Code, Diagnostic, Diagnostics};
 use crate::graph::Graph;
 use crate::io::ModelIndex;
 use crate::ops::Compute;
@@ -36,9 +36,138 @@ pub struct Script {
     pub compute: Option<Compute>,
 }
 
+/// The largest script or mergekit config mergec reads: 16 MiB.
+pub const MAX_SOURCE_BYTES: u64 = 16 << 20;
+
+/// Why a script or config could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Not read at all: a message that names the file (missing, not a regular file, too
+    /// large, an I/O error).
+    Unreadable(String),
+    /// Not UTF-8 (E0104): the diagnostic points at the first bad byte in a copy of the
+    /// text where each bad sequence is U+FFFD.
+    NotUtf8 {
+        sources: SourceMap,
+        diagnostics: Diagnostics,
+    },
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Unreadable(message) => f.write_str(message),
+            ReadError::NotUtf8 { diagnostics, .. } => match diagnostics.iter().next() {
+                Some(d) => write!(f, "[{}] {}", d.code, d.message),
+                None => f.write_str("not valid UTF-8"),
+            },
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+/// Reads a script or config: a regular file (checked before anything is read, so that a
+/// FIFO or a device is refused by name instead of blocking or running forever) of at
+/// most [`MAX_SOURCE_BYTES`], in UTF-8.
+pub fn read_source(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    let shown = path.display();
+    let unreadable = |why: String| ReadError::Unreadable(format!("cannot read `{shown}`: {why}"));
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        // Opening a FIFO for reading would wait for a writer.
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path).map_err(|e| unreadable(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| unreadable(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(unreadable(format!(
+            "it is {}, not a regular file",
+            file_kind(&meta)
+        )));
+    }
+    let too_large = |size: String| {
+        unreadable(format!(
+            "it is {size}; a script or config may be at most {} MiB",
+            MAX_SOURCE_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_SOURCE_BYTES {
+        return Err(too_large(format!("{} bytes", meta.len())));
+    }
+    // The size can change after the check (or be wrong, as in /proc): read with the cap.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SOURCE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(e.to_string()))?;
+    if bytes.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(too_large(format!("more than {MAX_SOURCE_BYTES} bytes")));
+    }
+    String::from_utf8(bytes).map_err(|e| not_utf8(&shown.to_string(), path, e))
+}
+
+/// What a file that is not a regular one is, in words.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return "a folder";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a named pipe (FIFO)";
+        }
+        if kind.is_char_device() {
+            return "a character device";
+        }
+        if kind.is_block_device() {
+            return "a block device";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+    }
+    "not a file"
+}
+
+/// E0104 at the first byte that is not UTF-8.
+fn not_utf8(name: &str, path: &Path, e: std::string::FromUtf8Error) -> ReadError {
+    let at = e.utf8_error().valid_up_to();
+    let bytes = e.as_bytes();
+    let bad = bytes[at..]
+        .iter()
+        .take(e.utf8_error().error_len().unwrap_or(bytes.len() - at))
+        .map(|b| format!("0x{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let mut sources = SourceMap::new();
+    let id = sources.add(name, Some(path.to_path_buf()), text);
+    let replacement = char::REPLACEMENT_CHARACTER.len_utf8();
+    let diagnostic = Diagnostic::error(
+        Code::E0104,
+        format!("`{name}` is not UTF-8 text: the byte at offset {at} ({bad}) is not valid UTF-8"),
+    )
+    .at(
+        crate::source::Span::new(id, at, at + replacement),
+        format!("byte offset {at}: {bad}"),
+    )
+    .with_help("scripts and configs are UTF-8 text: save the file as UTF-8");
+    ReadError::NotUtf8 {
+        sources,
+        diagnostics: Diagnostics::from(diagnostic),
+    }
+}
+
 impl Script {
-    pub fn from_file(path: &Path) -> std::io::Result<Script> {
-        let text = std::fs::read_to_string(path)?;
+    /// Reads a script with [`read_source`]; its relative paths resolve against its folder.
+    pub fn from_file(path: &Path) -> Result<Script, ReadError> {
+        let text = read_source(path)?;
         let base_dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -129,7 +258,7 @@ impl Stage {
 /// stage snapshots record.
 pub fn dump(compiled: &Compiled, stage: Stage) -> String {
     match stage {
-        Stage::Ast => format!("{:#?}\n", compiled.ast),
+        Stage::Ast => crate::syntax::ast::dump(&compiled.ast),
         Stage::Hir => hir::dump(&compiled.program),
         Stage::Graph => crate::graph::dump(&compiled.lowered),
         Stage::Opt => crate::graph::dump(&compiled.graph),

@@ -85,7 +85,8 @@ fn mutated_scripts_never_panic() {
         .unwrap()
         .filter_map(|e| {
             let p = e.unwrap().path();
-            (p.extension()? == "merge").then(|| std::fs::read_to_string(p).unwrap())
+            // Every fixture but the one that is not UTF-8 (E0104).
+            (p.extension()? == "merge").then(|| std::fs::read_to_string(p).ok())?
         })
         .collect();
     seeds.sort();

@@ -13,8 +13,19 @@ use mergec::plan::Limits;
 
 /// Checks one fixture; returns the rendered diagnostics (errors or warnings).
 fn diagnostics_of(path: &Path) -> (String, String) {
-    let text = std::fs::read_to_string(path).unwrap();
     let name = format!("tests/ui/{}", path.file_name().unwrap().to_string_lossy());
+    let text = match driver::read_source(Path::new(&name)) {
+        Ok(text) => text,
+        // Not UTF-8 (E0104): the file's own diagnostic, against the text as it is shown.
+        Err(driver::ReadError::NotUtf8 { sources, diagnostics }) => {
+            let (_, file) = sources.files().next().unwrap();
+            return (
+                file.text.clone(),
+                mergec::diag::render::render_text(&diagnostics.0, &sources, false),
+            );
+        }
+        Err(e) => panic!("{e}"),
+    };
     // Relative base: paths in messages read the same on every machine.
     let script = Script::from_text(&name, text.clone(), "tests/ui".into());
     let diags = match driver::compile(&script, false, &Limits::default()) {

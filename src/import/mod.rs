@@ -128,17 +128,16 @@ pub fn translate(name: &str, text: String, opts: &Options) -> Result<Import, Fai
     }
 }
 
-/// Reads and translates a YAML file.
+/// Reads ([`driver::read_source`]: a regular file, at most 16 MiB, UTF-8) and translates
+/// a YAML file.
 pub fn translate_file(path: &Path, opts: &Options) -> Result<Import, Failure> {
-    match std::fs::read_to_string(path) {
+    match driver::read_source(path) {
         Ok(text) => translate(&path.display().to_string(), text, opts),
-        Err(e) => Err(Failure {
+        Err(driver::ReadError::Unreadable(message)) => Err(Failure {
             sources: SourceMap::new(),
-            diagnostics: Diagnostics::from(crate::diag::Diagnostic::error(
-                Code::E0401,
-                format!("cannot read `{}`: {e}", path.display()),
-            )),
+            diagnostics: Diagnostics::from(crate::diag::Diagnostic::error(Code::E0401, message)),
         }),
+        Err(driver::ReadError::NotUtf8 { sources, diagnostics }) => Err(Failure { sources, diagnostics }),
     }
 }
 
@@ -179,17 +178,22 @@ impl Import {
 
     /// Moves diagnostics on pieces of the script that came from the YAML onto the YAML.
     pub fn remap(&self, diags: Diagnostics) -> Diagnostics {
+        let spans: Vec<Span> = diags
+            .iter()
+            .flat_map(|d| d.span.into_iter().chain(d.labels.iter().map(|l| l.span)))
+            .collect();
+        let mut places = self.places_of(&spans).into_iter();
         let mut out = Diagnostics::new();
         for mut d in diags {
             let mut moved = false;
-            if let Some(s) = d.span {
-                if let Some(y) = self.place(s) {
+            if d.span.is_some() {
+                if let Some(y) = places.next().flatten() {
                     d.span = Some(y);
                     moved = true;
                 }
             }
             for l in &mut d.labels {
-                if let Some(y) = self.place(l.span) {
+                if let Some(y) = places.next().flatten() {
                     l.span = y;
                 }
             }
@@ -214,17 +218,46 @@ impl Import {
         out
     }
 
-    /// The YAML place of the smallest piece of script that holds `s`.
-    fn place(&self, s: Span) -> Option<Span> {
-        if s.source != self.script {
-            return None;
+    /// For each span, the YAML place of the smallest piece of script that holds it (of
+    /// equally small ones, the first recorded). All at once, in O((pieces + spans) log):
+    /// the spans by start, the pieces entered by start as the sweep passes them, each
+    /// answered by the smallest piece entered that ends at or after its end.
+    fn places_of(&self, spans: &[Span]) -> Vec<Option<Span>> {
+        let mut answers = vec![None; spans.len()];
+        let mut queries: Vec<usize> = (0..spans.len())
+            .filter(|&i| spans[i].source == self.script)
+            .collect();
+        queries.sort_by_key(|&i| spans[i].start);
+        let mut pieces: Vec<usize> = (0..self.places.len()).collect();
+        pieces.sort_by_key(|&k| self.places[k].0);
+        // Ends, largest first: a prefix of this order is every end at or after a bound.
+        let mut ends: Vec<usize> = self.places.iter().map(|p| p.1).collect();
+        ends.sort_unstable_by(|a, b| b.cmp(a));
+        ends.dedup();
+        // A Fenwick tree over `ends` keeping the least (length, order) entered.
+        let mut tree: Vec<(usize, usize)> = vec![(usize::MAX, usize::MAX); ends.len() + 1];
+        let mut next = 0;
+        for i in queries {
+            let (start, end) = (spans[i].start as usize, spans[i].end as usize);
+            while let Some(&k) = pieces.get(next).filter(|&&k| self.places[k].0 <= start) {
+                let (a, b, _) = self.places[k];
+                let mut at = ends.partition_point(|&e| e > b) + 1;
+                while at < tree.len() {
+                    tree[at] = tree[at].min((b - a, k));
+                    at += at & at.wrapping_neg();
+                }
+                next += 1;
+            }
+            // The pieces ending at or after `end`: the first so many of `ends`.
+            let mut at = ends.partition_point(|&e| e >= end);
+            let mut best = (usize::MAX, usize::MAX);
+            while at > 0 {
+                best = best.min(tree[at]);
+                at -= at & at.wrapping_neg();
+            }
+            answers[i] = self.places.get(best.1).map(|p| p.2);
         }
-        let (start, end) = (s.start as usize, s.end as usize);
-        self.places
-            .iter()
-            .filter(|(a, b, _)| *a <= start && end <= *b)
-            .min_by_key(|(a, b, _)| b - a)
-            .map(|(_, _, y)| *y)
+        answers
     }
 }
 
@@ -249,6 +282,59 @@ pub fn parse_shard_size(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn places_are_the_smallest_pieces_holding_a_span() {
+        let mut sources = SourceMap::new();
+        let yaml = sources.add("x.yml", None, "");
+        let script = sources.add("x.merge", None, "");
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut below = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..50 {
+            let places: Vec<(usize, usize, Span)> = (0..1 + below(40))
+                .map(|k| {
+                    let a = below(100);
+                    (a, a + below(30), Span::new(yaml, k, k + 1))
+                })
+                .collect();
+            let import = Import {
+                sources: sources.clone(),
+                yaml,
+                script,
+                script_dir: PathBuf::new(),
+                places: places.clone(),
+                warnings: Diagnostics::new(),
+                compute: None,
+            };
+            let spans: Vec<Span> = (0..60)
+                .map(|_| {
+                    let a = below(120);
+                    let source = if below(10) == 0 { yaml } else { script };
+                    Span::new(source, a, a + below(10))
+                })
+                .collect();
+            let naive = |s: Span| {
+                (s.source == script)
+                    .then(|| {
+                        places
+                            .iter()
+                            .filter(|(a, b, _)| *a <= s.start as usize && s.end as usize <= *b)
+                            .min_by_key(|(a, b, _)| b - a)
+                            .map(|p| p.2)
+                    })
+                    .flatten()
+            };
+            let fast = import.places_of(&spans);
+            for (s, f) in spans.iter().zip(fast) {
+                assert_eq!(f, naive(*s), "round {round}, {s:?}");
+            }
+        }
+    }
 
     #[test]
     fn shard_sizes_as_mergekit() {

@@ -96,7 +96,7 @@ pub(crate) fn load(text: &str, source: SourceId) -> Result<Vec<Node>, Box<Diagno
                     span: doc_span,
                     raw: String::new(),
                 },
-                false => builder.node()?,
+                false => builder.node(1)?.0,
             };
             docs.push(node);
         }
@@ -140,7 +140,8 @@ struct Builder<'a> {
     text: &'a str,
     events: Vec<(Event<'a>, Span)>,
     pos: usize,
-    anchors: HashMap<usize, Node>,
+    /// Each anchored node, with its height.
+    anchors: HashMap<usize, (Node, usize)>,
     /// Values added by aliases so far.
     expanded: usize,
 }
@@ -179,11 +180,17 @@ impl Builder<'_> {
         Box::new(d)
     }
 
-    fn node(&mut self) -> Result<Node, Box<Diagnostic>> {
+    /// The node at `depth` (a document is at depth 1), with its height (a scalar is 1 high).
+    /// Nodes deeper than [`MAX_DEPTH`] are refused (E0608), aliases included.
+    fn node(&mut self, depth: usize) -> Result<(Node, usize), Box<Diagnostic>> {
         let Some((event, span)) = self.events.get(self.pos).cloned() else {
             return Err(self.unexpected_end());
         };
         self.pos += 1;
+        if depth > MAX_DEPTH {
+            return Err(too_deep(span));
+        }
+        let mut height = 1;
         let (node, anchor) = match event {
             Event::Scalar(text, style, anchor, tag) => {
                 let forced_string = tag.as_ref().is_some_and(|t| t.suffix == "str");
@@ -210,7 +217,11 @@ impl Builder<'_> {
                             self.pos += 1;
                             break s;
                         }
-                        Some(_) => items.push(self.node()?),
+                        Some(_) => {
+                            let (item, h) = self.node(depth + 1)?;
+                            height = height.max(h + 1);
+                            items.push(item);
+                        }
                         None => return Err(self.unexpected_end()),
                     }
                 };
@@ -234,8 +245,9 @@ impl Builder<'_> {
                             break s;
                         }
                         Some(_) => {
-                            let key = self.node()?;
-                            let value = self.node()?;
+                            let (key, hk) = self.node(depth + 1)?;
+                            let (value, hv) = self.node(depth + 1)?;
+                            height = height.max(hk.max(hv) + 1);
                             entries.push((key, value));
                         }
                         None => return Err(self.unexpected_end()),
@@ -253,7 +265,9 @@ impl Builder<'_> {
                 )
             }
             Event::Alias(id) => match self.anchors.get(&id) {
-                Some(n) => {
+                Some((_, h)) if depth + h - 1 > MAX_DEPTH => return Err(too_deep(span)),
+                Some((n, h)) => {
+                    height = *h;
                     // Aliases of aliases grow a tree exponentially ("billion laughs").
                     self.expanded += size(n);
                     if self.expanded > MAX_EXPANDED {
@@ -279,10 +293,22 @@ impl Builder<'_> {
             _ => return Err(self.unexpected_end()),
         };
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            self.anchors.insert(anchor, (node.clone(), height));
         }
-        Ok(node)
+        Ok((node, height))
     }
+}
+
+/// The deepest a YAML value may be nested (a top-level key is 2 deep): reading the tree
+/// and translating it recurse once per level. mergekit configs nest a few levels.
+pub(crate) const MAX_DEPTH: usize = 64;
+
+fn too_deep(span: Span) -> Box<Diagnostic> {
+    Box::new(
+        Diagnostic::error(Code::E0608, "the YAML is nested too deeply")
+            .at(span, format!("more than {MAX_DEPTH} levels deep here"))
+            .with_help("a mergekit config nests a few levels: `slices`, `sources`, `parameters`, a value"),
+    )
 }
 
 /// The most values the aliases of one file may expand to.
@@ -445,6 +471,22 @@ b:
         }
         let e = load(&text, SourceId(0)).unwrap_err();
         assert!(e.message.contains("too large"), "{}", e.message);
+    }
+
+    #[test]
+    fn nesting_is_limited_aliases_included() {
+        // The document is 1 deep, the value of `a` 2, each list one more: the `1` inside
+        // n lists is n + 2 deep.
+        let nested = |n: usize| format!("a: {}1{}\n", "[".repeat(n), "]".repeat(n));
+        assert!(load(&nested(MAX_DEPTH - 2), SourceId(0)).is_ok());
+        let e = load(&nested(MAX_DEPTH - 1), SourceId(0)).unwrap_err();
+        assert_eq!(e.code, Code::E0608);
+        // An alias is as deep as where it is used plus what it stands for.
+        let deep = "[".repeat(MAX_DEPTH - 10) + "1" + &"]".repeat(MAX_DEPTH - 10);
+        let ok = format!("a: &x {deep}\nb: *x\n");
+        assert!(load(&ok, SourceId(0)).is_ok());
+        let used_deeper = format!("a: &x {deep}\nb: [[[[[[[[[[[[*x]]]]]]]]]]]]\n");
+        assert_eq!(load(&used_deeper, SourceId(0)).unwrap_err().code, Code::E0608);
     }
 
     #[test]

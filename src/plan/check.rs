@@ -96,6 +96,13 @@ fn check_models_and_outputs(plan: &Draft, program: &hir::Program) -> Result<(), 
             program.outputs.len()
         )));
     }
+    // Steps per output, counted once (not once per output).
+    let mut steps_of = vec![0usize; plan.outputs.len()];
+    for s in &plan.steps {
+        if let Some(n) = steps_of.get_mut(s.output) {
+            *n += 1;
+        }
+    }
     for (index, (planned, out)) in plan.outputs.iter().zip(&program.outputs).enumerate() {
         if planned.spec.dir != out.dir {
             return Err(bug(format!(
@@ -109,7 +116,7 @@ fn check_models_and_outputs(plan: &Draft, program: &hir::Program) -> Result<(), 
             m.assembled.iter().map(|a| a.parts.len() - 1).sum::<usize>()
         });
         let generated = out.moe.as_deref().map_or(0, |m| m.generated.len());
-        let steps = plan.steps.iter().filter(|s| s.output == index).count();
+        let steps = steps_of[index];
         if planned.spec.tensors.len() + parts != steps + generated {
             return Err(bug(format!(
                 "plan lists {} tensors for output {index}, which has {steps} steps, {parts} assembled parts and {generated} generated tensors",
@@ -230,20 +237,34 @@ fn simulate_peak(plan: &Draft) -> u64 {
             }
         }
     }
-    let mut held_between = vec![0u64; plan.steps.len() + 1];
-    for (&(model, tensor), &(first, last, bytes)) in &first_last {
-        // resident during the steps between its uses that do not read it themselves
-        let between = plan
-            .steps
-            .iter()
-            .zip(held_between.iter_mut())
-            .take(last)
-            .skip(first + 1);
-        for (step, slot) in between {
-            if !step.inputs.iter().any(|x| x.model == model && x.tensor == tensor) {
-                *slot += bytes;
+    // Resident during the steps between its uses that do not read it themselves: added
+    // over first+1..last with a running sum (each input once, not once per step between),
+    // less the steps in between that read it.
+    let mut delta = vec![0i128; plan.steps.len() + 2];
+    for &(first, last, bytes) in first_last.values() {
+        if first + 1 < last {
+            delta[first + 1] += bytes as i128;
+            delta[last] -= bytes as i128;
+        }
+    }
+    for (i, step) in plan.steps.iter().enumerate() {
+        let mut seen = std::collections::HashSet::new();
+        for x in &step.inputs {
+            let key = (x.model, x.tensor.as_str());
+            match first_last.get(&key) {
+                Some(&(first, last, bytes)) if first < i && i < last && seen.insert(key) => {
+                    delta[i] -= bytes as i128;
+                    delta[i + 1] += bytes as i128;
+                }
+                _ => {}
             }
         }
+    }
+    let mut held_between = vec![0u64; plan.steps.len() + 1];
+    let mut running = 0i128;
+    for (slot, d) in held_between.iter_mut().zip(&delta) {
+        running += d;
+        *slot = running as u64;
     }
     let mut peak = 0;
     let mut start = 0;

@@ -215,13 +215,19 @@ pub fn draft(graph: &Graph, program: &hir::Program, limits: &Limits, force: bool
             info: m.info.clone(),
         })
         .collect();
-    let outputs = (0..program.outputs.len())
-        .map(|index| {
-            let own: Vec<&Step> = steps.iter().filter(|s| s.output == index).collect();
-            PlanOutput {
-                spec: output::output_spec(program, index, &own, force),
-                moe: program.outputs[index].moe.clone(),
-            }
+    // Each output's steps, gathered in one pass (not one pass per output).
+    let mut own: Vec<Vec<&Step>> = vec![Vec::new(); program.outputs.len()];
+    for s in &steps {
+        if let Some(o) = own.get_mut(s.output) {
+            o.push(s);
+        }
+    }
+    let outputs = own
+        .iter()
+        .enumerate()
+        .map(|(index, own)| PlanOutput {
+            spec: output::output_spec(program, index, own, force),
+            moe: program.outputs[index].moe.clone(),
         })
         .collect();
     let mut plan = Draft {

@@ -11,6 +11,16 @@ use crate::diag::{Code, Diagnostic};
 use crate::source::Span;
 use crate::syntax::ast::{self, Arg};
 
+/// A method call's arguments, as they are checked.
+#[derive(Default)]
+struct CallArgs<'a> {
+    models: Vec<ModelVal>,
+    base: Option<ModelVal>,
+    globals: BTreeMap<&'static str, ArgValue>,
+    seen: HashMap<&'a str, Span>,
+    failed: bool,
+}
+
 impl Checker<'_> {
     pub(super) fn call(&mut self, func: &ast::Ident, args: &[Arg], span: Span) -> Value {
         match func.name.as_str() {
@@ -22,77 +32,113 @@ impl Checker<'_> {
             _ => {}
         }
         let Some(sig) = methods::lookup(&func.name) else {
-            let mut d = Diagnostic::error(Code::E0203, format!("unknown function `{}`", func.name))
-                .at(func.span, "no such method");
-            if let Some(s) = names::did_you_mean(&func.name, methods::METHODS.iter().map(|m| m.name)) {
-                d = d.with_help(format!("did you mean `{s}`?"));
-            } else {
-                let all: Vec<&str> = methods::METHODS.iter().map(|m| m.name).collect();
-                d = d.with_help(format!("the methods are: {}", all.join(", ")));
-            }
             for a in args {
                 let _ = match a {
                     Arg::Positional(e) => self.expr(e),
                     Arg::Named(n) => self.expr(&n.value),
                 };
             }
-            return self.error(d);
+            return self.unknown_function(func);
         };
-        let mut models: Vec<ModelVal> = Vec::new();
-        let mut base: Option<ModelVal> = None;
-        let mut globals: BTreeMap<&'static str, ArgValue> = BTreeMap::new();
-        let mut seen: HashMap<&str, Span> = HashMap::new();
-        let mut failed = false;
+        // Arguments are evaluated here, and handled out of the recursion (see `expr`).
+        let mut st = CallArgs::default();
         for arg in args {
             match arg {
                 Arg::Positional(e) => {
-                    match self.expr(e) {
-                        Value::Model(m) => models.push(m),
-                        Value::Models(ms) => models.extend(ms),
-                        Value::Error => failed = true,
-                        other => {
-                            failed = true;
-                            self.diags.push(
-                            wrong_type(format!("expected a model, found {}", other.describe()), e.span, &other)
-                                .with_help(format!(
-                                    "`{}` takes models as positional arguments and parameters by name, e.g. `{}`",
-                                    sig.name,
-                                    example_call(sig)
-                                )),
-                        );
-                        }
-                    }
+                    let value = self.expr(e);
+                    self.positional_arg(sig, e, value, &mut st);
                 }
                 Arg::Named(n) => {
-                    if let Some(first) = seen.insert(n.name.name.as_str(), n.name.span) {
-                        failed = true;
-                        self.diags.push(
-                            Diagnostic::error(
-                                Code::E0207,
-                                format!("argument `{}` is given twice", n.name.name),
-                            )
-                            .at(n.name.span, "given again here")
-                            .with_label(first, "first given here"),
-                        );
+                    if self.argument_twice(n, &mut st) {
                         continue;
                     }
                     let value = self.expr(&n.value);
-                    if n.name.name == "base" {
-                        match self.base_argument(sig, &n.name, value, n.value.span) {
-                            Some(m) => base = Some(m),
-                            None => failed = true,
-                        }
-                        continue;
-                    }
-                    match self.arg_value(sig, &n.name, value, n.value.span, false) {
-                        Some((name, v)) => {
-                            globals.insert(name, v);
-                        }
-                        None => failed = true,
-                    }
+                    self.named_arg(sig, n, value, &mut st);
                 }
             }
         }
+        self.method_call(sig, st, span)
+    }
+
+    #[inline(never)]
+    fn unknown_function(&mut self, func: &ast::Ident) -> Value {
+        let mut d = Diagnostic::error(Code::E0203, format!("unknown function `{}`", func.name))
+            .at(func.span, "no such method");
+        if let Some(s) = names::did_you_mean(&func.name, methods::METHODS.iter().map(|m| m.name)) {
+            d = d.with_help(format!("did you mean `{s}`?"));
+        } else {
+            let all: Vec<&str> = methods::METHODS.iter().map(|m| m.name).collect();
+            d = d.with_help(format!("the methods are: {}", all.join(", ")));
+        }
+        self.error(d)
+    }
+
+    #[inline(never)]
+    fn positional_arg(&mut self, sig: &MethodSig, e: &ast::Expr, value: Value, st: &mut CallArgs) {
+        match value {
+            Value::Model(m) => st.models.push(m),
+            Value::Models(ms) => st.models.extend(ms),
+            Value::Error => st.failed = true,
+            other => {
+                st.failed = true;
+                self.diags.push(
+                    wrong_type(
+                        format!("expected a model, found {}", other.describe()),
+                        e.span,
+                        &other,
+                    )
+                    .with_help(format!(
+                        "`{}` takes models as positional arguments and parameters by name, e.g. `{}`",
+                        sig.name,
+                        example_call(sig)
+                    )),
+                );
+            }
+        }
+    }
+
+    /// Whether the named argument `n` was given before (E0207); records it otherwise.
+    #[inline(never)]
+    fn argument_twice<'a>(&mut self, n: &'a ast::Named, st: &mut CallArgs<'a>) -> bool {
+        let Some(first) = st.seen.insert(n.name.name.as_str(), n.name.span) else {
+            return false;
+        };
+        st.failed = true;
+        self.diags.push(
+            Diagnostic::error(Code::E0207, format!("argument `{}` is given twice", n.name.name))
+                .at(n.name.span, "given again here")
+                .with_label(first, "first given here"),
+        );
+        true
+    }
+
+    #[inline(never)]
+    fn named_arg(&mut self, sig: &'static MethodSig, n: &ast::Named, value: Value, st: &mut CallArgs) {
+        if n.name.name == "base" {
+            match self.base_argument(sig, &n.name, value, n.value.span) {
+                Some(m) => st.base = Some(m),
+                None => st.failed = true,
+            }
+            return;
+        }
+        match self.arg_value(sig, &n.name, value, n.value.span, false) {
+            Some((name, v)) => {
+                st.globals.insert(name, v);
+            }
+            None => st.failed = true,
+        }
+    }
+
+    /// The call of `sig` with its arguments checked one by one.
+    #[inline(never)]
+    fn method_call(&mut self, sig: &'static MethodSig, st: CallArgs, span: Span) -> Value {
+        let CallArgs {
+            mut models,
+            mut base,
+            globals,
+            seen: _,
+            mut failed,
+        } = st;
         if sig.base == methods::Base::Required && !models.is_empty() {
             base = Some(models.remove(0));
         }

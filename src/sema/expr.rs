@@ -7,32 +7,51 @@ use std::rc::Rc;
 use super::methods::{self};
 use super::params::{Param, Pattern, TableArm};
 use super::value::{MExpr, ModelVal, ParamEntry, TensorSig, Value};
-use super::{names, union_inputs, wrong_type, Checker};
+use super::{names, union_inputs, wrong_type, Checker, MAX_MODEL_DEPTH};
 use crate::diag::{Code, Diagnostic};
 use crate::source::Span;
 use crate::syntax::ast::{self, BinOp, Expr, ExprKind, Named};
 
 impl Checker<'_> {
+    /// Checks an expression. A model value nested deeper than [`MAX_MODEL_DEPTH`] (through
+    /// `let` bindings, say) is refused here (E0210), before any later walk over it, once
+    /// per tensor, could recurse that deep.
+    ///
+    /// Expressions nest as deep as the parser allows (`syntax::MAX_EXPR_DEPTH`), and every
+    /// level goes through this function: the functions on that path evaluate their operands
+    /// and leave the rest to helpers (`combine`, `negate`, ...), so that each level takes
+    /// little stack.
     pub(super) fn expr(&mut self, expr: &Expr) -> Value {
+        let value = self.eval(expr);
+        match &value {
+            Value::Model(m) if self.model_depth(&m.expr) > MAX_MODEL_DEPTH => self.too_deep(expr.span),
+            _ => value,
+        }
+    }
+
+    #[inline(never)]
+    fn too_deep(&mut self, span: Span) -> Value {
+        self.error(
+            Diagnostic::error(Code::E0210, "the model expression is nested too deeply")
+                .at(
+                    span,
+                    format!("more than {MAX_MODEL_DEPTH} merges and operations deep"),
+                )
+                .with_note("each `let` binding a model is used in adds the depth of that model")
+                .with_help(
+                    "save an intermediate model and merge further from the saved folder in another script",
+                ),
+        )
+    }
+
+    fn eval(&mut self, expr: &Expr) -> Value {
         match &expr.kind {
             ExprKind::Number(v) => Value::Param(Param::Number(*v)),
             ExprKind::Size(v) => Value::Size(*v),
             ExprKind::Str(_) => Value::Str,
             ExprKind::Name(name) => self.name(name, expr.span),
             ExprKind::List(items) => self.list(items, expr.span),
-            ExprKind::Neg(inner) => match self.expr(inner) {
-                Value::Param(Param::Number(v)) => Value::Param(Param::Number(-v)),
-                Value::Model(m) => {
-                    let m = self.no_params(m);
-                    self.derive(&m, expr.span, MExpr::Neg(Rc::clone(&m.expr)))
-                }
-                Value::Error => Value::Error,
-                other => self.error(wrong_type(
-                    format!("cannot negate {}", other.describe()),
-                    inner.span,
-                    &other,
-                )),
-            },
+            ExprKind::Neg(inner) => self.neg(inner, expr.span),
             ExprKind::Binary { op, lhs, rhs } => self.binary(*op, lhs, rhs, expr.span),
             ExprKind::Call { func, args } => self.call(func, args, expr.span),
             ExprKind::Params { target, params } => self.param_block(target, params, expr.span),
@@ -46,6 +65,29 @@ impl Checker<'_> {
         }
     }
 
+    fn neg(&mut self, inner: &Expr, span: Span) -> Value {
+        let value = self.expr(inner);
+        self.negate(value, inner, span)
+    }
+
+    #[inline(never)]
+    fn negate(&mut self, value: Value, inner: &Expr, span: Span) -> Value {
+        match value {
+            Value::Param(Param::Number(v)) => Value::Param(Param::Number(-v)),
+            Value::Model(m) => {
+                let m = self.no_params(m);
+                self.derive(&m, span, MExpr::Neg(Rc::clone(&m.expr)))
+            }
+            Value::Error => Value::Error,
+            other => self.error(wrong_type(
+                format!("cannot negate {}", other.describe()),
+                inner.span,
+                &other,
+            )),
+        }
+    }
+
+    #[inline(never)]
     pub(super) fn name(&mut self, name: &str, span: Span) -> Value {
         if let Some(binding) = self.env.get_mut(name) {
             binding.used = true;
@@ -61,8 +103,14 @@ impl Checker<'_> {
             _ => {}
         }
         let mut d = Diagnostic::error(Code::E0201, format!("unknown name `{name}`")).at(span, "not defined");
-        let candidates: Vec<&str> = self.env.keys().map(String::as_str).collect();
-        if let Some(s) = names::did_you_mean(name, candidates) {
+        let suggestion = match self.suggestions_left.checked_sub(1) {
+            Some(left) => {
+                self.suggestions_left = left;
+                names::did_you_mean(name, self.env.keys().map(String::as_str))
+            }
+            None => None,
+        };
+        if let Some(s) = suggestion {
             d = d.with_help(format!("did you mean `{s}`?"));
         } else if methods::lookup(name).is_some() {
             d = d.with_help(format!(
@@ -75,7 +123,13 @@ impl Checker<'_> {
     }
 
     pub(super) fn list(&mut self, items: &[Expr], span: Span) -> Value {
-        if items.is_empty() {
+        let values: Vec<(Value, Span)> = items.iter().map(|e| (self.expr(e), e.span)).collect();
+        self.list_value(values, span)
+    }
+
+    #[inline(never)]
+    fn list_value(&mut self, values: Vec<(Value, Span)>, span: Span) -> Value {
+        if values.is_empty() {
             return self.error(
                 Diagnostic::error(Code::E0301, "empty list")
                     .at(span, "a list needs at least one element")
@@ -84,7 +138,6 @@ impl Checker<'_> {
                     ),
             );
         }
-        let values: Vec<(Value, Span)> = items.iter().map(|e| (self.expr(e), e.span)).collect();
         if values.iter().any(|(v, _)| matches!(v, Value::Error)) {
             return Value::Error;
         }
@@ -131,10 +184,17 @@ impl Checker<'_> {
     }
 
     pub(super) fn table(&mut self, arms: &[ast::MatchArm], span: Span) -> Value {
+        let values: Vec<Value> = arms.iter().map(|arm| self.expr(&arm.value)).collect();
+        self.table_value(arms, values, span)
+    }
+
+    /// The table of `arms`, whose values are `values` (evaluated in order).
+    #[inline(never)]
+    fn table_value(&mut self, arms: &[ast::MatchArm], values: Vec<Value>, span: Span) -> Value {
         let mut out = Vec::new();
         let mut failed = false;
         let mut wildcard_at: Option<Span> = None;
-        for arm in arms {
+        for (arm, value) in arms.iter().zip(values) {
             if let Some(w) = wildcard_at {
                 self.diags.push(
                     Diagnostic::error(Code::E0305, "this arm can never match")
@@ -143,7 +203,7 @@ impl Checker<'_> {
                         .with_help("move `_` to the end of the table"),
                 );
             }
-            let value = match self.expr(&arm.value) {
+            let value = match value {
                 Value::Param(p) => p,
                 Value::Error => {
                     failed = true;
@@ -214,6 +274,20 @@ impl Checker<'_> {
     pub(super) fn binary(&mut self, op: BinOp, lhs_e: &Expr, rhs_e: &Expr, span: Span) -> Value {
         let lhs = self.expr(lhs_e);
         let rhs = self.expr(rhs_e);
+        self.combine(op, lhs_e, rhs_e, lhs, rhs, span)
+    }
+
+    /// `lhs op rhs`, the operands evaluated already.
+    #[inline(never)]
+    fn combine(
+        &mut self,
+        op: BinOp,
+        lhs_e: &Expr,
+        rhs_e: &Expr,
+        lhs: Value,
+        rhs: Value,
+        span: Span,
+    ) -> Value {
         match (op, lhs, rhs) {
             (_, Value::Error, _) | (_, _, Value::Error) => Value::Error,
             (_, Value::Param(Param::Number(a)), Value::Param(Param::Number(b))) => {
@@ -398,11 +472,25 @@ impl Checker<'_> {
 
     pub(super) fn param_block(&mut self, target: &Expr, params: &[Named], span: Span) -> Value {
         let value = self.expr(target);
+        let values: Vec<Value> = params.iter().map(|p| self.expr(&p.value)).collect();
+        self.with_params(target, params, value, values, span)
+    }
+
+    #[inline(never)]
+    fn with_params(
+        &mut self,
+        target: &Expr,
+        params: &[Named],
+        value: Value,
+        values: Vec<Value>,
+        span: Span,
+    ) -> Value {
         let entries: Vec<ParamEntry> = params
             .iter()
-            .map(|p| ParamEntry {
+            .zip(values)
+            .map(|(p, value)| ParamEntry {
                 name: p.name.clone(),
-                value: self.expr(&p.value),
+                value,
                 span: p.name.span.join(p.value.span),
             })
             .collect();

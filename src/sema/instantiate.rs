@@ -34,26 +34,78 @@ struct Ctx<'a> {
     seed: u64,
     /// The output's compute dtype: 16 bits rounds after every op (`ops::compute`).
     compute: Compute,
+    /// Operations left (E0211): each step of [`Ctx::tensor`] takes one, a copy of an
+    /// expression as many as it has nodes.
+    ops_left: u64,
+    /// Set once `ops_left` ran out: every tensor still to do fails at once.
+    too_large: bool,
 }
 
-/// Fills `out.tensors` from `model`, in natural name order (layers in numeric order).
+/// Fills `out.tensors` from `model`, in natural name order (layers in numeric order),
+/// with at most `ops_left` operations (E0211), which it counts down.
 pub(super) fn output(
     models: &[InputModel],
     seed: u64,
-    mut out: hir::Output,
+    out: hir::Output,
     model: &ModelVal,
     diags: &mut Diagnostics,
+    ops_left: &mut u64,
 ) -> hir::Output {
     let mut ctx = Ctx {
         models,
         problems: Problems::default(),
         seed,
         compute: out.compute,
+        ops_left: *ops_left,
+        too_large: false,
     };
-    if let MExpr::Moe(moe) = &*model.expr {
-        out = moe_output(&mut ctx, moe, out, model);
+    let mut out = tensors(&mut ctx, out, model);
+    if !ctx.too_large
+        && out
+            .tensors
+            .iter()
+            .any(|t| depth(&t.expr) > super::MAX_TENSOR_DEPTH)
+    {
+        // Graph lowering and the kernels walk each tensor's expression recursively.
+        out.tensors.clear();
+        diags.push(
+            Diagnostic::error(
+                Code::E0210,
+                format!(
+                    "the model expression is nested too deeply: a tensor is computed through more than {} nested operations",
+                    super::MAX_TENSOR_DEPTH
+                ),
+            )
+            .at(model.span, "this model")
+            .with_note("16-bit compute rounds after every operation, and merge methods such as `task_arithmetic` take several operations each")
+            .with_help("save an intermediate model and merge further from the saved folder in another script"),
+        );
+    }
+    // Reported once, by the save that used the last of them.
+    if ctx.too_large && *ops_left > 0 {
+        diags.push(
+            Diagnostic::error(
+                Code::E0211,
+                format!(
+                    "the saved models are too large to compute: their tensors need more than {} operations in all",
+                    super::MAX_TENSOR_OPS
+                ),
+            )
+            .at(model.span, "the limit is reached computing this model")
+            .with_note("each tensor is computed on its own: a `let` binding used twice is computed twice, so a chain of such bindings doubles the work at every step")
+            .with_help("merge in fewer steps, or save an intermediate model and merge further from the saved folder in another script"),
+        );
+    }
+    *ops_left = ctx.ops_left;
+    if !ctx.too_large {
         report(ctx.problems, diags);
-        return out;
+    }
+    out
+}
+
+fn tensors(ctx: &mut Ctx, mut out: hir::Output, model: &ModelVal) -> hir::Output {
+    if let MExpr::Moe(moe) = &*model.expr {
+        return moe_output(ctx, moe, out, model);
     }
     let modules = names::module_layers(model.tensors.keys());
     let mut names: Vec<&String> = model.tensors.keys().collect();
@@ -79,8 +131,68 @@ pub(super) fn output(
             expr,
         });
     }
-    report(ctx.problems, diags);
     out
+}
+
+/// The name `Layers { start, module }` reads for output tensor `name`.
+#[inline(never)]
+fn layer_name(name: &str, module: &str, start: usize) -> String {
+    match names::layer_in(name, module) {
+        Some((i, _)) => names::with_layer(name, i + start),
+        None => name.to_string(),
+    }
+}
+
+/// Where a stack takes tensor `name` from: the expression, its name there and its layer
+/// position (each segment is a slice: gradients run over its own layers).
+#[inline(never)]
+fn stack_source<'e>(expr: &'e MExpr, name: &str) -> Option<(&'e MExpr, String, f64)> {
+    let MExpr::Stack {
+        segments,
+        pre,
+        post,
+        module,
+    } = expr
+    else {
+        return None;
+    };
+    let Some((i, _)) = names::layer_in(name, module) else {
+        // Outside the layers: mergekit plans these at t = 0.
+        let from = if names::stacks_before(name) { pre } else { post };
+        return Some((from.as_ref(), name.to_string(), 0.0));
+    };
+    let seg = segments
+        .iter()
+        .find(|s| (s.offset..s.offset + s.len).contains(&i))?;
+    let local = i - seg.offset;
+    let t = if seg.len > 1 {
+        local as f64 / (seg.len - 1) as f64
+    } else {
+        1.0
+    };
+    Some((seg.expr.as_ref(), names::with_layer(name, local), t))
+}
+
+/// The depth of an expression (a load is 1 deep), measured without recursion.
+fn depth(e: &TensorExpr) -> u32 {
+    let mut deepest = 0;
+    let mut stack = vec![(e, 1)];
+    while let Some((e, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        stack.extend(e.operands().iter().map(|x| (x, d + 1)));
+    }
+    deepest
+}
+
+/// The number of nodes of an expression, counted without recursion.
+fn size(e: &TensorExpr) -> u64 {
+    let mut count = 0;
+    let mut stack = vec![e];
+    while let Some(e) = stack.pop() {
+        count += 1;
+        stack.extend(e.operands());
+    }
+    count
 }
 
 /// One diagnostic per place with a problem, with how many tensors it concerns.
@@ -122,62 +234,36 @@ fn layer_position(name: &str, modules: &BTreeMap<String, usize>) -> f64 {
 }
 
 impl Ctx<'_> {
+    /// Takes `n` operations; false (and nothing taken) when fewer are left.
+    fn take_ops(&mut self, n: u64) -> bool {
+        match self.ops_left.checked_sub(n) {
+            Some(left) if !self.too_large => {
+                self.ops_left = left;
+                true
+            }
+            _ => {
+                self.too_large = true;
+                false
+            }
+        }
+    }
+
+    /// Tensor `name` of `expr` at layer position `t`. The recursion runs through this
+    /// function and the method calls only; everything else is done in helpers, so that each
+    /// level of a deep expression takes little stack.
     fn tensor(&mut self, expr: &MExpr, name: &str, t: f64, under_op: bool) -> Option<TensorExpr> {
-        Some(match expr {
-            MExpr::Input(id) => {
-                let info = &self.models[id.0 as usize].info;
-                let dtype = info.tensors.get(name)?.dtype;
-                if under_op && !dtype.is_mergeable() {
-                    let span = self.models[id.0 as usize].span;
-                    self.problems.add(
-                        span,
-                        Code::E0307,
-                        &format!("cannot compute on {} tensors", dtype.safetensors_name()),
-                        "this model stores them",
-                        name,
-                    );
-                    return None;
-                }
-                let load = TensorExpr::Load {
-                    model: *id,
-                    name: name.to_string(),
-                };
-                // mergekit casts every float input to the compute dtype first.
-                if dtype.is_mergeable() {
-                    self.round(load)
-                } else {
-                    load
-                }
-            }
+        if !self.take_ops(1) {
+            return None;
+        }
+        match expr {
+            MExpr::Input(id) => self.input(*id, name, under_op),
             MExpr::Layers { inner, start, module } => {
-                let inner_name = match names::layer_in(name, module) {
-                    Some((i, _)) => names::with_layer(name, i + start),
-                    None => name.to_string(),
-                };
-                return self.tensor(inner, &inner_name, t, under_op);
+                let inner_name = layer_name(name, module, *start);
+                self.tensor(inner, &inner_name, t, under_op)
             }
-            MExpr::Stack {
-                segments,
-                pre,
-                post,
-                module,
-            } => {
-                let Some((i, _)) = names::layer_in(name, module) else {
-                    // Outside the layers: mergekit plans these at t = 0.
-                    let from = if names::stacks_before(name) { pre } else { post };
-                    return self.tensor(from, name, 0.0, under_op);
-                };
-                let seg = segments
-                    .iter()
-                    .find(|s| (s.offset..s.offset + s.len).contains(&i))?;
-                let local = i - seg.offset;
-                // Each segment is a slice: gradients run over its own layers.
-                let t = if seg.len > 1 {
-                    local as f64 / (seg.len - 1) as f64
-                } else {
-                    1.0
-                };
-                return self.tensor(&seg.expr, &names::with_layer(name, local), t, under_op);
+            MExpr::Stack { .. } => {
+                let (from, name, t) = stack_source(expr, name)?;
+                self.tensor(from, &name, t, under_op)
             }
             MExpr::Graft {
                 onto,
@@ -185,49 +271,121 @@ impl Ctx<'_> {
                 part_names,
             } => {
                 let from = if part_names.contains(name) { part } else { onto };
-                return self.tensor(from, name, t, under_op);
+                self.tensor(from, name, t, under_op)
             }
             MExpr::Rename { inner, map } => {
                 let inner_name = map.get(name).map_or(name, String::as_str);
-                return self.tensor(inner, inner_name, t, under_op);
+                self.tensor(inner, inner_name, t, under_op)
             }
-            // Negation is exact in every dtype: nothing to round.
-            MExpr::Neg(inner) => -self.tensor(inner, name, t, true)?,
-            MExpr::Add(a, b) => {
-                let sum = self.tensor(a, name, t, true)? + self.tensor(b, name, t, true)?;
-                self.round(sum)
+            MExpr::Neg(inner) => self.negated(inner, name, t),
+            MExpr::Add(a, b) | MExpr::Sub(a, b) => self.arithmetic(expr, a, b, name, t),
+            MExpr::Scale(inner, p, span) | MExpr::Divide(inner, p, span) => {
+                self.scaled(expr, inner, p, *span, name, t)
             }
-            MExpr::Sub(a, b) => {
-                let difference = self.tensor(a, name, t, true)? - self.tensor(b, name, t, true)?;
-                self.round(difference)
-            }
-            MExpr::Scale(inner, p, span) => {
-                let factor = self.param(p, *span, name, t)?;
-                let scaled = TensorExpr::scale(self.tensor(inner, name, t, true)?, factor);
-                self.round(scaled)
-            }
-            MExpr::Divide(inner, p, span) => {
-                let divisor = self.param(p, *span, name, t)?;
-                if divisor as f32 == 0.0 {
-                    self.problems
-                        .add(*span, Code::E0305, "division by zero", "this is 0 here", name);
-                    return None;
-                }
-                let quotient = TensorExpr::divide(self.tensor(inner, name, t, true)?, divisor);
-                self.round(quotient)
-            }
-            MExpr::Method(call) => self.method(call, name, t)?,
+            MExpr::Method(call) => self.method(call, name, t),
             MExpr::Moe(moe) => {
-                self.problems.add(
-                    moe.span,
-                    Code::E0301,
-                    "`moe(...)` makes a model to save; it cannot be merged, sliced or renamed further",
-                    "this mixture of experts",
-                    name,
-                );
-                return None;
+                self.moe_merged_further(moe, name);
+                None
             }
+        }
+    }
+
+    /// An input model's tensor, rounded to the compute dtype when it is a float.
+    #[inline(never)]
+    fn input(&mut self, id: ModelId, name: &str, under_op: bool) -> Option<TensorExpr> {
+        let info = &self.models[id.0 as usize].info;
+        let dtype = info.tensors.get(name)?.dtype;
+        if under_op && !dtype.is_mergeable() {
+            let span = self.models[id.0 as usize].span;
+            self.problems.add(
+                span,
+                Code::E0307,
+                &format!("cannot compute on {} tensors", dtype.safetensors_name()),
+                "this model stores them",
+                name,
+            );
+            return None;
+        }
+        let load = TensorExpr::Load {
+            model: id,
+            name: name.to_string(),
+        };
+        // mergekit casts every float input to the compute dtype first.
+        Some(if dtype.is_mergeable() {
+            self.round(load)
+        } else {
+            load
         })
+    }
+
+    /// `-inner`. Negation is exact in every dtype: nothing to round.
+    fn negated(&mut self, inner: &MExpr, name: &str, t: f64) -> Option<TensorExpr> {
+        let x = self.tensor(inner, name, t, true)?;
+        Some(-x)
+    }
+
+    /// `a + b` or `a - b` as `expr` says, rounded.
+    fn arithmetic(&mut self, expr: &MExpr, a: &MExpr, b: &MExpr, name: &str, t: f64) -> Option<TensorExpr> {
+        let x = self.tensor(a, name, t, true)?;
+        let y = self.tensor(b, name, t, true)?;
+        Some(self.combined(expr, x, y))
+    }
+
+    #[inline(never)]
+    fn combined(&self, expr: &MExpr, x: TensorExpr, y: TensorExpr) -> TensorExpr {
+        let value = match expr {
+            MExpr::Add(..) => x + y,
+            _ => x - y,
+        };
+        self.round(value)
+    }
+
+    /// `inner * p` or `inner / p` as `expr` says, rounded.
+    fn scaled(
+        &mut self,
+        expr: &MExpr,
+        inner: &MExpr,
+        p: &Param,
+        span: Span,
+        name: &str,
+        t: f64,
+    ) -> Option<TensorExpr> {
+        let factor = self.factor(expr, p, span, name, t)?;
+        let x = self.tensor(inner, name, t, true)?;
+        Some(self.times(expr, x, factor))
+    }
+
+    /// The factor of a `Scale` or the divisor of a `Divide` for this tensor.
+    #[inline(never)]
+    fn factor(&mut self, expr: &MExpr, p: &Param, span: Span, name: &str, t: f64) -> Option<f64> {
+        let v = self.param(p, span, name, t)?;
+        if matches!(expr, MExpr::Divide(..)) && v as f32 == 0.0 {
+            self.problems
+                .add(span, Code::E0305, "division by zero", "this is 0 here", name);
+            return None;
+        }
+        Some(v)
+    }
+
+    /// `x * factor` or `x / factor` as `expr` says, rounded.
+    #[inline(never)]
+    fn times(&self, expr: &MExpr, x: TensorExpr, factor: f64) -> TensorExpr {
+        let value = match expr {
+            MExpr::Divide(..) => TensorExpr::divide(x, factor),
+            _ => TensorExpr::scale(x, factor),
+        };
+        self.round(value)
+    }
+
+    #[inline(never)]
+    fn moe_merged_further(&mut self, moe: &MoeExpr, name: &str) {
+        self.problems.add(
+            moe.span,
+            Code::E0301,
+            "`moe(...)` makes a model to save; it cannot be merged, sliced or renamed further",
+            "this mixture of experts",
+            name,
+        );
     }
 
     /// Tensor `name` of MoE member `member`, with its noise and residual scale. The noise is
@@ -417,22 +575,39 @@ impl Ctx<'_> {
     fn linear(&mut self, call: &MethodCall, name: &str, t: f64) -> Option<TensorExpr> {
         let mut terms = Vec::with_capacity(call.models.len());
         for m in &call.models {
-            let w = self.number(m, call, "weight", name, t).filter(|w| {
-                let finite = (*w as f32).is_finite();
-                if !finite {
-                    self.problems.add(
-                        m.span,
-                        Code::E0305,
-                        "the weight is too large for f32",
-                        "this model's weight",
-                        name,
-                    );
-                }
-                finite
-            });
+            let w = self.linear_weight(m, call, name, t);
             let x = self.tensor(&m.expr, name, t, true);
             terms.push((x?, w?));
         }
+        self.weighted(call, terms, name)
+    }
+
+    /// A model's `linear` weight, finite in f32.
+    #[inline(never)]
+    fn linear_weight(&mut self, m: &CallModel, call: &MethodCall, name: &str, t: f64) -> Option<f64> {
+        self.number(m, call, "weight", name, t).filter(|w| {
+            let finite = (*w as f32).is_finite();
+            if !finite {
+                self.problems.add(
+                    m.span,
+                    Code::E0305,
+                    "the weight is too large for f32",
+                    "this model's weight",
+                    name,
+                );
+            }
+            finite
+        })
+    }
+
+    /// `linear`'s weighted sum of the models' tensors, normalized when it asks to be.
+    #[inline(never)]
+    fn weighted(
+        &mut self,
+        call: &MethodCall,
+        terms: Vec<(TensorExpr, f64)>,
+        name: &str,
+    ) -> Option<TensorExpr> {
         let divisor = if Self::flag(call.sig, call, "normalize") {
             // mergekit sums the weights in the tensor dtype; f32 here, as we compute.
             let sum: f32 = terms.iter().map(|(_, w)| *w as f32).sum();
@@ -496,7 +671,6 @@ impl Ctx<'_> {
 
     /// Every method but `linear`: a [`MethodOp`] over the base (first) and the models.
     fn whole_tensor_method(&mut self, call: &MethodCall, name: &str, t: f64) -> Option<TensorExpr> {
-        let sig = call.sig;
         let base = match &call.base {
             Some(b) => Some(self.tensor(b, name, t, true)?),
             None => None,
@@ -506,6 +680,20 @@ impl Ctx<'_> {
             models.push(self.tensor(&m.expr, name, t, true));
         }
         let models: Vec<TensorExpr> = models.into_iter().collect::<Option<_>>()?;
+        self.method_op(call, base, models, name, t)
+    }
+
+    /// The method applied to its inputs' tensors (computed already, out of the recursion).
+    #[inline(never)]
+    fn method_op(
+        &mut self,
+        call: &MethodCall,
+        base: Option<TensorExpr>,
+        models: Vec<TensorExpr>,
+        name: &str,
+        t: f64,
+    ) -> Option<TensorExpr> {
+        let sig = call.sig;
         let with_base = base.is_some();
         let flag = |key: &str| Self::flag(sig, call, key);
         let op = match sig.method {
@@ -566,6 +754,10 @@ impl Ctx<'_> {
                 // (x − base)·w summed in model order, divided by Σw (|Σw| < 1e-8 -> 1) when
                 // normalize is on, times λ, plus the base.
                 let base = base?;
+                // The base is copied once per model.
+                if !self.take_ops(size(&base) * models.len() as u64) {
+                    return None;
+                }
                 let weights = self.per_model(call, "weight", 1.0, name, t)?;
                 let lambda = self.required(call, "lambda", name, t)?;
                 if self.compute.half().is_some() {

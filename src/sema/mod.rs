@@ -38,6 +38,25 @@ use value::{MExpr, ModelVal, TensorSig, Value};
 /// The names `set` accepts.
 pub const SETTINGS: [&str; 3] = ["seed", "max_memory", "compute"];
 
+/// The deepest model expression accepted (E0210): every operation, merge, layer range,
+/// `stack`, `graft` or `rename` over a model adds a level, through `let` bindings too.
+/// Instantiation and the stages after it walk these trees recursively.
+pub const MAX_MODEL_DEPTH: u32 = 256;
+
+/// The deepest expression a tensor of a saved model may be computed with (E0210): graph
+/// lowering and the kernels walk it recursively. Each operation is a level, and 16-bit
+/// compute adds a rounding after each; a merge method takes one to seven levels.
+pub const MAX_TENSOR_DEPTH: u32 = 512;
+
+/// The most operations the tensors of all saved models may take in all (E0211), once
+/// shared `let` bindings are expanded: each tensor is a tree, so a binding used twice is
+/// computed twice, and a chain of such bindings doubles at every step.
+pub const MAX_TENSOR_OPS: u64 = 500_000;
+
+/// How many unknown names get a "did you mean" suggestion; the text output shows only the
+/// first diagnostics anyway, and each suggestion compares the name with every binding.
+const MAX_SUGGESTIONS: usize = 100;
+
 /// Default output shard size, as mergekit's `--out-shard-size` (5e9 bytes).
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 
@@ -85,10 +104,14 @@ pub fn check(
         env: HashMap::new(),
         diags: Diagnostics::new(),
         outputs: Vec::new(),
+        output_dirs: HashMap::new(),
         seed: 0,
         seed_span: None,
         max_memory: None,
         compute: None,
+        depths: HashMap::new(),
+        ops_left: MAX_TENSOR_OPS,
+        suggestions_left: MAX_SUGGESTIONS,
     };
     // Settings apply to the whole script, wherever they are written.
     for stmt in &script.stmts {
@@ -138,14 +161,53 @@ struct Checker<'a> {
     env: HashMap<String, Binding>,
     diags: Diagnostics,
     outputs: Vec<hir::Output>,
+    /// The folder of each output so far (to find two saves to one folder at once).
+    output_dirs: HashMap<PathBuf, Span>,
     seed: u64,
     seed_span: Option<Span>,
     max_memory: Option<u64>,
     /// `set compute = ...`: the default compute dtype of the saves.
     compute: Option<(Compute, Span)>,
+    /// The depth of every model expression measured so far (E0210). Each entry holds its
+    /// expression, so that no address is reused while the checker runs.
+    depths: HashMap<*const MExpr, (Rc<MExpr>, u32)>,
+    /// Operations left to instantiate the tensors of the saves with (E0211).
+    ops_left: u64,
+    /// Unknown names that may still get a "did you mean" suggestion.
+    suggestions_left: usize,
 }
 
 impl Checker<'_> {
+    /// The depth of a model expression (an input model is 1 deep), without recursion:
+    /// expressions are shared (a `let` used twice), and each is measured once.
+    fn model_depth(&mut self, root: &Rc<MExpr>) -> u32 {
+        let mut stack: Vec<(&Rc<MExpr>, bool)> = vec![(root, false)];
+        while let Some((e, children_done)) = stack.pop() {
+            if self.depths.contains_key(&Rc::as_ptr(e)) {
+                continue;
+            }
+            let children = e.children();
+            if children_done {
+                let depth = children
+                    .iter()
+                    .map(|c| self.depths.get(&Rc::as_ptr(c)).map_or(0, |d| d.1))
+                    .max()
+                    .unwrap_or(0)
+                    + 1;
+                self.depths.insert(Rc::as_ptr(e), (Rc::clone(e), depth));
+            } else {
+                stack.push((e, true));
+                stack.extend(
+                    children
+                        .into_iter()
+                        .filter(|c| !self.depths.contains_key(&Rc::as_ptr(c)))
+                        .map(|c| (c, false)),
+                );
+            }
+        }
+        self.depths.get(&Rc::as_ptr(root)).map_or(0, |d| d.1)
+    }
+
     fn error(&mut self, d: Diagnostic) -> Value {
         self.diags.push(d);
         Value::Error
@@ -339,59 +401,37 @@ fn union_inputs<'a>(ids: impl IntoIterator<Item = &'a ModelId>) -> Vec<ModelId> 
     out
 }
 
-/// The methods a saved model is made with, outermost first, for its model card.
-fn describe(expr: &MExpr) -> Vec<hir::Construct> {
+/// The methods a saved model is made with, outermost first, for its model card: a walk
+/// in pre-order, without recursion, each shared expression once.
+fn describe(expr: &Rc<MExpr>) -> Vec<hir::Construct> {
     use hir::Construct;
-    fn walk(e: &MExpr, out: &mut Vec<Construct>) {
-        let mut push = |c: Construct| {
-            if !out.contains(&c) {
-                out.push(c);
-            }
-        };
-        match e {
-            MExpr::Input(_) => {}
-            MExpr::Layers { inner, .. } => {
-                push(Construct::LayerSelection);
-                walk(inner, out);
-            }
-            MExpr::Stack {
-                segments, pre, post, ..
-            } => {
-                push(Construct::Stack);
-                segments.iter().for_each(|s| walk(&s.expr, out));
-                walk(pre, out);
-                walk(post, out);
-            }
-            MExpr::Neg(x) | MExpr::Scale(x, ..) | MExpr::Divide(x, ..) => {
-                push(Construct::Arithmetic);
-                walk(x, out);
-            }
-            MExpr::Graft { onto, part, .. } => {
-                push(Construct::Graft);
-                walk(part, out);
-                walk(onto, out);
-            }
-            MExpr::Rename { inner, .. } => walk(inner, out),
-            MExpr::Add(a, b) | MExpr::Sub(a, b) => {
-                push(Construct::Arithmetic);
-                walk(a, out);
-                walk(b, out);
-            }
-            MExpr::Moe(moe) => {
-                push(Construct::Moe);
-                walk(&moe.base, out);
-                moe.members.iter().for_each(|m| walk(&m.expr, out));
-            }
-            MExpr::Method(call) => {
-                push(Construct::Method(call.sig.method));
-                if let Some(b) = &call.base {
-                    walk(b, out);
-                }
-                call.models.iter().for_each(|m| walk(&m.expr, out));
-            }
-        }
-    }
     let mut out = Vec::new();
-    walk(expr, &mut out);
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![expr];
+    while let Some(e) = stack.pop() {
+        if !seen.insert(Rc::as_ptr(e)) {
+            continue;
+        }
+        let construct = match &**e {
+            MExpr::Input(_) | MExpr::Rename { .. } => None,
+            MExpr::Layers { .. } => Some(Construct::LayerSelection),
+            MExpr::Stack { .. } => Some(Construct::Stack),
+            MExpr::Neg(_) | MExpr::Scale(..) | MExpr::Divide(..) | MExpr::Add(..) | MExpr::Sub(..) => {
+                Some(Construct::Arithmetic)
+            }
+            MExpr::Graft { .. } => Some(Construct::Graft),
+            MExpr::Moe(_) => Some(Construct::Moe),
+            MExpr::Method(call) => Some(Construct::Method(call.sig.method)),
+        };
+        if let Some(c) = construct.filter(|c| !out.contains(c)) {
+            out.push(c);
+        }
+        let mut children = e.children();
+        // A graft lists the part before what it is grafted onto.
+        if let MExpr::Graft { onto, part, .. } = &**e {
+            children = vec![part, onto];
+        }
+        stack.extend(children.into_iter().rev());
+    }
     out
 }

@@ -146,8 +146,16 @@ pub(crate) fn bullet_list(lines: &[String], limit: usize) -> String {
 
 /// The closest candidate to `name`, if it is close enough to be a likely typo.
 pub(crate) fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // The distance takes time in the product of the lengths: no suggestion for a very long
+    // name, and none is worked out for a candidate whose length alone rules it out.
+    const LONGEST: usize = 100;
+    if name.len() > LONGEST {
+        return None;
+    }
+    let chars = name.chars().count();
     candidates
         .into_iter()
+        .filter(|c| c.chars().count().abs_diff(chars) <= (name.len().max(c.len()) / 3).max(1))
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
         .filter(|(d, c)| *d <= (name.len().max(c.len()) / 3).max(1) && *d < name.len().max(1))
         .min_by_key(|(d, _)| *d)

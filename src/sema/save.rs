@@ -68,11 +68,11 @@ impl Checker<'_> {
             }
         }
         let dir_path = resolve_dir(&self.options.base_dir, &dir.value);
-        if let Some(previous) = self.outputs.iter().find(|o| o.dir == dir_path) {
+        if let Some(&previous) = self.output_dirs.get(&dir_path) {
             self.diags.push(
                 Diagnostic::error(Code::E0405, format!("two saves write to `{}`", dir.value))
                     .at(dir.span, "written again here")
-                    .with_label(previous.span, "first written here")
+                    .with_label(previous, "first written here")
                     .with_help("give each save its own folder"),
             );
             return;
@@ -111,7 +111,15 @@ impl Checker<'_> {
             moe: None,
         };
         let _ = stmt_span;
-        let output = instantiate::output(&self.models, self.seed, output, &model, &mut self.diags);
+        let output = instantiate::output(
+            &self.models,
+            self.seed,
+            output,
+            &model,
+            &mut self.diags,
+            &mut self.ops_left,
+        );
+        self.output_dirs.insert(output.dir.clone(), output.span);
         self.outputs.push(output);
     }
 

@@ -10,7 +10,7 @@ use super::value::{MExpr, ModelVal, TensorSig, Value};
 use super::{names, union_inputs, value, wrong_type, Checker};
 use crate::diag::{Code, Diagnostic};
 use crate::source::Span;
-use crate::syntax::ast::{Arg, Expr, ExprKind};
+use crate::syntax::ast::{Arg, Expr, ExprKind, Ident, Named};
 
 /// A built-in's arguments: positional models, positional strings, named strings.
 type BuiltinArgs = (
@@ -18,6 +18,15 @@ type BuiltinArgs = (
     Vec<(String, Span)>,
     BTreeMap<String, (String, Span)>,
 );
+
+/// `stack`'s arguments, as they are checked.
+#[derive(Default)]
+struct StackArgs {
+    segments: Vec<ModelVal>,
+    embed: Option<ModelVal>,
+    head: Option<ModelVal>,
+    failed: bool,
+}
 
 impl Checker<'_> {
     pub(super) fn layers(
@@ -28,7 +37,21 @@ impl Checker<'_> {
         range_span: Span,
         span: Span,
     ) -> Value {
-        let m = match self.expr(target) {
+        let value = self.expr(target);
+        self.layer_range(target, value, (start, end), range_span, span)
+    }
+
+    /// `.layers[start..end]` of `value` (the evaluated `target`).
+    #[inline(never)]
+    fn layer_range(
+        &mut self,
+        target: &Expr,
+        value: Value,
+        (start, end): (u64, u64),
+        range_span: Span,
+        span: Span,
+    ) -> Value {
+        let m = match value {
             Value::Model(m) => self.no_params(m),
             Value::Error => return Value::Error,
             other => {
@@ -87,57 +110,72 @@ impl Checker<'_> {
     /// renumbered; embeddings from the first segment (or `embed:`), the final norm and
     /// lm_head from the last (or `head:`).
     pub(super) fn stack(&mut self, args: &[Arg], span: Span) -> Value {
-        let mut segments: Vec<ModelVal> = Vec::new();
-        let (mut embed, mut head): (Option<ModelVal>, Option<ModelVal>) = (None, None);
-        let mut failed = false;
+        let mut st = StackArgs::default();
         for arg in args {
             let (name, e) = match arg {
                 Arg::Positional(e) => (None, e),
                 Arg::Named(n) => (Some(&n.name), &n.value),
             };
             let value = self.expr(e);
-            let model = match value {
-                Value::Model(m) => self.no_params(m),
-                Value::Models(ms) if name.is_none() => {
-                    segments.extend(ms.into_iter().map(|m| ModelVal {
-                        params: Vec::new(),
-                        ..m
-                    }));
-                    continue;
-                }
-                Value::Error => {
-                    failed = true;
-                    continue;
-                }
-                other => {
-                    failed = true;
-                    self.diags.push(
-                        wrong_type(
-                            format!("`stack` takes models, found {}", other.describe()),
-                            e.span,
-                            &other,
-                        )
-                        .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
-                    );
-                    continue;
-                }
-            };
-            match name.map(|n| n.name.as_str()) {
-                None => segments.push(model),
-                Some("embed") => embed = Some(model),
-                Some("head") => head = Some(model),
-                Some(other) => {
-                    failed = true;
-                    let mut d = Diagnostic::error(Code::E0204, format!("`stack` has no parameter `{other}`"))
-                        .at(name.map_or(e.span, |n| n.span), "unknown parameter");
-                    d = match names::did_you_mean(other, ["embed", "head"]) {
-                        Some(s) => d.with_help(format!("did you mean `{s}`?")),
-                        None => d.with_help("`stack` takes `embed: m` and `head: m` to choose where the tensors outside the layers come from"),
-                    };
-                    self.diags.push(d);
-                }
+            self.stack_arg(name, e, value, &mut st);
+        }
+        self.stack_of(st, span)
+    }
+
+    #[inline(never)]
+    fn stack_arg(&mut self, name: Option<&Ident>, e: &Expr, value: Value, st: &mut StackArgs) {
+        let model = match value {
+            Value::Model(m) => self.no_params(m),
+            Value::Models(ms) if name.is_none() => {
+                st.segments.extend(ms.into_iter().map(|m| ModelVal {
+                    params: Vec::new(),
+                    ..m
+                }));
+                return;
+            }
+            Value::Error => {
+                st.failed = true;
+                return;
+            }
+            other => {
+                st.failed = true;
+                self.diags.push(
+                    wrong_type(
+                        format!("`stack` takes models, found {}", other.describe()),
+                        e.span,
+                        &other,
+                    )
+                    .with_help("for example: `stack(a.layers[0..24], b.layers[8..32])`"),
+                );
+                return;
+            }
+        };
+        match name.map(|n| n.name.as_str()) {
+            None => st.segments.push(model),
+            Some("embed") => st.embed = Some(model),
+            Some("head") => st.head = Some(model),
+            Some(other) => {
+                st.failed = true;
+                let mut d = Diagnostic::error(Code::E0204, format!("`stack` has no parameter `{other}`"))
+                    .at(name.map_or(e.span, |n| n.span), "unknown parameter");
+                d = match names::did_you_mean(other, ["embed", "head"]) {
+                    Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                    None => d.with_help("`stack` takes `embed: m` and `head: m` to choose where the tensors outside the layers come from"),
+                };
+                self.diags.push(d);
             }
         }
+    }
+
+    /// The stack of the checked arguments.
+    #[inline(never)]
+    fn stack_of(&mut self, st: StackArgs, span: Span) -> Value {
+        let StackArgs {
+            segments,
+            embed,
+            head,
+            mut failed,
+        } = st;
         if segments.is_empty() {
             if !failed {
                 self.diags.push(
@@ -244,53 +282,67 @@ impl Checker<'_> {
 
     /// The positional models and strings and the named values of a built-in's call.
     pub(super) fn builtin_args(&mut self, func: &str, args: &[Arg], named: &[&str]) -> Option<BuiltinArgs> {
-        let (mut models, mut strings, mut named_out) = (Vec::new(), Vec::new(), BTreeMap::new());
+        let mut out: BuiltinArgs = (Vec::new(), Vec::new(), BTreeMap::new());
         let mut failed = false;
         for arg in args {
             match arg {
-                Arg::Positional(e) => match (&e.kind, self.expr(e)) {
-                    (ExprKind::Str(s), _) => strings.push((s.clone(), e.span)),
-                    (_, Value::Model(m)) => models.push((self.no_params(m), e.span)),
-                    (_, Value::Error) => failed = true,
-                    (_, other) => {
-                        failed = true;
-                        self.diags.push(wrong_type(
-                            format!("`{func}` takes models and strings, found {}", other.describe()),
-                            e.span,
-                            &other,
-                        ));
-                    }
-                },
-                Arg::Named(n) => {
-                    if !named.contains(&n.name.name.as_str()) {
-                        failed = true;
-                        let mut d = Diagnostic::error(
-                            Code::E0204,
-                            format!("`{func}` has no parameter `{}`", n.name.name),
-                        )
-                        .at(n.name.span, "unknown parameter");
-                        if let Some(s) = names::did_you_mean(&n.name.name, named.iter().copied()) {
-                            d = d.with_help(format!("did you mean `{s}`?"));
-                        }
-                        self.diags.push(d);
-                        continue;
-                    }
-                    match &n.value.kind {
-                        ExprKind::Str(s) => {
-                            named_out.insert(n.name.name.clone(), (s.clone(), n.value.span));
-                        }
-                        _ => {
-                            failed = true;
-                            self.diags.push(
-                                Diagnostic::error(Code::E0301, format!("`{}` expects a string", n.name.name))
-                                    .at(n.value.span, "not a string"),
-                            );
-                        }
-                    }
+                Arg::Positional(e) => {
+                    let value = self.expr(e);
+                    failed |= !self.builtin_positional(func, e, value, &mut out);
                 }
+                Arg::Named(n) => failed |= !self.builtin_named(func, n, named, &mut out),
             }
         }
-        (!failed).then_some((models, strings, named_out))
+        (!failed).then_some(out)
+    }
+
+    /// A positional argument of a built-in: a string or a model. False on an error.
+    #[inline(never)]
+    fn builtin_positional(&mut self, func: &str, e: &Expr, value: Value, out: &mut BuiltinArgs) -> bool {
+        match (&e.kind, value) {
+            (ExprKind::Str(s), _) => out.1.push((s.clone(), e.span)),
+            (_, Value::Model(m)) => out.0.push((self.no_params(m), e.span)),
+            (_, Value::Error) => return false,
+            (_, other) => {
+                self.diags.push(wrong_type(
+                    format!("`{func}` takes models and strings, found {}", other.describe()),
+                    e.span,
+                    &other,
+                ));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A named argument of a built-in: one of `named`, a string. False on an error.
+    #[inline(never)]
+    fn builtin_named(&mut self, func: &str, n: &Named, named: &[&str], out: &mut BuiltinArgs) -> bool {
+        if !named.contains(&n.name.name.as_str()) {
+            let mut d = Diagnostic::error(
+                Code::E0204,
+                format!("`{func}` has no parameter `{}`", n.name.name),
+            )
+            .at(n.name.span, "unknown parameter");
+            if let Some(s) = names::did_you_mean(&n.name.name, named.iter().copied()) {
+                d = d.with_help(format!("did you mean `{s}`?"));
+            }
+            self.diags.push(d);
+            return false;
+        }
+        match &n.value.kind {
+            ExprKind::Str(s) => {
+                out.2.insert(n.name.name.clone(), (s.clone(), n.value.span));
+                true
+            }
+            _ => {
+                self.diags.push(
+                    Diagnostic::error(Code::E0301, format!("`{}` expects a string", n.name.name))
+                        .at(n.value.span, "not a string"),
+                );
+                false
+            }
+        }
     }
 
     /// `select(m, "pattern", ...; regex: "...")`: the tensors of `m` whose names match any

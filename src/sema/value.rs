@@ -116,6 +116,33 @@ pub(crate) enum MExpr {
     Moe(Box<MoeExpr>),
 }
 
+impl MExpr {
+    /// The model expressions this one is computed from.
+    pub fn children(&self) -> Vec<&Rc<MExpr>> {
+        match self {
+            MExpr::Input(_) => Vec::new(),
+            MExpr::Layers { inner, .. }
+            | MExpr::Rename { inner, .. }
+            | MExpr::Neg(inner)
+            | MExpr::Scale(inner, ..)
+            | MExpr::Divide(inner, ..) => vec![inner],
+            MExpr::Stack {
+                segments, pre, post, ..
+            } => segments.iter().map(|s| &s.expr).chain([pre, post]).collect(),
+            MExpr::Graft { onto, part, .. } => vec![onto, part],
+            MExpr::Add(a, b) | MExpr::Sub(a, b) => vec![a, b],
+            MExpr::Method(call) => call
+                .base
+                .iter()
+                .chain(call.models.iter().map(|m| &m.expr))
+                .collect(),
+            MExpr::Moe(moe) => std::iter::once(&moe.base)
+                .chain(moe.members.iter().map(|m| &m.expr))
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct MoeExpr {
     pub base: Rc<MExpr>,

@@ -128,3 +128,98 @@ pub enum ExprKind {
     },
     Match(Vec<MatchArm>),
 }
+
+/// `format!("{script:#?}\n")`, in time linear in what it writes: the derived pretty form
+/// passes each line through one padding writer per level of nesting, which makes a deep
+/// expression quadratic or worse. This writes the compact form (`{:?}`) and breaks it into
+/// the pretty one's lines and indentation.
+pub fn dump(script: &Script) -> String {
+    let mut out = pretty(&format!("{script:?}"));
+    out.push('\n');
+    out
+}
+
+/// The `{:#?}` form of a value from its `{:?}` form: structs (`Name { a: 1 }`), tuples
+/// (`Name(1)`) and lists (`[1, 2]`), strings and chars as Rust's `Debug` escapes them.
+fn pretty(compact: &str) -> String {
+    const INDENT: &str = "    ";
+    let mut out = String::with_capacity(compact.len() * 2);
+    let mut depth = 0usize;
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        for _ in 0..depth {
+            out.push_str(INDENT);
+        }
+    };
+    let mut chars = compact.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                // A string or char literal, escapes and all, as it is.
+                out.push(c);
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        out.extend(chars.next());
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '{' | '(' | '[' => {
+                let close = match c {
+                    '{' => '}',
+                    '(' => ')',
+                    _ => ']',
+                };
+                // `{ }` of a struct has spaces inside; an empty `()`, `[]` or `{}` stays.
+                if c == '{' && chars.peek() == Some(&' ') {
+                    chars.next();
+                } else if chars.peek() == Some(&close) {
+                    out.push(c);
+                    out.extend(chars.next());
+                    continue;
+                }
+                out.push(c);
+                depth += 1;
+                newline(&mut out, depth);
+            }
+            ' ' if chars.peek() == Some(&'}') => {}
+            '}' | ')' | ']' => {
+                out.push(',');
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' if chars.peek() == Some(&' ') => {
+                chars.next();
+                out.push(',');
+                newline(&mut out, depth);
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{SourceId, SourceMap};
+
+    #[test]
+    fn dump_is_the_pretty_debug_form() {
+        let scripts = [
+            "model a = \"m\"\nmodel b = \"x, \\\"y\\\" { z }\"\nlet c = -(a + b * 2) / 3\n",
+            "save linear(a { weight: [0, 0.5, 1] }, b.layers[0..2], t: match tensor { \"x\" => 1, _ => 2e-5 }) to \"o\" { shard: 5GB }\nset seed = 42\n",
+            "let e = stack()\nlet f = [[], [a]]\nsave select(a, \"é\\n\\t\") to \"o\" {}\n",
+        ];
+        for text in scripts {
+            let mut sources = SourceMap::new();
+            let id = sources.add("x.merge", None, text);
+            assert_eq!(id, SourceId(0));
+            let script = crate::syntax::parse(&sources, id).unwrap();
+            assert_eq!(dump(&script), format!("{script:#?}\n"), "{text}");
+        }
+    }
+}

@@ -43,8 +43,10 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         opts,
         diags: Diagnostics::new(),
         models: Vec::new(),
+        model_index: HashMap::new(),
         doc_names: HashMap::new(),
         used: BTreeSet::new(),
+        next_suffix: HashMap::new(),
         lets: Vec::new(),
         warnings: Diagnostics::new(),
     };
@@ -110,8 +112,9 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         })
         .collect();
     let mut decl: Vec<usize> = Vec::new();
+    let mut declared = vec![false; t.models.len()];
     for i in bases.into_iter().chain(0..t.models.len()) {
-        if !decl.contains(&i) {
+        if !std::mem::replace(&mut declared[i], true) {
             decl.push(i);
         }
     }
@@ -251,14 +254,22 @@ struct Translator<'o> {
     opts: &'o Options,
     diags: Diagnostics,
     models: Vec<ModelDecl>,
+    /// Where each reference is in `models`.
+    model_index: HashMap<String, usize>,
     doc_names: HashMap<String, (usize, Span)>,
     /// Names taken in the script.
     used: BTreeSet<String>,
+    /// For each base name given to `fresh`, the suffix it tries next.
+    next_suffix: HashMap<String, usize>,
     /// Tables hoisted out of the current document's expression.
     lets: Vec<(String, Expr)>,
     /// What mergekit ignores or tolerates (W0005).
     warnings: Diagnostics,
 }
+
+/// The longest chain of mergekit-multi documents, each using the one before (E0607):
+/// every document adds to the depth of the script's model expressions.
+pub(crate) const MAX_DOC_CHAIN: usize = 64;
 
 /// The closest of `options` to `word`, when it is close enough to be a typo.
 pub(crate) fn suggest<'a>(word: &str, options: impl Iterator<Item = &'a str>) -> Option<&'a str> {
@@ -403,51 +414,79 @@ impl Translator<'_> {
         self.tolerated(Code::E0602, d);
     }
 
-    /// Document order with every document after the ones it uses.
+    /// Document order with every document after the ones it uses (a walk without
+    /// recursion). A cycle is an error (E0603), and so is a chain of more than
+    /// [`MAX_DOC_CHAIN`] documents each using the next (E0607).
     pub(super) fn order(&mut self, docs: &[Doc]) -> Vec<usize> {
+        let refs: Vec<Vec<usize>> = docs.iter().map(Doc::doc_refs).collect();
         let mut order = Vec::new();
         let mut state = vec![0u8; docs.len()]; // 0 new, 1 in progress, 2 done
-        fn visit(i: usize, docs: &[Doc], state: &mut [u8], order: &mut Vec<usize>) -> Option<usize> {
-            match state[i] {
-                2 => return None,
-                1 => return Some(i),
-                _ => {}
+                                               // The longest chain of documents from each one down (1: it uses no other).
+        let mut chain = vec![0usize; docs.len()];
+        for root in 0..docs.len() {
+            if state[root] != 0 {
+                continue;
             }
-            state[i] = 1;
-            for j in docs[i].doc_refs() {
-                if let Some(c) = visit(j, docs, state, order) {
-                    return Some(c);
+            state[root] = 1;
+            let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+            while let Some((i, next)) = stack.last_mut() {
+                let i = *i;
+                if let Some(&j) = refs[i].get(*next) {
+                    *next += 1;
+                    match state[j] {
+                        0 => {
+                            state[j] = 1;
+                            stack.push((j, 0));
+                        }
+                        1 => {
+                            let span = docs[j].name.as_ref().map_or(docs[j].span, |n| n.1);
+                            self.err(
+                                Code::E0603,
+                                "these merges use each other in a cycle",
+                                span,
+                                "this merge uses itself, through others",
+                            )
+                            .help
+                            .push("a document may use only merges that do not use it".into());
+                            return order;
+                        }
+                        _ => {}
+                    }
+                } else {
+                    state[i] = 2;
+                    chain[i] = 1 + refs[i].iter().map(|&j| chain[j]).max().unwrap_or(0);
+                    order.push(i);
+                    stack.pop();
                 }
             }
-            state[i] = 2;
-            order.push(i);
-            None
         }
-        for i in 0..docs.len() {
-            if let Some(c) = visit(i, docs, &mut state, &mut order) {
-                let span = docs[c].name.as_ref().map_or(docs[c].span, |n| n.1);
+        if let Some((i, &longest)) = chain.iter().enumerate().max_by_key(|(_, c)| **c) {
+            if longest > MAX_DOC_CHAIN {
+                let span = docs[i].name.as_ref().map_or(first_line_of(docs[i].span), |n| n.1);
                 self.err(
-                    Code::E0603,
-                    "these merges use each other in a cycle",
+                    Code::E0607,
+                    format!("the documents use each other in a chain of {longest}, more than {MAX_DOC_CHAIN}"),
                     span,
-                    "this merge uses itself, through others",
+                    "this merge is at the end of the chain",
                 )
                 .help
-                .push("a document may use only merges that do not use it".into());
-                break;
+                .push("merge in fewer steps, or save an intermediate merge and use its folder in another config".into());
             }
         }
         order
     }
 
-    /// `base` made unique among the script's names.
+    /// `base` made unique among the script's names: `base`, else the first of `base_2`,
+    /// `base_3`, ... not taken. The suffix to try next is kept for each base, so that many
+    /// models of one name take linear time.
     pub(super) fn fresh(&mut self, base: &str) -> String {
         let mut name = base.to_string();
-        let mut k = 2;
+        let mut k = self.next_suffix.get(base).copied().unwrap_or(2);
         while self.used.contains(&name) {
             name = format!("{base}_{k}");
             k += 1;
         }
+        self.next_suffix.insert(base.to_string(), k);
         self.used.insert(name.clone());
         name
     }

@@ -14,7 +14,7 @@ pub(super) struct ModelDecl {
     pub(super) name: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Ref {
     Model(usize),
     Doc(usize),
@@ -288,9 +288,10 @@ impl Translator<'_> {
         } else {
             relative_reference(&path, self.opts)
         };
-        let i = match self.models.iter().position(|m| m.reference == reference) {
-            Some(i) => i,
+        let i = match self.model_index.get(&reference) {
+            Some(&i) => i,
             None => {
+                self.model_index.insert(reference.clone(), self.models.len());
                 self.models.push(ModelDecl {
                     reference,
                     words: words_of(&path),

@@ -145,13 +145,15 @@ impl Translator<'_> {
     /// slice) the last entry's layer range. The entries are folded into that one input,
     /// with a warning.
     pub(super) fn no_repeats(&mut self, sources: &mut Vec<Source>) {
-        let mut i = 0;
-        while i < sources.len() {
-            let Some(first) = sources[..i].iter().position(|f| f.model.r == sources[i].model.r) else {
-                i += 1;
+        let mut kept: Vec<Source> = Vec::with_capacity(sources.len());
+        let mut first_of: HashMap<Ref, usize> = HashMap::new();
+        for again in std::mem::take(sources) {
+            let Some(&first) = first_of.get(&again.model.r) else {
+                first_of.insert(again.model.r, kept.len());
+                kept.push(again);
                 continue;
             };
-            let again = sources.remove(i);
+            let sources = &mut kept;
             let ranged = again.range.is_some()
                 && again.range.map(|r| (r.0, r.1)) != sources[first].range.map(|r| (r.0, r.1));
             let mut d = Diagnostic::error(Code::W0005, "a model is listed twice in one merge")
@@ -170,6 +172,7 @@ impl Translator<'_> {
             // mergekit looks each parameter up entry by entry: the first that sets it wins.
             sources[first].params.extend(again.params);
         }
+        *sources = kept;
     }
 
     pub(super) fn slices_list<'n>(&mut self, v: &'n Node) -> Vec<Slice<'n>> {
