@@ -702,3 +702,76 @@ fn hidden_routers_match_a_naive_forward_pass_of_the_base() {
         assert!(r0.iter().zip(r3).any(|(a, b)| (a - b).abs() > 1e-3));
     }
 }
+
+/// mergekit-moe's own DeepSeek-MoE output (`tests/fixtures/moe/deepseek_mergekit`, made by
+/// mergekit 0.1.5 from the config stored beside it; see the README there) against the same
+/// YAML run through `mergec run`: the same tensor names, shapes and dtypes, every tensor but
+/// the routers bit for bit, the prompt routers above cosine 1 - 1e-9, and the config keys that
+/// describe the model equal.
+#[test]
+fn deepseek_moe_yaml_matches_mergekit_moe() {
+    let fixture = repo().join("tests/fixtures/moe/deepseek_mergekit");
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = std::fs::read_to_string(fixture.join("mergekit_moe_config.yml"))
+        .unwrap()
+        .replace("MODELS", &models().display().to_string());
+    let config_path = tmp.path().join("moe.yml");
+    std::fs::write(&config_path, yaml).unwrap();
+    let out_dir = tmp.path().join("out");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_mergec"))
+        .arg("run")
+        .arg(&config_path)
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+
+    let expected = load_folder(&fixture);
+    let ours = load_folder(&out_dir);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, want) in &expected {
+        let got = &ours[name];
+        assert_eq!((&got.dtype, &got.shape), (&want.dtype, &want.shape), "{name}");
+        if name.ends_with(".mlp.gate.weight") {
+            let dot: f64 = got
+                .values
+                .iter()
+                .zip(&want.values)
+                .map(|(a, b)| f64::from(a * b))
+                .sum();
+            let norm = |v: &[f32]| v.iter().map(|x| f64::from(x * x)).sum::<f64>().sqrt();
+            let cosine = dot / (norm(&got.values) * norm(&want.values));
+            assert!(cosine > 1.0 - 1e-9, "{name}: cosine {cosine}");
+        } else {
+            assert_eq!(got.values, want.values, "{name}");
+        }
+    }
+
+    let read = |dir: &Path| -> Value {
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let (want, got) = (read(&fixture), read(&out_dir));
+    // What transformers' PretrainedConfig adds to every config it writes, and what names
+    // the writer: not part of the model.
+    let generic = [
+        "_name_or_path",
+        "transformers_version",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+    ];
+    for (key, value) in want.as_object().unwrap() {
+        if generic.contains(&key.as_str()) {
+            continue;
+        }
+        assert_eq!(got.get(key), Some(value), "config.json `{key}`");
+    }
+}

@@ -162,6 +162,13 @@ fn moe_config(mut config: Map<String, Value>, out: &hir::Output, moe: &hir::MoeO
     if let Some(dtype) = out.dtype {
         set_dtype(&mut config, dtype);
     }
+    if moe.arch == MoeArch::DeepSeek {
+        // Its remote modelling code predates transformers 5's `dtype` and reads only
+        // `torch_dtype`, which mergekit-moe writes for it.
+        if let Some(dtype) = config.get("dtype").or(config.get("torch_dtype")).cloned() {
+            config.insert("torch_dtype".to_string(), dtype);
+        }
+    }
     config
 }
 
