@@ -11,7 +11,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(parse header yaml model)
+    targets=(parse header yaml model writer)
 fi
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
@@ -40,6 +40,15 @@ seed() {
                 { cat "$d/config.json"; printf '\377'; printf '{"weight_map":{}}'; printf '\377'; head -c "$n" "$f"; } \
                     > "$dir/$(basename "$d")"
             done ;;
+        writer)
+            # a flag byte (bit 0: --force), then the output path
+            i=0
+            for p in out ../old ../empty ../mine ../mine/sub . .. up to-mine/new ../input/x \
+                loop/x dangling to-home ../scripts ../old/sub ./out/../../work; do
+                printf '\001%s' "$p" > "$dir/force-$i"
+                printf '\000%s' "$p" > "$dir/plain-$i"
+                i=$((i + 1))
+            done ;;
     esac
 }
 mkdir -p artifacts
@@ -47,8 +56,9 @@ total=0
 for t in "${targets[@]}"; do
     seed "$t"
     log="artifacts/$t.log"
-    "target/$triple/release/$t" "corpus/$t" -max_total_time="$seconds" -rss_limit_mb=2048 \
-        -timeout=10 -max_len=65536 -artifact_prefix="artifacts/$t-" -print_final_stats=1 >"$log" 2>&1 || {
+    # Absolute paths: a target may change its working folder (the writer's does).
+    "target/$triple/release/$t" "$PWD/corpus/$t" -max_total_time="$seconds" -rss_limit_mb=2048 \
+        -timeout=10 -max_len=65536 -artifact_prefix="$PWD/artifacts/$t-" -print_final_stats=1 >"$log" 2>&1 || {
         tail -40 "$log"
         echo "fuzz target $t failed; the input is in fuzz/artifacts/" >&2
         exit 1
