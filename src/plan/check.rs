@@ -24,13 +24,15 @@ pub fn check(plan: Draft, program: &hir::Program) -> Result<Plan, Box<Diagnostic
                 step.tensor
             )))
         };
-        for input in &step.inputs {
+        let factors = factor_sizes(step);
+        for (slot, input) in step.inputs.iter().enumerate() {
+            let expected = factors.get(&slot).copied().unwrap_or(step.numel());
             let info = plan
                 .models
                 .get(input.model.0 as usize)
                 .and_then(|m| m.info.tensors.get(&input.tensor))
                 .ok_or_else(|| bug(format!("reads `{}`, which its model lacks", input.tensor)))?;
-            if info.len != input.bytes || info.numel() != step.numel() {
+            if info.len != input.bytes || info.numel() != expected {
                 return Err(bug(format!("reads `{}` with the wrong size", input.tensor)));
             }
         }
@@ -306,4 +308,35 @@ fn simulate_peak(plan: &Draft) -> u64 {
         start = end;
     }
     peak + super::scratch_bytes(plan) + super::WRITER_BUFFER_BYTES
+}
+
+/// The element counts of the input slots a step reads as LoRA factors (operands of a
+/// `low_rank` instruction, which have their own shapes); every other input has the
+/// step's shape.
+fn factor_sizes(step: &super::Step) -> std::collections::HashMap<usize, u64> {
+    let mut sizes = std::collections::HashMap::new();
+    // the stack of the program: Some(slot) for a value loaded and not yet computed on
+    let mut stack: Vec<Option<usize>> = Vec::new();
+    for instr in step.kernel.program() {
+        let (pops, _) = instr.stack_effect();
+        let args = stack.split_off(stack.len().saturating_sub(pops));
+        if let Instr::Method {
+            op: crate::ops::MethodOp::LowRank { rank, transpose, .. },
+            ..
+        } = instr
+        {
+            if let (Some((b, a)), [Some(bs), Some(as_)]) = (
+                crate::ops::lowrank::factor_shapes(&step.shape, *rank, *transpose),
+                args.as_slice(),
+            ) {
+                sizes.insert(*bs, (b[0] * b[1]) as u64);
+                sizes.insert(*as_, (a[0] * a[1]) as u64);
+            }
+        }
+        stack.push(match instr {
+            Instr::Load(slot) => Some(*slot),
+            _ => None,
+        });
+    }
+    sizes
 }

@@ -7,12 +7,13 @@
 //! This module holds the entry point [`check`], the checker's state and statements;
 //! [`expr`] checks expressions, [`calls`] method calls and their arguments, [`surgery`]
 //! layer ranges, `stack`, `select`, `graft` and `rename`, [`save`] the save options, and
-//! [`moe`] the `moe(...)` call.
+//! [`moe`] the `moe(...)` call, [`lora`] the `lora(...)` call (a PEFT adapter applied).
 
 mod calls;
 mod expr;
 pub mod hir;
 mod instantiate;
+mod lora;
 pub mod methods;
 mod moe;
 pub(crate) mod names;
@@ -59,6 +60,8 @@ pub struct Checked {
     pub warnings: Diagnostics,
 }
 
+pub use lora::adapter_references;
+
 /// Every model path a script declares, in order (to build the [`ModelIndex`] from).
 pub fn model_references(script: &ast::Script) -> Vec<&str> {
     script
@@ -89,6 +92,7 @@ pub fn check(
         seed_span: None,
         max_memory: None,
         compute: None,
+        adapter_ids: HashMap::new(),
     };
     // Settings apply to the whole script, wherever they are written.
     for stmt in &script.stmts {
@@ -143,6 +147,8 @@ struct Checker<'a> {
     max_memory: Option<u64>,
     /// `set compute = ...`: the default compute dtype of the saves.
     compute: Option<(Compute, Span)>,
+    /// The input model of each adapter applied, by reference (each read once).
+    adapter_ids: HashMap<String, ModelId>,
 }
 
 impl Checker<'_> {
@@ -372,6 +378,10 @@ fn describe(expr: &MExpr) -> Vec<hir::Construct> {
                 walk(onto, out);
             }
             MExpr::Rename { inner, .. } => walk(inner, out),
+            MExpr::Lora(l) => {
+                push(Construct::Lora);
+                walk(&l.inner, out);
+            }
             MExpr::Add(a, b) | MExpr::Sub(a, b) => {
                 push(Construct::Arithmetic);
                 walk(a, out);

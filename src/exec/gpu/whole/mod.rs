@@ -50,6 +50,7 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         | MethodOp::ArceeFusion => Ok(()),
         // A MoE expert's noise draws normals through f64 ln and cos (Box-Muller).
         MethodOp::Noise { .. } => Err("expert noise (`noise_scale`) has no GPU kernel".to_string()),
+        MethodOp::LowRank { .. } => Err("the LoRA product has no GPU kernel yet".to_string()),
     }
 }
 
