@@ -372,3 +372,85 @@ fn committed_fixtures_are_what_the_generator_writes() {
         }
     }
 }
+
+/// Translates and runs a mergekit YAML from the conformance folder; returns the output.
+fn run_yaml(yaml: &str, out: &Path) -> BTreeMap<String, Tensor> {
+    use mergec::import::{self, Options};
+    let opts = Options::new("config.yml", &conformance_dir(), out);
+    let imp = match import::translate("config.yml", yaml.to_string(), &opts) {
+        Ok(i) => i,
+        Err(f) => panic!(
+            "{}",
+            mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false)
+        ),
+    };
+    assert!(imp.text().contains("lora("), "{}", imp.text());
+    let (_, compiled) = imp
+        .compile(false, &mergec::plan::Limits::default())
+        .unwrap_or_else(|(s, d)| panic!("{}\n{}", imp.text(), render(&s, &d)));
+    run_compiled(&compiled, 2);
+    load_folder(out)
+}
+
+#[test]
+fn mergekit_plus_lora_references_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `+lora` on a model, on the base model, and as a `{model, lora}` map in slices
+    let yaml = r#"
+models:
+  - model: models/micro-llama-ft1-f32+adapters/micro-llama-lora-f32
+    parameters: {weight: 0.5}
+  - model: models/micro-llama-ft2-f32
+    parameters: {weight: 0.5}
+merge_method: task_arithmetic
+base_model: models/micro-llama-base-f32+adapters/micro-llama-lora-f32
+dtype: float32
+"#;
+    let ours = run_yaml(yaml, &tmp.path().join("yaml"));
+    let script = format!(
+        r#"
+model base = "{m}/micro-llama-base-f32"
+model ft1 = "{m}/micro-llama-ft1-f32"
+model ft2 = "{m}/micro-llama-ft2-f32"
+let base_l = lora(base, "ADAPTER")
+let ft1_l = lora(ft1, "ADAPTER")
+save task_arithmetic(base_l, ft1_l {{ weight: 0.5 }}, ft2 {{ weight: 0.5 }}) to "out/x" {{ compute: f32 }}
+"#,
+        m = models().display()
+    );
+    let adapter = conformance_dir().join("adapters/micro-llama-lora-f32");
+    let by_hand = run(&script, &tmp.path().join("hand"), &adapter);
+    assert_eq!(ours.len(), by_hand.len());
+    for (name, t) in &by_hand {
+        assert_eq!(ours[name].values, t.values, "{name}");
+    }
+    // the adapter changed what it targets: ft2's q_proj moved by -0.5·delta
+    let plain = load_folder(&models().join("micro-llama-ft2-f32"));
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(ours[q].values, plain[q].values);
+
+    let slices = r#"
+slices:
+  - sources:
+      - model: {model: models/micro-llama-ft1-f32, lora: adapters/micro-llama-lora-f32}
+        layer_range: [0, 2]
+  - sources:
+      - model: models/micro-llama-ft2-f32+adapters/micro-llama-lora-f32
+        layer_range: [2, 4]
+merge_method: passthrough
+dtype: float32
+"#;
+    let stacked = run_yaml(slices, &tmp.path().join("slices"));
+    let ft1 = load_folder(&models().join("micro-llama-ft1-f32"));
+    let name = "model.layers.1.self_attn.v_proj.weight";
+    let factors = attention_factors(4);
+    let module = "model.layers.1.self_attn.v_proj";
+    let want = expected(
+        &ft1[name].values,
+        find(&factors, module, "B"),
+        find(&factors, module, "A"),
+        2.0,
+        false,
+    );
+    assert_close(&stacked[name].values, &want, 1e-6, name);
+}

@@ -180,6 +180,9 @@ pub enum AdapterError {
     NotAnAdapter { path: PathBuf, reason: String },
     #[error("adapter `{}` has only PyTorch weights (`{BIN_FILE}`); mergec reads safetensors", path.display())]
     BinOnly { path: PathBuf },
+    /// A reference that does not resolve (an `hf:` adapter not in the cache, ...).
+    #[error("adapter {0}")]
+    Reference(ModelError),
     #[error("adapter weights: {0}")]
     Weights(ModelError),
     #[error("invalid adapter config `{}`: {reason}", path.display())]
@@ -196,7 +199,7 @@ impl AdapterError {
             AdapterError::NotFound { .. }
             | AdapterError::NotAnAdapter { .. }
             | AdapterError::BinOnly { .. } => Code::E0901,
-            AdapterError::Weights(e) => e.code(),
+            AdapterError::Weights(e) | AdapterError::Reference(e) => e.code(),
             AdapterError::BadConfig { .. } => Code::E0902,
             AdapterError::Unsupported { .. } => Code::E0903,
             AdapterError::BadFactors { .. } => Code::E0905,
@@ -218,7 +221,7 @@ impl AdapterError {
                  `save_pretrained(folder, safe_serialization=True)`"
                     .to_owned(),
             ),
-            AdapterError::Weights(e) => e.help(),
+            AdapterError::Weights(e) | AdapterError::Reference(e) => e.help(),
             AdapterError::BadConfig { .. } => {
                 Some("`r` and `lora_alpha` are required; see PEFT's `LoraConfig` for the other fields".to_owned())
             }
@@ -236,7 +239,7 @@ impl AdapterError {
 pub fn load_adapter(reference: &str, base_dir: &Path) -> Result<AdapterInfo, AdapterError> {
     let path = resolve_reference(reference, base_dir).map_err(|e| match e {
         ModelError::NotFound { path } => AdapterError::NotFound { path },
-        e => AdapterError::Weights(e),
+        e => AdapterError::Reference(e),
     })?;
     let kind = classify(&path).map_err(|e| AdapterError::Weights(e.into()))?;
     let root = match kind {
@@ -268,7 +271,9 @@ pub fn load_adapter(reference: &str, base_dir: &Path) -> Result<AdapterInfo, Ada
         });
     }
     let config = parse_config(&config_text, &config_path)?;
-    let weights = load_model(&weights_path.to_string_lossy(), base_dir).map_err(AdapterError::Weights)?;
+    // `weights_path` is already resolved against `base_dir`.
+    let weights =
+        load_model(&weights_path.to_string_lossy(), Path::new("")).map_err(AdapterError::Weights)?;
     let (modules, replacements) = factor_modules(&weights, &root, &config)?;
     Ok(AdapterInfo {
         reference: reference.to_owned(),

@@ -39,6 +39,8 @@ pub struct InputModel {
     pub name: String,
     pub info: Arc<ModelInfo>,
     pub span: Span,
+    /// The weights of a LoRA adapter (`lora(m, "adapter")`), not a model of its own.
+    pub adapter: bool,
 }
 
 #[derive(Clone, Debug)]

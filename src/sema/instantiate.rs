@@ -739,6 +739,9 @@ pub(super) fn warn_unread_inputs(program: &hir::Program, diags: &mut Diagnostics
         if !read.iter().any(|(r, _)| *r == id) || experts.contains(&id) {
             continue; // an unused model is reported as an unused binding
         }
+        if m.adapter {
+            continue; // factors an adapter's config leaves out are reported by W0020
+        }
         let unread: Vec<&str> = m
             .info
             .tensors

@@ -183,6 +183,7 @@ impl Checker<'_> {
             name: format!("adapter {reference}"),
             info: Arc::clone(&info.weights),
             span,
+            adapter: true,
         });
         self.adapter_ids.insert(reference.to_owned(), id);
         id
@@ -293,10 +294,10 @@ impl Checker<'_> {
             self.diags.push(
                 Diagnostic::error(
                     Code::E0904,
-                    format!(
-                        "{} modules the adapter changes are not in the model",
-                        missing.len()
-                    ),
+                    match missing.len() {
+                        1 => "a module the adapter changes is not in the model".to_string(),
+                        n => format!("{n} modules the adapter changes are not in the model"),
+                    },
                 )
                 .at(at, "this adapter")
                 .with_label(model.span, "this model")
@@ -312,14 +313,20 @@ impl Checker<'_> {
             self.diags.push(
                 Diagnostic::error(
                     Code::W0020,
-                    format!(
-                        "the factors of {} modules are not applied: the adapter's `target_modules` does not name them",
-                        ignored.len()
-                    ),
+                    match ignored.len() {
+                        1 => "the factors of 1 module are not applied: the adapter's config does not target it"
+                            .to_string(),
+                        n => format!(
+                            "the factors of {n} modules are not applied: the adapter's config does not target them"
+                        ),
+                    },
                 )
                 .at(at, "this adapter")
                 .with_note(format!("not applied:\n{shown}"))
-                .with_help("PEFT ignores them too; add them to `target_modules` in adapter_config.json to apply them"),
+                .with_help(
+                    "PEFT loads only the modules its `target_modules`, `exclude_modules` and \
+                     `layers_to_transform` select, and ignores these too",
+                ),
             );
         }
         if ok && edits.is_empty() {

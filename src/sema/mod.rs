@@ -300,6 +300,7 @@ impl Checker<'_> {
             name: name.name.clone(),
             info,
             span: name.span,
+            adapter: false,
         });
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Input(id)),

@@ -115,10 +115,25 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
             decl.push(i);
         }
     }
-    for m in decl.iter().map(|&i| &t.models[i]) {
+    // Models first, then the models with an adapter applied (`model+lora`).
+    for m in decl.iter().map(|&i| &t.models[i]).filter(|m| m.adapter.is_none()) {
         out.push(&format!("model {} = ", m.name));
         out.expr(&Expr::atom(quote(&m.reference)).at(m.span), 0);
         out.push("\n");
+    }
+    for m in decl.iter().map(|&i| &t.models[i]) {
+        if let Some((adapter, base)) = &m.adapter {
+            out.push(&format!("let {} = ", m.name));
+            let call = Expr::Call(
+                "lora".to_string(),
+                vec![
+                    Expr::atom(t.models[*base].name.clone()),
+                    Expr::atom(quote(adapter)).at(m.span),
+                ],
+            );
+            out.expr(&call, 0);
+            out.push("\n");
+        }
     }
     if let Some(seed) = opts.seed {
         out.push(&format!("\nset seed = {seed}\n"));
