@@ -454,3 +454,103 @@ dtype: float32
     );
     assert_close(&stacked[name].values, &want, 1e-6, name);
 }
+
+#[test]
+fn mergekit_moe_takes_plus_lora_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = r#"
+base_model: models/micro-llama-base-f32+adapters/micro-llama-lora-f32
+gate_mode: random
+dtype: float32
+experts:
+  - source_model: models/micro-llama-ft1-f32+adapters/micro-llama-lora-f32
+  - source_model: models/micro-llama-ft2-f32
+"#;
+    let out = run_yaml(yaml, &tmp.path().join("moe"));
+    // attention comes from the base, with the adapter applied
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let factors = attention_factors(4);
+    let module = "model.layers.2.self_attn.q_proj";
+    let name = format!("{module}.weight");
+    let want = expected(
+        &base[&name].values,
+        find(&factors, module, "B"),
+        find(&factors, module, "A"),
+        2.0,
+        false,
+    );
+    assert_close(&out[&name].values, &want, 1e-6, &name);
+}
+
+/// The plan charges the product: its f32 result and both factors in f32, and reads each
+/// factor once, by its own size.
+#[test]
+fn the_plan_counts_the_factors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = conformance_dir().join("adapters/micro-llama-lora-f32");
+    let text = APPLY
+        .replace("MODELS", &models().display().to_string())
+        .replace("ADAPTER", &adapter.display().to_string());
+    let (_, compiled) = compile_text(&text, tmp.path(), &tmp.path().join("out"))
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    let plan = &compiled.plan;
+    let step = plan
+        .steps
+        .iter()
+        .find(|s| s.tensor == "model.layers.0.self_attn.v_proj.weight")
+        .unwrap();
+    assert!(
+        matches!(step.kernel, mergec::plan::Kernel::Whole(_)),
+        "{:?}",
+        step.kernel
+    );
+    // W [16, 32] f32, B [16, 4], A [4, 32]
+    let sizes: Vec<u64> = step.inputs.iter().map(|i| i.bytes).collect();
+    assert_eq!(sizes, vec![16 * 32 * 4, 16 * 4 * 4, 4 * 32 * 4]);
+    let working = step.kernel.working_bytes(&step.shape, 1);
+    assert!(working >= 4 * 16 * 32 + 4 * 4 * (16 + 32), "{working}");
+    // every factor read once: the base's bytes plus the adapter's
+    let base_bytes: u64 = plan.model(mergec::sema::hir::ModelId(0)).info.total_bytes();
+    let adapter_bytes: u64 = plan.model(mergec::sema::hir::ModelId(1)).info.total_bytes();
+    assert_eq!(plan.read_bytes, base_bytes + adapter_bytes);
+    assert!(plan.peak_bytes >= working);
+}
+
+/// `mergec check` and `mergec run` on a mergekit YAML with `+lora`: the check reads
+/// headers only, the run writes the output folder and nothing else.
+#[test]
+fn cli_checks_and_runs_a_plus_lora_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "models:\n  - model: {m}/micro-llama-ft1-f32+{a}\n    parameters: {{weight: 0.5}}\n  - model: {m}/micro-llama-ft2-f32\n    parameters: {{weight: 0.5}}\nmerge_method: linear\ndtype: bfloat16\n",
+        m = models().display(),
+        a = conformance_dir().join("adapters/micro-llama-lora-f32").display()
+    );
+    std::fs::write(tmp.path().join("config.yml"), yaml).unwrap();
+    let mergec = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mergec"))
+            .args(args)
+            .current_dir(tmp.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = mergec(&["check", "config.yml"]);
+    assert!(ok, "{text}");
+    let (ok, text) = mergec(&["run", "config.yml", "merged"]);
+    assert!(ok, "{text}");
+    let mut entries: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["config.yml", "merged"]);
+    let merged = load_folder(&tmp.path().join("merged"));
+    assert_eq!(merged["model.layers.0.self_attn.q_proj.weight"].dtype, "BF16");
+}
