@@ -195,7 +195,8 @@ impl Script {
 /// parse -> load headers -> check -> lower -> optimize -> schedule (+ plan check).
 pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled, Diagnostics> {
     let ast = crate::syntax::parse(&script.sources, script.id)?;
-    let index = ModelIndex::load(crate::sema::model_references(&ast), &script.base_dir);
+    let mut index = ModelIndex::load(crate::sema::model_references(&ast), &script.base_dir);
+    index.load_adapters(crate::sema::adapter_references(&ast), &script.base_dir);
     let options = CheckOptions {
         base_dir: script.base_dir.clone(),
         force,

@@ -1438,3 +1438,75 @@ fn methods_run_with_no_pooled_buffers() {
     );
     assert_eq!(gpu.idle_bytes(), 0);
 }
+
+/// The LoRA product `W + scale·(B·A)` (and its transpose) on the GPU against the CPU,
+/// bit for bit: f32 and 16-bit factors, ranks 1 to 33, odd shapes, a result of several
+/// chunks.
+#[test]
+fn lora_products_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    let mut rng = Rng(41);
+    let before = gpu.stats().whole_steps;
+    let cases: [(usize, usize, usize, bool, DType); 6] = [
+        (32, 16, 4, false, DType::F32),
+        (17, 33, 1, true, DType::F32),
+        (64, 48, 33, false, DType::BF16),
+        (5, 300, 8, true, DType::F16),
+        (1, 1, 2, false, DType::F32),
+        (700, 513, 16, false, DType::BF16),
+    ];
+    for (rows, cols, rank, transpose, factor_dtype) in cases {
+        let (p, q) = if transpose { (cols, rows) } else { (rows, cols) };
+        let numel = rows * cols;
+        let values = |rng: &mut Rng, n: usize, dtype: DType| {
+            let v: Vec<f32> = (0..n)
+                .map(|_| (rng.below(1 << 20) as f32 / (1 << 20) as f32 - 0.5) * 0.5)
+                .collect();
+            let mut out = vec![0u8; n * dtype.size_bytes()];
+            mergec::exec::cpu::encode(&v, dtype, &mut out);
+            out
+        };
+        let w = values(&mut rng, numel, DType::F32);
+        let b = values(&mut rng, p * rank, factor_dtype);
+        let a = values(&mut rng, rank * q, factor_dtype);
+        let program = vec![
+            Instr::Load(0),
+            Instr::Load(1),
+            Instr::Load(2),
+            Instr::Method {
+                op: mergec::ops::MethodOp::LowRank {
+                    scale: 0.37,
+                    rank,
+                    transpose,
+                },
+                compute: Compute::F32,
+                arity: 2,
+            },
+            Instr::Elementwise(E::Add),
+        ];
+        let mut s = step(
+            vec![],
+            &[DType::F32, factor_dtype, factor_dtype],
+            DType::F32,
+            numel,
+        );
+        s.shape = vec![rows, cols];
+        s.kernel = Kernel::Whole(program);
+        s.inputs[1].bytes = b.len() as u64;
+        s.inputs[2].bytes = a.len() as u64;
+        let inputs: Vec<&[u8]> = vec![&w, &b, &a];
+        let expected = cpu.compute(&s, &inputs).unwrap();
+        let got = gpu
+            .compute(&s, &inputs)
+            .unwrap_or_else(|e| panic!("{rows}x{cols} rank {rank}: {e}"));
+        assert_same(&s, &inputs, &expected, &got);
+        // and the product is not zero: the factors reached the kernel
+        assert_ne!(got, w, "{rows}x{cols} rank {rank}");
+    }
+    assert_eq!(
+        gpu.stats().whole_steps,
+        before + cases.len() as u64,
+        "every case ran on the GPU"
+    );
+}

@@ -7,7 +7,7 @@ macro_rules! codes {
     ($($code:ident => $summary:literal,)*) => {
         /// A stable diagnostic code: E01xx syntax, E02xx names and calls, E03xx types and
         /// tensors, E04xx models and files, E05xx plan and memory, E06xx mergekit YAML
-        /// import, W0xxx warnings.
+        /// import, E09xx adapters, W0xxx warnings.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Code {
             $($code,)*
@@ -84,11 +84,19 @@ codes! {
     E0702 => "expert prompts missing or identical",
     E0703 => "every expert is the same model",
     E0704 => "the gate cannot read the base model",
+    E0901 => "adapter not found or not readable",
+    E0902 => "invalid adapter config",
+    E0903 => "unsupported adapter",
+    E0904 => "adapter module not in the model",
+    E0905 => "adapter shapes do not fit the model",
+    E0906 => "adapter resizes the vocabulary",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
     W0004 => "expert count is not a power of two",
     W0005 => "mergekit ignores or tolerates this",
+    W0020 => "adapter factors not applied",
+    W0021 => "adapter changes nothing",
 }
 
 impl Code {

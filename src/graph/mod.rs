@@ -165,19 +165,18 @@ fn lower_expr(
             if let Some(n) = loads.get(&(*model, name.clone())) {
                 return *n;
             }
-            let dtype = program
-                .model(*model)
-                .info
-                .tensors
-                .get(name)
-                .map_or(DType::F32, |t| t.dtype);
+            let info = program.model(*model).info.tensors.get(name);
+            let dtype = info.map_or(DType::F32, |t| t.dtype);
+            // A load has its tensor's own shape: the factors of a LoRA product differ
+            // from the result's.
+            let load_shape = info.map_or(shape, |t| t.shape.as_slice());
             let node = g.add(
                 Op::Load {
                     model: *model,
                     tensor: name.clone(),
                     dtype,
                 },
-                shape,
+                load_shape,
                 &[],
             );
             loads.insert((*model, name.clone()), node);

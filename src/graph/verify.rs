@@ -4,6 +4,7 @@ use petgraph::Direction;
 
 use super::{Graph, Op};
 use crate::diag::Diagnostic;
+use crate::ops::MethodOp;
 
 /// Acyclic; every op has its arity and operands of its shape; loads have no inputs;
 /// stores feed nothing; every listed store exists and is a store.
@@ -22,7 +23,33 @@ pub fn verify(g: &Graph) -> Result<(), Box<Diagnostic>> {
                 operands.len()
             )));
         }
+        if let Op::Method {
+            op: MethodOp::LowRank { rank, transpose, .. },
+            ..
+        } = &node.op
+        {
+            let factors = crate::ops::lowrank::factor_shapes(&node.shape, *rank, *transpose);
+            let given: Vec<&[usize]> = operands.iter().map(|o| g.nodes[*o].shape.as_slice()).collect();
+            match factors {
+                Some((b, a)) if given == [&b[..], &a[..]] => {}
+                _ => {
+                    return Err(bug(format!(
+                        "low_rank node {} has factors of the wrong shapes",
+                        n.index()
+                    )))
+                }
+            }
+        }
         for o in &operands {
+            if matches!(
+                node.op,
+                Op::Method {
+                    op: MethodOp::LowRank { .. },
+                    ..
+                }
+            ) {
+                continue;
+            }
             if g.nodes[*o].shape != node.shape {
                 return Err(bug(format!("{} node {} mixes shapes", node.op.name(), n.index())));
             }

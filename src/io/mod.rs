@@ -1,5 +1,7 @@
 //! Model files: reading safetensors headers and tensor bytes, writing Hugging Face folders.
 //!
+//! - [`adapter`]: a PEFT LoRA adapter folder read from its config and header: which
+//!   modules it changes, with which factors and scaling.
 //! - [`decoder_config`]: the decoder shape a `config.json` describes (for the MoE forward
 //!   pass).
 //! - [`header`]: parse and fully validate one safetensors header (no tensor data read).
@@ -14,6 +16,7 @@
 //!
 //! A leaf module every stage may use; it imports only `diag`.
 
+pub mod adapter;
 pub mod decoder_config;
 pub mod dtype;
 pub mod header;
@@ -24,6 +27,7 @@ pub mod sigbus;
 pub mod tokenizer;
 pub mod writer;
 
+pub use adapter::{AdapterError, AdapterInfo};
 pub use dtype::DType;
 pub use model::{ModelError, ModelIndex, ModelInfo, TensorInfo};
 pub use reader::TensorReader;

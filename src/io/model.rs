@@ -837,6 +837,8 @@ fn read_config(path: &Path) -> Result<Option<Map<String, Value>>, ModelError> {
 #[derive(Debug, Default)]
 pub struct ModelIndex {
     models: HashMap<String, Result<Arc<ModelInfo>, ModelError>>,
+    /// The LoRA adapters the script applies, by reference.
+    adapters: HashMap<String, Result<Arc<crate::io::AdapterInfo>, crate::io::AdapterError>>,
 }
 
 impl ModelIndex {
@@ -847,7 +849,28 @@ impl ModelIndex {
             .into_par_iter()
             .map(|r| (r.to_owned(), load_model(r, base_dir).map(Arc::new)))
             .collect();
-        ModelIndex { models }
+        ModelIndex {
+            models,
+            adapters: HashMap::new(),
+        }
+    }
+
+    /// Loads each distinct adapter reference once (config and header only).
+    pub fn load_adapters<'a>(&mut self, references: impl IntoIterator<Item = &'a str>, base_dir: &Path) {
+        let distinct: BTreeSet<&str> = references.into_iter().collect();
+        for r in distinct {
+            if !self.adapters.contains_key(r) {
+                let loaded = crate::io::adapter::load_adapter(r, base_dir).map(Arc::new);
+                self.adapters.insert(r.to_owned(), loaded);
+            }
+        }
+    }
+
+    pub fn adapter(
+        &self,
+        reference: &str,
+    ) -> Option<&Result<Arc<crate::io::AdapterInfo>, crate::io::AdapterError>> {
+        self.adapters.get(reference)
     }
 
     pub fn get(&self, reference: &str) -> Option<&Result<Arc<ModelInfo>, ModelError>> {

@@ -19,6 +19,7 @@ const GTA: &str = include_str!("../../shaders/gta.wgsl");
 const RAM: &str = include_str!("../../shaders/ram.wgsl");
 const SCE: &str = include_str!("../../shaders/sce.wgsl");
 const ARCEE: &str = include_str!("../../shaders/arcee.wgsl");
+const LOWRANK: &str = include_str!("../../shaders/lowrank.wgsl");
 /// The software binary64 that the `sce` and `arcee` families build on.
 const F64: &str = include_str!("../../shaders/f64.wgsl");
 
@@ -101,6 +102,7 @@ kernels! {
     "arcee_term" in "arcee": [W, W, R, R, R],
     "arcee_importance" in "arcee": [R, R, R, W],
     "arcee_fuse" in "arcee": [R, R, W],
+    "low_rank" in "lowrank": [R, R, W],
 }
 
 /// The kernel called `name`.
@@ -120,6 +122,7 @@ fn family_source(family: &str) -> Option<(&'static str, &'static str, &'static s
         "ram" => ("ram.wgsl", RAM),
         "sce" => ("sce.wgsl", SCE),
         "arcee" => ("arcee.wgsl", ARCEE),
+        "lowrank" => ("lowrank.wgsl", LOWRANK),
         _ => return None,
     };
     let library = if matches!(family, "sce" | "arcee") {

@@ -160,7 +160,8 @@ fn check(script: &Script, cache: &mut HeaderCache) -> Diagnostics {
         Ok(a) => a,
         Err(d) => return d,
     };
-    let index = cache.index(crate::sema::model_references(&ast), &script.base_dir);
+    let mut index = cache.index(crate::sema::model_references(&ast), &script.base_dir);
+    index.load_adapters(crate::sema::adapter_references(&ast), &script.base_dir);
     let options = CheckOptions {
         base_dir: script.base_dir.clone(),
         force: true,

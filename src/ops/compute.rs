@@ -29,6 +29,15 @@ impl Half {
         dtype == self.dtype()
     }
 
+    /// The 16-bit dtype `dtype` is, if it is one.
+    pub fn of_dtype(dtype: DType) -> Option<Half> {
+        match dtype {
+            DType::BF16 => Some(Half::Bf16),
+            DType::F16 => Some(Half::F16),
+            _ => None,
+        }
+    }
+
     pub fn dtype(self) -> DType {
         match self {
             Half::Bf16 => DType::BF16,

@@ -32,6 +32,10 @@ impl MethodOp {
         let n = shape.iter().product::<usize>() as u64;
         let m = inputs as u64;
         let f32s = 4 * n;
+        if let MethodOp::LowRank { rank, .. } = self {
+            // the f32 result and both factors decoded to f32, whatever the compute dtype
+            return f32s + super::lowrank::factor_bytes(shape, *rank);
+        }
         if let Compute::Half(_) = compute {
             // `exec::methods::half` holds whole tensors as torch does: the inputs cast to
             // the compute dtype (2 bytes each), then at most two f32 copies of each input
@@ -64,6 +68,7 @@ impl MethodOp {
                 // the importance keys and the result
                 MethodOp::ArceeFusion => 2 * f32s,
                 MethodOp::Gta(g) => gta_bytes(g.kind, n, m),
+                MethodOp::LowRank { .. } => f32s,
             }
     }
 }

@@ -8,6 +8,7 @@
 pub mod compute;
 pub mod cost;
 pub mod elementwise;
+pub mod lowrank;
 
 pub use compute::{Compute, Half};
 pub use elementwise::Elementwise;
@@ -145,8 +146,9 @@ pub struct GtaOp {
 }
 
 /// A merge of whole tensors. Inputs are listed in the order the variant documents; all
-/// have the same shape; the result has that shape too. Parameters are plain numbers for
-/// this one tensor.
+/// have the same shape and the result has that shape too, except for [`MethodOp::LowRank`],
+/// whose two factors have their own shapes. Parameters are plain numbers for this one
+/// tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MethodOp {
     /// Inputs `[v0, v1]` (`v0` is the `t = 0` end). One angle for the flattened tensor;
@@ -186,6 +188,14 @@ pub enum MethodOp {
     /// `x + scale·N(0, 1)`, the normal draws keyed by `key` and the element index (an
     /// expert's `noise_scale` in `moe(...)`).
     Noise { scale: f64, key: u64 },
+    /// Inputs `[b, a]` of shapes `[p, rank]` and `[rank, q]`: `scale·(B·A)`, shape `[p, q]`,
+    /// or its transpose `[q, p]` when `transpose` (a LoRA adapter's delta; see
+    /// [`lowrank`]). Sums over the rank in f32, in rank order.
+    LowRank {
+        scale: f64,
+        rank: usize,
+        transpose: bool,
+    },
 }
 
 impl MethodOp {
@@ -204,6 +214,7 @@ impl MethodOp {
             MethodOp::Nearswap { .. } => "nearswap",
             MethodOp::ArceeFusion => "arcee_fusion",
             MethodOp::Noise { .. } => "noise",
+            MethodOp::LowRank { .. } => "low_rank",
         }
     }
 }

@@ -24,13 +24,14 @@ pub fn check(plan: Draft, program: &hir::Program) -> Result<Plan, Box<Diagnostic
                 step.tensor
             )))
         };
-        for input in &step.inputs {
+        for (slot, input) in step.inputs.iter().enumerate() {
+            let expected = step.input_numel(slot);
             let info = plan
                 .models
                 .get(input.model.0 as usize)
                 .and_then(|m| m.info.tensors.get(&input.tensor))
                 .ok_or_else(|| bug(format!("reads `{}`, which its model lacks", input.tensor)))?;
-            if info.len != input.bytes || info.numel() != step.numel() {
+            if info.len != input.bytes || info.numel() != expected {
                 return Err(bug(format!("reads `{}` with the wrong size", input.tensor)));
             }
         }

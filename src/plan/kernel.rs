@@ -148,3 +148,34 @@ fn emit(
         Op::Store { .. } => return,
     });
 }
+
+/// The element counts of the input slots a step reads as LoRA factors (operands of a
+/// `low_rank` instruction, which have their own shapes); every other input has the
+/// step's shape.
+pub(crate) fn factor_sizes(step: &super::Step) -> std::collections::HashMap<usize, u64> {
+    let mut sizes = std::collections::HashMap::new();
+    // the stack of the program: Some(slot) for a value loaded and not yet computed on
+    let mut stack: Vec<Option<usize>> = Vec::new();
+    for instr in step.kernel.program() {
+        let (pops, _) = instr.stack_effect();
+        let args = stack.split_off(stack.len().saturating_sub(pops));
+        if let Instr::Method {
+            op: crate::ops::MethodOp::LowRank { rank, transpose, .. },
+            ..
+        } = instr
+        {
+            if let (Some((b, a)), [Some(bs), Some(as_)]) = (
+                crate::ops::lowrank::factor_shapes(&step.shape, *rank, *transpose),
+                args.as_slice(),
+            ) {
+                sizes.insert(*bs, (b[0] * b[1]) as u64);
+                sizes.insert(*as_, (a[0] * a[1]) as u64);
+            }
+        }
+        stack.push(match instr {
+            Instr::Load(slot) => Some(*slot),
+            _ => None,
+        });
+    }
+    sizes
+}

@@ -95,6 +95,15 @@ impl Step {
     pub fn in_bytes(&self) -> u64 {
         self.inputs.iter().map(|i| i.bytes).sum()
     }
+
+    /// Elements of input `slot`: the step's, except for the factors of a LoRA product
+    /// (operands of a `low_rank` instruction), which have their own shapes.
+    pub fn input_numel(&self, slot: usize) -> u64 {
+        kernel::factor_sizes(self)
+            .get(&slot)
+            .copied()
+            .unwrap_or(self.numel())
+    }
 }
 
 /// An input model as the run reads it.

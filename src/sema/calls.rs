@@ -29,6 +29,7 @@ impl Checker<'_> {
             "graft" => return self.graft(args, span),
             "rename" => return self.rename(args, span),
             "moe" => return self.moe(args, span),
+            "lora" => return self.lora(args, span),
             _ => {}
         }
         let Some(sig) = methods::lookup(&func.name) else {

@@ -39,6 +39,8 @@ pub struct InputModel {
     pub name: String,
     pub info: Arc<ModelInfo>,
     pub span: Span,
+    /// The weights of a LoRA adapter (`lora(m, "adapter")`), not a model of its own.
+    pub adapter: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +101,7 @@ pub enum Construct {
     Arithmetic,
     Graft,
     Moe,
+    Lora,
 }
 
 impl Construct {
@@ -111,6 +114,7 @@ impl Construct {
             Construct::Arithmetic => "arithmetic",
             Construct::Graft => "graft",
             Construct::Moe => "moe",
+            Construct::Lora => "lora",
         }
     }
 
@@ -122,6 +126,7 @@ impl Construct {
             Construct::Stack => "the layers of several ranges one after another (depth up-scaling)",
             Construct::Arithmetic => "arithmetic on the models' tensors",
             Construct::Graft => "one model's tensors put in place of another's (a sub-module merged on its own and put back)",
+            Construct::Lora => "a LoRA adapter applied to the model's weights (W + scale·(alpha/r)·B·A)",
             Construct::Moe => {
                 "a mixture of experts: attention, norms and embeddings from the base, each expert's MLP from its model"
             }

@@ -7,9 +7,11 @@ use super::hir::{self, InputModel, ModelId, OutputTensor, TensorExpr};
 use super::methods::{self, MethodSig};
 use super::names;
 use super::params::Param;
-use super::value::{ArgValue, CallModel, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource};
+use super::value::{
+    ArgValue, CallModel, LoraEdit, LoraExpr, MExpr, MethodCall, ModelVal, MoeExpr, MoeSource,
+};
 use crate::diag::{Code, Diagnostic, Diagnostics};
-use crate::ops::{Compute, GtaKind, GtaOp, Method, MethodOp};
+use crate::ops::{Compute, GtaKind, GtaOp, Half, Method, MethodOp};
 use crate::source::Span;
 
 /// Problems found while resolving tensors, reported once per place with a count.
@@ -283,6 +285,7 @@ impl Ctx<'_> {
                 self.scaled(expr, inner, p, *span, name, t)
             }
             MExpr::Method(call) => self.method(call, name, t),
+            MExpr::Lora(l) => self.lora(l, name, t, under_op),
             MExpr::Moe(moe) => {
                 self.moe_merged_further(moe, name);
                 None
@@ -386,6 +389,50 @@ impl Ctx<'_> {
             "this mixture of experts",
             name,
         );
+    }
+
+    /// Tensor `name` of a model with a LoRA adapter applied: the model's, its low-rank
+    /// delta added, or the adapter's replacement.
+    fn lora(&mut self, l: &LoraExpr, name: &str, t: f64, under_op: bool) -> Option<TensorExpr> {
+        let load = |tensor: &str| TensorExpr::Load {
+            model: l.adapter,
+            name: tensor.to_string(),
+        };
+        match l.edits.get(name) {
+            None => self.tensor(&l.inner, name, t, under_op),
+            Some(LoraEdit::Replace { tensor }) => Some(self.round(load(tensor))),
+            Some(LoraEdit::LowRank {
+                a,
+                b,
+                rank,
+                scaling,
+                transpose,
+                dtype,
+            }) => {
+                let scale = self.param(&l.scale, l.scale_span, name, t)?;
+                let weight = self.tensor(&l.inner, name, t, true)?;
+                // The factors are read as stored: the product decodes them itself.
+                let delta = TensorExpr::Method {
+                    op: MethodOp::LowRank {
+                        scale: scale * scaling,
+                        rank: *rank,
+                        transpose: *transpose,
+                    },
+                    compute: Compute::F32,
+                    inputs: vec![load(b), load(a)],
+                };
+                Some(match (self.compute.half(), Half::of_dtype(*dtype)) {
+                    // mergekit merges through PEFT in the model's dtype: the f32 delta
+                    // rounded to it, the sum rounded to it, then cast to the compute dtype.
+                    (Some(_), Some(stored)) => {
+                        let sum = weight + TensorExpr::round(delta, stored);
+                        self.round(TensorExpr::round(sum, stored))
+                    }
+                    (Some(_), None) => self.round(weight + delta),
+                    (None, _) => weight + delta,
+                })
+            }
+        }
     }
 
     /// Tensor `name` of MoE member `member`, with its noise and residual scale. The noise is
@@ -859,6 +906,7 @@ fn source_name(expr: &MExpr, name: &str) -> String {
             part_names,
         } => source_name(if part_names.contains(name) { part } else { onto }, name),
         MExpr::Rename { inner, map } => source_name(inner, map.get(name).map_or(name, String::as_str)),
+        MExpr::Lora(l) => source_name(&l.inner, name),
         MExpr::Input(_) | MExpr::Method(_) | MExpr::Moe(_) => name.to_string(),
     }
 }
@@ -882,6 +930,9 @@ pub(super) fn warn_unread_inputs(program: &hir::Program, diags: &mut Diagnostics
         let id = ModelId(i as u32);
         if !read.iter().any(|(r, _)| *r == id) || experts.contains(&id) {
             continue; // an unused model is reported as an unused binding
+        }
+        if m.adapter {
+            continue; // factors an adapter's config leaves out are reported by W0020
         }
         let unread: Vec<&str> = m
             .info

@@ -7,12 +7,13 @@
 //! This module holds the entry point [`check`], the checker's state and statements;
 //! [`expr`] checks expressions, [`calls`] method calls and their arguments, [`surgery`]
 //! layer ranges, `stack`, `select`, `graft` and `rename`, [`save`] the save options, and
-//! [`moe`] the `moe(...)` call.
+//! [`moe`] the `moe(...)` call, [`lora`] the `lora(...)` call (a PEFT adapter applied).
 
 mod calls;
 mod expr;
 pub mod hir;
 mod instantiate;
+mod lora;
 pub mod methods;
 mod moe;
 pub(crate) mod names;
@@ -78,6 +79,8 @@ pub struct Checked {
     pub warnings: Diagnostics,
 }
 
+pub use lora::adapter_references;
+
 /// Every model path a script declares, in order (to build the [`ModelIndex`] from).
 pub fn model_references(script: &ast::Script) -> Vec<&str> {
     script
@@ -112,6 +115,7 @@ pub fn check(
         depths: HashMap::new(),
         ops_left: MAX_TENSOR_OPS,
         suggestions_left: MAX_SUGGESTIONS,
+        adapter_ids: HashMap::new(),
     };
     // Settings apply to the whole script, wherever they are written.
     for stmt in &script.stmts {
@@ -175,6 +179,8 @@ struct Checker<'a> {
     ops_left: u64,
     /// Unknown names that may still get a "did you mean" suggestion.
     suggestions_left: usize,
+    /// The input model of each adapter applied, by reference (each read once).
+    adapter_ids: HashMap<String, ModelId>,
 }
 
 impl Checker<'_> {
@@ -356,6 +362,7 @@ impl Checker<'_> {
             name: name.name.clone(),
             info,
             span: name.span,
+            adapter: false,
         });
         Value::Model(ModelVal {
             expr: Rc::new(MExpr::Input(id)),
@@ -422,6 +429,7 @@ fn describe(expr: &Rc<MExpr>) -> Vec<hir::Construct> {
             MExpr::Graft { .. } => Some(Construct::Graft),
             MExpr::Moe(_) => Some(Construct::Moe),
             MExpr::Method(call) => Some(Construct::Method(call.sig.method)),
+            MExpr::Lora(_) => Some(Construct::Lora),
         };
         if let Some(c) = construct.filter(|c| !out.contains(c)) {
             out.push(c);

@@ -114,6 +114,37 @@ pub(crate) enum MExpr {
     Method(MethodCall),
     /// A mixture of experts (`moe(...)`): a model to save, not to merge further.
     Moe(Box<MoeExpr>),
+    /// `inner` with a LoRA adapter applied (`lora(m, "adapter")`).
+    Lora(Box<LoraExpr>),
+}
+
+#[derive(Debug)]
+pub(crate) struct LoraExpr {
+    pub inner: Rc<MExpr>,
+    /// The adapter's weights, read as an input model.
+    pub adapter: ModelId,
+    /// What the adapter does to each tensor it changes, by the model's tensor name.
+    pub edits: BTreeMap<String, LoraEdit>,
+    /// The `scale:` argument (1 by default), and where it is written.
+    pub scale: Param,
+    pub scale_span: Span,
+}
+
+#[derive(Debug)]
+pub(crate) enum LoraEdit {
+    /// `W + scale·scaling·(B·A)` (transposed for `fan_in_fan_out` and embeddings).
+    LowRank {
+        a: String,
+        b: String,
+        rank: usize,
+        /// PEFT's alpha/r (alpha/sqrt(r) with rslora) for this module.
+        scaling: f64,
+        transpose: bool,
+        /// The model's dtype for this tensor: mergekit's merge rounds to it.
+        dtype: DType,
+    },
+    /// The adapter's tensor of this name replaces the model's (`modules_to_save`).
+    Replace { tensor: String },
 }
 
 impl MExpr {
@@ -139,6 +170,7 @@ impl MExpr {
             MExpr::Moe(moe) => std::iter::once(&moe.base)
                 .chain(moe.members.iter().map(|m| &m.expr))
                 .collect(),
+            MExpr::Lora(l) => vec![&l.inner],
         }
     }
 }

@@ -172,9 +172,8 @@ fn check_inputs(step: &Step, inputs: &[&[u8]]) -> Result<(), GpuError> {
             got: inputs.len(),
         });
     }
-    let numel = step.numel();
     for (slot, (input, bytes)) in step.inputs.iter().zip(inputs).enumerate() {
-        let expected = numel * input.dtype.size_bytes() as u64;
+        let expected = step.input_numel(slot) * input.dtype.size_bytes() as u64;
         if bytes.len() as u64 != expected {
             return Err(GpuError::InputSize {
                 slot,

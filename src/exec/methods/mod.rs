@@ -10,6 +10,7 @@ mod deltas;
 pub(crate) mod geometry;
 mod gta;
 mod half;
+mod lowrank;
 pub(crate) mod portable;
 mod ram;
 pub mod rng;
@@ -135,6 +136,8 @@ impl<T: Pooled> Drop for Scratch<T> {
 pub enum MethodError {
     #[error("`{0}` was given no input tensors (a bug in mergec)")]
     NoInputs(&'static str),
+    #[error("`{0}` was given factors of the wrong size (a bug in mergec)")]
+    FactorSize(&'static str),
 }
 
 /// Computes `op` over `inputs` in `compute`; the result has `inputs.numel()` values. The
@@ -145,6 +148,16 @@ pub fn apply(op: &MethodOp, compute: Compute, inputs: &Inputs) -> Result<Vec<f32
     }
     if inputs.is_empty() {
         return Err(MethodError::NoInputs(op.name()));
+    }
+    // A LoRA delta is computed in f32 in every compute dtype (as PEFT does on the CPU);
+    // sema rounds it where mergekit would.
+    if let MethodOp::LowRank {
+        scale,
+        rank,
+        transpose,
+    } = op
+    {
+        return lowrank::apply(*scale, *rank, *transpose, inputs);
     }
     if let Compute::Half(half) = compute {
         return Ok(half::apply(op, half, inputs));
@@ -174,5 +187,6 @@ pub fn apply(op: &MethodOp, compute: Compute, inputs: &Inputs) -> Result<Vec<f32
         }
         MethodOp::ArceeFusion => deltas::or_base(inputs, arcee::arcee_fusion),
         MethodOp::Noise { scale, key } => rng::add_noise(inputs, *scale, *key),
+        MethodOp::LowRank { .. } => Vec::new(), // handled above
     })
 }

@@ -44,6 +44,7 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         diags: Diagnostics::new(),
         models: Vec::new(),
         model_index: HashMap::new(),
+        adapter_index: HashMap::new(),
         doc_names: HashMap::new(),
         used: BTreeSet::new(),
         next_suffix: HashMap::new(),
@@ -118,10 +119,25 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
             decl.push(i);
         }
     }
-    for m in decl.iter().map(|&i| &t.models[i]) {
+    // Models first, then the models with an adapter applied (`model+lora`).
+    for m in decl.iter().map(|&i| &t.models[i]).filter(|m| m.adapter.is_none()) {
         out.push(&format!("model {} = ", m.name));
         out.expr(&Expr::atom(quote(&m.reference)).at(m.span), 0);
         out.push("\n");
+    }
+    for m in decl.iter().map(|&i| &t.models[i]) {
+        if let Some((adapter, base)) = &m.adapter {
+            out.push(&format!("let {} = ", m.name));
+            let call = Expr::Call(
+                "lora".to_string(),
+                vec![
+                    Expr::atom(t.models[*base].name.clone()),
+                    Expr::atom(quote(adapter)).at(m.span),
+                ],
+            );
+            out.expr(&call, 0);
+            out.push("\n");
+        }
     }
     if let Some(seed) = opts.seed {
         out.push(&format!("\nset seed = {seed}\n"));
@@ -256,6 +272,8 @@ struct Translator<'o> {
     models: Vec<ModelDecl>,
     /// Where each reference is in `models`.
     model_index: HashMap<String, usize>,
+    /// Where each `model+lora` pair (adapter reference, model) is in `models`.
+    adapter_index: HashMap<(String, usize), usize>,
     doc_names: HashMap<String, (usize, Span)>,
     /// Names taken in the script.
     used: BTreeSet<String>,

@@ -12,6 +12,9 @@ pub(super) struct ModelDecl {
     pub(super) words: Vec<String>,
     pub(super) span: Span,
     pub(super) name: String,
+    /// `model+lora`: the adapter's reference (as the script writes it) and the model it
+    /// is applied to. Such a model is written as `let NAME = lora(BASE, "ADAPTER")`.
+    pub(super) adapter: Option<(String, usize)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -197,6 +200,7 @@ impl Translator<'_> {
             "a model reference",
         );
         let mut out = None;
+        let mut lora: Option<(String, Option<String>, Span)> = None;
         for (key, kspan, value) in entries {
             match key {
                 "model" => match &value.value {
@@ -222,10 +226,30 @@ impl Translator<'_> {
                         self.err(Code::E0603, "`model` must be a string", value.span, "here");
                     }
                 },
-                "lora" => {
-                    self.lora(kspan);
-                    return None;
-                }
+                "lora" => match &value.value {
+                    Value::Str(s) => lora = Some((s.clone(), None, value.span)),
+                    Value::Map(_) => {
+                        let inner = self.entries(value, &["path", "revision"], "a LoRA path");
+                        let field = |k: &str| {
+                            inner
+                                .iter()
+                                .find(|e| e.0 == k)
+                                .and_then(|e| e.2.as_str().map(str::to_string))
+                        };
+                        match field("path") {
+                            Some(p) => lora = Some((p, field("revision"), value.span)),
+                            None => {
+                                self.err(Code::E0603, "a LoRA path needs `path`", value.span, "here");
+                                return None;
+                            }
+                        }
+                    }
+                    Value::Null => {}
+                    _ => {
+                        self.err(Code::E0603, "`lora` must be a string", value.span, "here");
+                        return None;
+                    }
+                },
                 _ => {
                     self.err(
                         Code::E0606,
@@ -241,13 +265,77 @@ impl Translator<'_> {
                 }
             }
         }
-        out
+        match (out, lora) {
+            (Some(base), Some((path, rev, span))) => self.with_adapter(base, &path, rev, span),
+            (out, _) => out,
+        }
     }
 
-    pub(super) fn lora(&mut self, span: Span) {
-        self.err(Code::E0606, "LoRA adapters in model references (`model+lora`) are not supported yet", span, "a LoRA adapter")
-            .help
-            .push("merge the adapter into its model first (e.g. with PEFT's `merge_and_unload`), then refer to the merged folder".into());
+    /// `base+lora`: a model with a PEFT adapter applied, declared once per pair.
+    fn with_adapter(
+        &mut self,
+        base: RefAt,
+        path: &str,
+        revision: Option<String>,
+        span: Span,
+    ) -> Option<RefAt> {
+        let Ref::Model(b) = base.r else {
+            self.err(
+                Code::E0603,
+                "a LoRA adapter applies to a model, not to another merge of the file",
+                span,
+                "here",
+            );
+            return None;
+        };
+        let (path, rev) = match (path.trim().split_once('@'), revision) {
+            (Some((p, r)), _) => (p.to_string(), Some(r.to_string())),
+            (None, r) => (path.trim().to_string(), r),
+        };
+        if path.is_empty() {
+            self.err(Code::E0603, "empty LoRA reference", span, "here");
+            return None;
+        }
+        let adapter = self.local_or_hub(&path, rev);
+        let reference = self.models[b].reference.clone();
+        let key = (adapter.clone(), b);
+        let i = match self.adapter_index.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.adapter_index.insert(key, self.models.len());
+                self.models.push(ModelDecl {
+                    reference,
+                    words: words_of(&path),
+                    span,
+                    name: String::new(),
+                    adapter: Some((adapter, b)),
+                });
+                self.models.len() - 1
+            }
+        };
+        Some(RefAt {
+            r: Ref::Model(i),
+            span,
+        })
+    }
+
+    /// A path as the script writes it: relative to the script when it exists locally (or
+    /// is no hub id), else `hf:org/name[@revision]`.
+    fn local_or_hub(&self, path: &str, rev: Option<String>) -> String {
+        let local = expand_home(path);
+        let resolved = if local.is_absolute() {
+            local.clone()
+        } else {
+            self.opts.base_dir.join(&local)
+        };
+        if !resolved.exists() && is_hub_id(path) {
+            match &rev {
+                Some(r) => format!("hf:{path}@{r}"),
+                None => format!("hf:{path}"),
+            }
+        } else {
+            relative_reference(path, self.opts)
+        }
     }
 
     pub(super) fn reference_text(
@@ -260,11 +348,19 @@ impl Translator<'_> {
         if let Some(&(i, _)) = self.doc_names.get(text) {
             return Some(RefAt { r: Ref::Doc(i), span });
         }
-        if let Some(plus) = text.find('+') {
-            let at = Span::new(span.source, span.start as usize, span.end as usize);
-            let _ = plus;
-            self.lora(at);
-            return None;
+        // mergekit's `model+lora`: exactly one `+`.
+        if let Some((model, lora)) = text.split_once('+') {
+            if lora.contains('+') {
+                self.err(
+                    Code::E0603,
+                    "a model reference holds at most one `+` (`model+lora`)",
+                    span,
+                    "here",
+                );
+                return None;
+            }
+            let base = self.reference_text(model, revision, span)?;
+            return self.with_adapter(base, lora, None, span);
         }
         let (path, rev) = match (text.split_once('@'), revision) {
             (Some((p, r)), _) => (p.to_string(), Some(r.to_string())),
@@ -274,20 +370,8 @@ impl Translator<'_> {
             self.err(Code::E0603, "empty model reference", span, "here");
             return None;
         }
-        let local = expand_home(&path);
-        let resolved = if local.is_absolute() {
-            local.clone()
-        } else {
-            self.opts.base_dir.join(&local)
-        };
-        let reference = if !resolved.exists() && is_hub_id(&path) {
-            match &rev {
-                Some(r) => format!("hf:{path}@{r}"),
-                None => format!("hf:{path}"),
-            }
-        } else {
-            relative_reference(&path, self.opts)
-        };
+        let reference = self.local_or_hub(&path, rev);
+        // Plain models only: a model with an adapter is a declaration of its own.
         let i = match self.model_index.get(&reference) {
             Some(&i) => i,
             None => {
@@ -297,6 +381,7 @@ impl Translator<'_> {
                     words: words_of(&path),
                     span,
                     name: String::new(),
+                    adapter: None,
                 });
                 self.models.len() - 1
             }

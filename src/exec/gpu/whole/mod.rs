@@ -20,6 +20,7 @@ use crate::plan::Instr;
 mod arcee;
 mod geometry;
 mod gta;
+mod lowrank;
 mod ram;
 mod sce;
 mod select;
@@ -50,6 +51,7 @@ pub(crate) fn supported(op: &MethodOp) -> Result<(), String> {
         | MethodOp::ArceeFusion => Ok(()),
         // A MoE expert's noise draws normals through f64 ln and cos (Box-Muller).
         MethodOp::Noise { .. } => Err("expert noise (`noise_scale`) has no GPU kernel".to_string()),
+        MethodOp::LowRank { .. } => Ok(()),
     }
 }
 
@@ -96,6 +98,28 @@ pub(crate) fn run(
             return Err(internal("the program underflows its stack"));
         }
         let args = stack.split_off(stack.len() - pops);
+        // The LoRA product reads its factors as stored: they have their own shapes.
+        if let Instr::Method {
+            op:
+                MethodOp::LowRank {
+                    scale,
+                    rank,
+                    transpose,
+                },
+            ..
+        } = instr
+        {
+            let [Item::Slot(b), Item::Slot(a)] = args.as_slice() else {
+                return Err(internal("a low-rank product of computed factors"));
+            };
+            let factor = |s: usize| lowrank::Factor {
+                bytes: inputs[s],
+                dtype: dtypes[s],
+            };
+            let out = lowrank::low_rank(dev, factor(*b), factor(*a), shape, *scale, *rank, *transpose)?;
+            stack.push(Item::Dev(out));
+            continue;
+        }
         let mut tensors = Vec::with_capacity(args.len());
         if !matches!(instr, Instr::Load(_)) {
             for a in args {

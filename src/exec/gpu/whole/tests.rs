@@ -318,3 +318,52 @@ fn dot3_is_three_dots() {
         }
     }
 }
+
+/// The LoRA product over a result split into many chunks (bindings of 4 KiB), against
+/// `ops::lowrank::row` bit for bit, in both orientations.
+#[test]
+fn low_rank_over_many_chunks_is_the_cpus() {
+    let Some(gpu) = executor() else { return };
+    let (rows, cols, rank) = (300usize, 129usize, 3usize);
+    for transpose in [false, true] {
+        let (p, q) = if transpose { (cols, rows) } else { (rows, cols) };
+        let b: Vec<f32> = (0..p * rank)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let a: Vec<f32> = (0..rank * q)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0)
+            .collect();
+        let mut want = vec![0f32; rows * cols];
+        for (i, row) in want.chunks_mut(cols).enumerate() {
+            crate::ops::lowrank::row(&b, &a, p, rank, q, 0.75, transpose, i, row);
+        }
+        let mut dev = device(&gpu, rows * cols, 1, 4096);
+        assert!(dev.ranges().len() > 30);
+        let factor = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        let (bb, ab) = (factor(&b), factor(&a));
+        let out = lowrank::low_rank(
+            &mut dev,
+            lowrank::Factor {
+                bytes: &bb,
+                dtype: DType::F32,
+            },
+            lowrank::Factor {
+                bytes: &ab,
+                dtype: DType::F32,
+            },
+            &[rows, cols],
+            0.75,
+            rank,
+            transpose,
+        )
+        .unwrap();
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&dev.download(&out, DType::F32).unwrap());
+        dev.free(out);
+        dev.flush();
+        assert_eq!(
+            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "transpose {transpose}"
+        );
+    }
+}

@@ -48,6 +48,8 @@ pub(super) fn apply(op: &MethodOp, half: Half, inputs: &Inputs) -> Vec<f32> {
         // mergekit's slerp computes in f32 from the cast inputs and rounds once; the MoE
         // builder's noise is added the same way.
         MethodOp::Slerp { .. } | MethodOp::Noise { .. } => in_f32(op, &t, &inputs),
+        // `methods::apply` computes the LoRA product in f32 before it gets here.
+        MethodOp::LowRank { .. } => in_f32(op, &t, &inputs),
         MethodOp::Nuslerp { .. }
         | MethodOp::Multislerp { .. }
         | MethodOp::Karcher { .. }
