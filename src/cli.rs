@@ -770,6 +770,13 @@ fn summary(c: &Compiled) -> String {
             human_bytes(bytes),
             o.compute
         ));
+        // The rebuilt vocabulary, and per input what it lacks and where those rows come from.
+        if let Some(v) = &o.vocab {
+            for (k, line) in v.report.iter().enumerate() {
+                let indent = if k == 0 { "    " } else { "      " };
+                out.push_str(&format!("{indent}{line}\n"));
+            }
+        }
         // Which architecture a mixture of experts is written as, and why not the others.
         if let Some(moe) = &o.moe {
             out.push_str(&format!("    written as {}", moe.arch.name()));

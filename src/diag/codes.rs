@@ -7,7 +7,7 @@ macro_rules! codes {
     ($($code:ident => $summary:literal,)*) => {
         /// A stable diagnostic code: E01xx syntax, E02xx names and calls, E03xx types and
         /// tensors, E04xx models and files, E05xx plan and memory, E06xx mergekit YAML
-        /// import, W0xxx warnings.
+        /// import, E07xx mixtures of experts, E08xx vocabularies, W0xxx warnings.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Code {
             $($code,)*
@@ -78,11 +78,18 @@ codes! {
     E0702 => "expert prompts missing or identical",
     E0703 => "every expert is the same model",
     E0704 => "the gate cannot read the base model",
+    E0801 => "inputs' vocabularies differ without a tokenizer policy",
+    E0802 => "vocabulary options without vocabulary tensors",
+    E0803 => "vocabulary source is not an input of the save",
+    E0804 => "cannot build the output vocabulary",
+    E0805 => "malformed `tokens` entry",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
     W0004 => "expert count is not a power of two",
     W0005 => "mergekit ignores or tolerates this",
+    W0010 => "inputs' tokenizers differ, embeddings the same size",
+    W0011 => "vocabulary tensors truncated",
 }
 
 impl Code {
