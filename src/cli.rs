@@ -213,6 +213,11 @@ pub struct YamlArgs {
     /// What mergekit ignores or tolerates is an error, not a warning (for CI).
     #[arg(long)]
     strict: bool,
+    /// mergekit's `--unsafe-truncate-embeddings`: models whose vocabularies differ and
+    /// that have no tokenizer setting keep the first rows of each vocabulary tensor, as
+    /// many as the smallest has (a warning; the ids must mean the same tokens).
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
 }
 
 impl YamlArgs {
@@ -227,6 +232,8 @@ impl YamlArgs {
             Some("--i-understand-this-is-not-useful-without-training")
         } else if self.strict {
             Some("--strict")
+        } else if self.unsafe_truncate_embeddings {
+            Some("--unsafe-truncate-embeddings")
         } else {
             None
         }
@@ -478,6 +485,7 @@ fn yaml_options(
     opts.save_intermediates = args.save_intermediates;
     opts.allow_same_experts = args.allow_same_experts;
     opts.strict = args.strict;
+    opts.truncate_embeddings = args.unsafe_truncate_embeddings;
     if let Some(s) = &args.out_shard_size {
         match import::parse_shard_size(s) {
             Ok(b) => opts.shard_bytes = Some(b),

@@ -81,9 +81,28 @@ fn matches_mergekit(name: &str, ours: &Path, exact: bool) {
     }
 }
 
+/// Runs `configs/NAME.yml` through `mergec import` into a temporary folder.
+fn run_yaml(name: &str, truncate: bool) -> Result<tempfile::TempDir, String> {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = format!("configs/{name}.yml");
+    let text = std::fs::read_to_string(vocab_dir().join(&file)).unwrap();
+    let mut opts = mergec::import::Options::new(&file, &vocab_dir(), &tmp.path().join(name));
+    opts.seed = Some(7);
+    opts.truncate_embeddings = truncate;
+    let imp = mergec::import::translate(&file, text, &opts)
+        .map_err(|f| mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false))?;
+    let (_, compiled) = imp
+        .compile(false, &mergec::plan::Limits::default())
+        .map_err(|(s, d)| format!("{}\n{}", imp.text(), render(&s, &d)))?;
+    run_compiled(&compiled, 2);
+    Ok(tmp)
+}
+
 fn script_case(name: &str, exact: bool) {
     let text = std::fs::read_to_string(vocab_dir().join(format!("scripts/{name}.merge"))).unwrap();
     let (tmp, _) = run_text(&text);
+    matches_mergekit(name, &tmp.path().join(name), exact);
+    let tmp = run_yaml(name, false).unwrap_or_else(|e| panic!("{name}: {e}"));
     matches_mergekit(name, &tmp.path().join(name), exact);
 }
 
@@ -130,4 +149,89 @@ fn padding_rows_are_the_mean_of_the_token_rows() {
             assert!((t.values[r * width + c] as f64 - mean).abs() < 1e-6);
         }
     }
+}
+
+/// Translates and compiles a YAML text given in the test (models of tests/fixtures/vocab).
+fn compile_yaml(text: &str, truncate: bool, out: &Path) -> Result<mergec::driver::Compiled, String> {
+    let mut opts = mergec::import::Options::new("inline.yml", &vocab_dir(), out);
+    opts.truncate_embeddings = truncate;
+    let imp = mergec::import::translate("inline.yml", text.to_string(), &opts)
+        .map_err(|f| mergec::diag::render::render_text(&f.diagnostics.0, &f.sources, false))?;
+    imp.compile(false, &mergec::plan::Limits::default())
+        .map(|(_, c)| c)
+        .map_err(|(s, d)| render(&s, &d))
+}
+
+const NO_POLICY: &str = "merge_method: linear
+models:
+  - model: models/vocab-base
+    parameters: {weight: 0.5}
+  - model: models/vocab-padded
+    parameters: {weight: 0.5}
+dtype: float32
+";
+
+#[test]
+fn differing_vocabularies_without_a_policy_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = compile_yaml(NO_POLICY, false, &tmp.path().join("x")).unwrap_err();
+    assert!(err.contains("[E0801]"), "{err}");
+    assert!(err.contains("`base`: 64 rows, `padded`: 72 rows"), "{err}");
+    assert!(err.contains("tokenizer: union"), "{err}");
+}
+
+#[test]
+fn unsafe_truncate_embeddings_keeps_the_first_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let compiled = compile_yaml(NO_POLICY, true, &out).unwrap();
+    let warnings = format!("{:?}", compiled.warnings.0);
+    assert!(warnings.contains("W0011"), "{warnings}");
+    run_compiled(&compiled, 2);
+    let got = load_folder(&out);
+    let base = load_folder(&vocab_dir().join("models/vocab-base"));
+    let padded = load_folder(&vocab_dir().join("models/vocab-padded"));
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let (g, b, p) = (&got[name], &base[name], &padded[name]);
+        assert_eq!(g.shape, vec![64, 32]);
+        for i in 0..64 * 32 {
+            let want = 0.5 * b.values[i] + 0.5 * p.values[i];
+            assert!((g.values[i] - want).abs() <= 1e-6, "{name}[{i}]");
+        }
+    }
+    assert_eq!(json(&out.join("config.json"))["vocab_size"], 64);
+}
+
+#[test]
+fn check_reports_what_each_input_lacks() {
+    let text = std::fs::read_to_string(vocab_dir().join("scripts/union_ta.merge")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, compiled) = compile_text(&text, &vocab_dir().join("scripts"), tmp.path())
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    let report = &compiled.program.outputs[0].vocab.as_ref().unwrap().report;
+    assert_eq!(
+        report,
+        &[
+            "vocabulary: 68 tokens from the union of the inputs' tokenizers",
+            "vb: lacks 4 tokens (rows: 3 from the only input with the token, 1 means of the inputs with the token)",
+            "va: lacks 1 token (rows: 1 from the only input with the token)",
+            "vr: lacks 3 tokens (rows: 1 from the base, 2 from the only input with the token)",
+        ]
+    );
+}
+
+#[test]
+fn same_vocabulary_keeps_plain_copies() {
+    // `tokenizer: union` over inputs with one vocabulary changes nothing: tokenizer files
+    // are copied, embeddings are loaded as stored.
+    let text = "model a = \"../models/vocab-base\"\nmodel b = \"../models/vocab-base\"\nsave linear(a { weight: 0.5 }, b { weight: 0.5 }) to \"out/same\" { tokenizer: union }\n";
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, compiled) = compile_text(text, &vocab_dir().join("scripts"), tmp.path())
+        .unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    assert!(compiled.program.outputs[0].vocab.is_none());
+    assert!(compiled
+        .plan
+        .steps
+        .iter()
+        .all(|s| s.inputs.iter().all(|i| i.gather.is_none())));
 }
