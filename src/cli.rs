@@ -213,6 +213,11 @@ pub struct YamlArgs {
     /// What mergekit ignores or tolerates is an error, not a warning (for CI).
     #[arg(long)]
     strict: bool,
+    /// mergekit's `--unsafe-truncate-embeddings`: models whose vocabularies differ and
+    /// that have no tokenizer setting keep the first rows of each vocabulary tensor, as
+    /// many as the smallest has (a warning; the ids must mean the same tokens).
+    #[arg(long)]
+    unsafe_truncate_embeddings: bool,
 }
 
 impl YamlArgs {
@@ -227,6 +232,8 @@ impl YamlArgs {
             Some("--i-understand-this-is-not-useful-without-training")
         } else if self.strict {
             Some("--strict")
+        } else if self.unsafe_truncate_embeddings {
+            Some("--unsafe-truncate-embeddings")
         } else {
             None
         }
@@ -478,6 +485,7 @@ fn yaml_options(
     opts.save_intermediates = args.save_intermediates;
     opts.allow_same_experts = args.allow_same_experts;
     opts.strict = args.strict;
+    opts.truncate_embeddings = args.unsafe_truncate_embeddings;
     if let Some(s) = &args.out_shard_size {
         match import::parse_shard_size(s) {
             Ok(b) => opts.shard_bytes = Some(b),
@@ -782,6 +790,13 @@ fn summary(c: &Compiled) -> String {
             human_bytes(bytes),
             o.compute
         ));
+        // The rebuilt vocabulary, and per input what it lacks and where those rows come from.
+        if let Some(v) = &o.vocab {
+            for (k, line) in v.report.iter().enumerate() {
+                let indent = if k == 0 { "    " } else { "      " };
+                out.push_str(&format!("{indent}{line}\n"));
+            }
+        }
         // Which architecture a mixture of experts is written as, and why not the others.
         if let Some(moe) = &o.moe {
             out.push_str(&format!("    written as {}", moe.arch.name()));

@@ -69,6 +69,7 @@ fn step(program: Vec<Instr>, inputs: &[DType], output: DType, numel: usize) -> S
                 tensor: "model.layers.0.mlp.up_proj.weight".into(),
                 dtype: *d,
                 bytes: (numel * d.size_bytes()) as u64,
+                gather: None,
             })
             .collect(),
     }

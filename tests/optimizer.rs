@@ -190,6 +190,7 @@ fn case(seed: u64) -> Case {
                             model: ModelId(m),
                             tensor: format!("t{t}"),
                             dtype,
+                            gather: None,
                         },
                         shape: shape.clone(),
                     })

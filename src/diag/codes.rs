@@ -7,7 +7,8 @@ macro_rules! codes {
     ($($code:ident => $summary:literal,)*) => {
         /// A stable diagnostic code: E01xx syntax, E02xx names and calls, E03xx types and
         /// tensors, E04xx models and files, E05xx plan and memory, E06xx mergekit YAML
-        /// import, E09xx adapters, W0xxx warnings.
+        /// import, E07xx mixtures of experts, E08xx vocabularies, E09xx adapters, W0xxx
+        /// warnings.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Code {
             $($code,)*
@@ -84,6 +85,11 @@ codes! {
     E0702 => "expert prompts missing or identical",
     E0703 => "every expert is the same model",
     E0704 => "the gate cannot read the base model",
+    E0801 => "inputs' vocabularies differ without a tokenizer policy",
+    E0802 => "vocabulary options without vocabulary tensors",
+    E0803 => "vocabulary source is not an input of the save",
+    E0804 => "cannot build the output vocabulary",
+    E0805 => "malformed `tokens` entry",
     E0901 => "adapter not found or not readable",
     E0902 => "invalid adapter config",
     E0903 => "unsupported adapter",
@@ -95,6 +101,8 @@ codes! {
     W0003 => "per-model parameters are ignored here",
     W0004 => "expert count is not a power of two",
     W0005 => "mergekit ignores or tolerates this",
+    W0010 => "inputs' tokenizers differ, embeddings the same size",
+    W0011 => "vocabulary tensors truncated",
     W0020 => "adapter factors not applied",
     W0021 => "adapter changes nothing",
 }

@@ -9,6 +9,7 @@
 //! `syntax`: what the program said reaches a run only through the plan.
 
 pub mod cpu;
+pub mod gather;
 pub mod gpu;
 pub mod methods;
 pub mod moe;
@@ -47,6 +48,8 @@ pub enum RunError {
         tensor: String,
         source: methods::MethodError,
     },
+    #[error("tensor `{tensor}` of model `{model}` has fewer rows than its vocabulary (a bug in mergec: check compares them)")]
+    Gather { tensor: String, model: String },
     #[error("tensor `{0}` is a part of a mixture-of-experts tensor written out of order (a bug in mergec)")]
     PartOrder(String),
 }
@@ -252,15 +255,8 @@ fn compute_all(
         let inputs = step
             .inputs
             .iter()
-            .map(|i| {
-                let model = &plan.model(i.model).info;
-                reader.read(model, &i.tensor).map_err(|source| RunError::Read {
-                    model: model.reference.clone(),
-                    tensor: i.tensor.clone(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<TensorBytes>, RunError>>()?;
+            .map(|i| read_input(plan, reader, i))
+            .collect::<Result<Vec<InputBytes>, RunError>>()?;
         if step.streamed(schedule.block) {
             if !stream_step(step, schedule.block, &inputs, &last, executor, tx)? {
                 return Ok(()); // the writer stopped; its own error is reported by the caller
@@ -268,9 +264,10 @@ fn compute_all(
             continue;
         }
         let payload = match (&step.kernel, inputs.first()) {
-            (Kernel::Copy, Some(bytes)) => {
+            (Kernel::Copy, Some(InputBytes::Mapped(bytes))) => {
                 Payload::Mapped(bytes.clone(), step.inputs.first().is_some_and(last))
             }
+            (Kernel::Copy, Some(InputBytes::Gathered(bytes))) => Payload::Owned(bytes.clone()),
             _ => {
                 let slices: Vec<&[u8]> = inputs.iter().map(|b| &b[..]).collect();
                 let out = executor.compute_step(step, &slices);
@@ -288,6 +285,64 @@ fn compute_all(
         }
     }
     Ok(())
+}
+
+/// A step input's bytes: mapped as stored, or the rows of an embedding surgery.
+enum InputBytes {
+    Mapped(TensorBytes),
+    Gathered(Vec<u8>),
+}
+
+impl std::ops::Deref for InputBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            InputBytes::Mapped(b) => b,
+            InputBytes::Gathered(v) => v,
+        }
+    }
+}
+
+impl InputBytes {
+    fn release(&self) {
+        if let InputBytes::Mapped(b) = self {
+            b.release();
+        }
+    }
+
+    fn release_part(&self, from: usize, to: usize) {
+        if let InputBytes::Mapped(b) = self {
+            b.release_part(from, to);
+        }
+    }
+}
+
+/// Reads one step input: its mapped bytes, or for an embedding surgery the rows gathered
+/// from the tensors it names (each released once gathered; the result is as large as the
+/// output's tensor).
+fn read_input(plan: &Draft, reader: &TensorReader, input: &StepInput) -> Result<InputBytes, RunError> {
+    let read = |model: crate::ids::ModelId, tensor: &str| {
+        let info = &plan.model(model).info;
+        reader.read(info, tensor).map_err(|source| RunError::Read {
+            model: info.reference.clone(),
+            tensor: tensor.to_string(),
+            source,
+        })
+    };
+    let Some(g) = &input.gather else {
+        return read(input.model, &input.tensor).map(InputBytes::Mapped);
+    };
+    let sources = g
+        .sources
+        .iter()
+        .map(|(m, t, _)| read(*m, t))
+        .collect::<Result<Vec<TensorBytes>, RunError>>()?;
+    let slices: Vec<&[u8]> = sources.iter().map(|b| &b[..]).collect();
+    let out = gather::gather(g, &slices).map_err(|i| RunError::Gather {
+        tensor: g.sources[i].1.clone(),
+        model: plan.model(g.sources[i].0).name.clone(),
+    })?;
+    Ok(InputBytes::Gathered(out))
 }
 
 /// Bytes of one step's inputs [`read_ahead`] asks for at most.
@@ -314,7 +369,7 @@ fn read_ahead(plan: &Draft, reader: &TensorReader, step: &Step) {
 fn stream_step(
     step: &Step,
     block: u64,
-    inputs: &[TensorBytes],
+    inputs: &[InputBytes],
     last: &impl Fn(&StepInput) -> bool,
     executor: &impl Executor,
     tx: &mpsc::SyncSender<Message>,

@@ -12,7 +12,15 @@ pub fn dump(g: &Graph) -> String {
         let node = &g.nodes[n];
         let operands: Vec<String> = g.operands(n).iter().map(|o| format!("n{}", o.index())).collect();
         let detail = match &node.op {
-            Op::Load { model, tensor, dtype } => format!(" {model}:{tensor} {dtype}"),
+            Op::Load {
+                model,
+                tensor,
+                dtype,
+                gather,
+            } => match gather {
+                Some(g) => format!(" {model}:{tensor} {dtype} rows {}", g.plan.len()),
+                None => format!(" {model}:{tensor} {dtype}"),
+            },
             Op::Elementwise(Elementwise::WeightedSum { weights, divisor }) => {
                 format!(" w={weights:?} div={divisor:?}")
             }

@@ -9,12 +9,14 @@ mod dump;
 mod verify;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::Direction;
 
 use crate::ids::ModelId;
 use crate::io::DType;
+use crate::ops::gather::Gather;
 use crate::ops::{Compute, Elementwise, MethodOp};
 use crate::sema::hir::{self, TensorExpr};
 
@@ -29,6 +31,9 @@ pub enum Op {
         model: ModelId,
         tensor: String,
         dtype: DType,
+        /// Rows moved to the output vocabulary (embedding surgery); `None`: the tensor as
+        /// stored.
+        gather: Option<Arc<Gather>>,
     },
     /// An element-wise op (`ops::elementwise` defines each).
     Elementwise(Elementwise),
@@ -175,12 +180,26 @@ fn lower_expr(
                     model: *model,
                     tensor: name.clone(),
                     dtype,
+                    gather: None,
                 },
                 load_shape,
                 &[],
             );
             loads.insert((*model, name.clone()), node);
             node
+        }
+        TensorExpr::Gather(gather) => {
+            let (model, tensor, dtype) = gather.sources[gather.own].clone();
+            g.add(
+                Op::Load {
+                    model,
+                    tensor,
+                    dtype,
+                    gather: Some(gather.clone()),
+                },
+                shape,
+                &[],
+            )
         }
         TensorExpr::Elementwise { op, operands } => {
             let operands: Vec<NodeIndex> = operands.iter().map(|x| lower(g, x)).collect();

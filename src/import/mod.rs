@@ -45,6 +45,9 @@ pub struct Options {
     pub allow_same_experts: bool,
     /// What mergekit ignores or tolerates is an error, not a warning (W0005).
     pub strict: bool,
+    /// mergekit's `--unsafe-truncate-embeddings`: a save without a tokenizer policy cuts
+    /// its vocabulary tensors to the smallest input's rows (`tokenizer: truncate`).
+    pub truncate_embeddings: bool,
 }
 
 impl Options {
@@ -61,6 +64,7 @@ impl Options {
             save_intermediates: false,
             allow_same_experts: false,
             strict: false,
+            truncate_embeddings: false,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod model;
 pub mod reader;
 pub mod sigbus;
 pub mod tokenizer;
+pub mod vocab;
 pub mod writer;
 
 pub use adapter::{AdapterError, AdapterInfo};

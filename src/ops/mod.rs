@@ -8,6 +8,7 @@
 pub mod compute;
 pub mod cost;
 pub mod elementwise;
+pub mod gather;
 pub mod lowrank;
 
 pub use compute::{Compute, Half};

@@ -119,6 +119,7 @@ mod tests {
                 model: ModelId(0),
                 tensor: "t".into(),
                 dtype: DType::F32,
+                gather: None,
             },
             shape: vec![4],
         });

@@ -4,6 +4,7 @@
 //! scheduler keeps a running ledger) from the op-declared costs. Only this turns a
 //! [`Draft`] into a [`Plan`].
 
+use crate::io::vocab::Row;
 use std::collections::HashMap;
 
 use super::{Draft, Instr, Kernel, Plan};
@@ -31,8 +32,36 @@ pub fn check(plan: Draft, program: &hir::Program) -> Result<Plan, Box<Diagnostic
                 .get(input.model.0 as usize)
                 .and_then(|m| m.info.tensors.get(&input.tensor))
                 .ok_or_else(|| bug(format!("reads `{}`, which its model lacks", input.tensor)))?;
-            if info.len != input.bytes || info.numel() != expected {
-                return Err(bug(format!("reads `{}` with the wrong size", input.tensor)));
+            match &input.gather {
+                None if info.len != input.bytes || info.numel() != expected => {
+                    return Err(bug(format!("reads `{}` with the wrong size", input.tensor)));
+                }
+                None => {}
+                Some(g) => {
+                    // Every row asked for lies within its source tensor.
+                    let rows_of = |s: u32| {
+                        g.sources.get(s as usize).and_then(|(m, t, _)| {
+                            let info = plan.models.get(m.0 as usize)?.info.tensors.get(t)?;
+                            Some(info.numel() / g.width.max(1) as u64)
+                        })
+                    };
+                    let fits = |s: u32, row: u32| rows_of(s).is_some_and(|n| (row as u64) < n);
+                    let rows_ok = g.plan.rows.iter().all(|r| match r {
+                        Row::Copy { src, row } => fits(*src, *row),
+                        Row::Mean(terms) => terms.iter().all(|(s, r)| fits(*s, *r)),
+                        Row::Zero => true,
+                    });
+                    if g.bytes() != input.bytes
+                        || (g.plan.len() * g.width) as u64 != expected
+                        || g.dtype() != input.dtype
+                        || !rows_ok
+                    {
+                        return Err(bug(format!(
+                            "gathers `{}` with the wrong size or rows",
+                            input.tensor
+                        )));
+                    }
+                }
             }
         }
         match &step.kernel {

@@ -61,6 +61,8 @@ pub struct StepInput {
     pub tensor: String,
     pub dtype: DType,
     pub bytes: u64,
+    /// Read as the rows of an embedding surgery (`ops::gather`), not as stored.
+    pub gather: Option<Arc<crate::ops::gather::Gather>>,
 }
 
 /// Compute one output tensor and hand it to its output's writer.
@@ -274,11 +276,17 @@ pub fn steps(graph: &Graph) -> Vec<Step> {
             let inputs = slots
                 .iter()
                 .filter_map(|n| match &graph.nodes[*n].op {
-                    Op::Load { model, tensor, dtype } => Some(StepInput {
+                    Op::Load {
+                        model,
+                        tensor,
+                        dtype,
+                        gather,
+                    } => Some(StepInput {
                         model: *model,
                         tensor: tensor.clone(),
                         dtype: *dtype,
                         bytes: graph.nodes[*n].numel() * dtype.size_bytes() as u64,
+                        gather: gather.clone(),
                     }),
                     _ => None,
                 })

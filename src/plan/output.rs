@@ -70,6 +70,12 @@ pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
             }
         }
     }
+    if let Some(json) = out.vocab.as_ref().and_then(|v| v.tokenizer_json.clone()) {
+        // The rebuilt vocabulary's tokenizer replaces the donor's.
+        copied_files.retain(|(name, _)| name != "tokenizer.json" && name != "tokenizer.model");
+        generated_files.retain(|(name, _)| name != "tokenizer.json");
+        generated_files.push(("tokenizer.json".to_string(), json.into_bytes()));
+    }
     OutputSpec {
         dir: out.dir.clone(),
         max_shard_bytes: out.max_shard_bytes,
@@ -256,6 +262,17 @@ fn updated_config(
     {
         if let (Some(rows), Some(v)) = (embed.shape.first(), config.get_mut("vocab_size")) {
             *v = Value::from(*rows as u64);
+        }
+    }
+    // A rebuilt vocabulary's size goes where the model keeps it (a VLM's text_config).
+    if let Some(size) = out.vocab.as_ref().map(|v| v.size) {
+        if let Some(Value::Object(text)) = config.get_mut("text_config") {
+            if text.contains_key("vocab_size") {
+                text.insert("vocab_size".to_string(), Value::from(size as u64));
+            }
+        }
+        if config.contains_key("vocab_size") {
+            config.insert("vocab_size".to_string(), Value::from(size as u64));
         }
     }
     let has_lm_head = steps.iter().any(|s| s.tensor == "lm_head.weight");

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::io::{DType, ModelInfo};
+use crate::ops::gather::Gather;
 use crate::ops::{Compute, Elementwise, Half, MethodOp};
 use crate::source::Span;
 
@@ -71,6 +72,22 @@ pub struct Output {
     pub methods: Vec<Construct>,
     /// Set when the output is a mixture of experts made by `moe(...)`.
     pub moe: Option<Arc<MoeOutput>>,
+    /// Set when the output's vocabulary is rebuilt (`tokenizer: union | base | MODEL`, or
+    /// truncated): the tokenizer.json to write and the embedding rows.
+    pub vocab: Option<Arc<VocabOut>>,
+}
+
+/// An output's rebuilt vocabulary.
+#[derive(Clone, Debug)]
+pub struct VocabOut {
+    /// tokenizer.json's text; `None` when the donor's tokenizer files are copied as they
+    /// are (a truncation).
+    pub tokenizer_json: Option<String>,
+    /// Rows of the output's vocabulary tensors (config.json's `vocab_size`).
+    pub size: usize,
+    /// What `mergec check` prints: the vocabulary, then per input the tokens it lacks and
+    /// where their rows come from.
+    pub report: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +158,9 @@ pub enum TensorExpr {
         model: ModelId,
         name: String,
     },
+    /// An input's vocabulary tensor with its rows in the output vocabulary's order
+    /// (`ops::gather`): a load whose rows come from several inputs.
+    Gather(Arc<Gather>),
     /// An element-wise op over `operands` (as many as the op's arity).
     Elementwise {
         op: Elementwise,
@@ -214,7 +234,7 @@ impl TensorExpr {
     /// The expressions this one computes from, in operand order.
     pub fn operands(&self) -> &[TensorExpr] {
         match self {
-            TensorExpr::Load { .. } => &[],
+            TensorExpr::Load { .. } | TensorExpr::Gather(_) => &[],
             TensorExpr::Elementwise { operands, .. } => operands,
             TensorExpr::Method { inputs, .. } => inputs,
         }

@@ -968,6 +968,7 @@ fn collect_loads<'a>(e: &'a TensorExpr, out: &mut BTreeSet<(ModelId, &'a str)>) 
         TensorExpr::Load { model, name } => {
             out.insert((*model, name.as_str()));
         }
+        TensorExpr::Gather(g) => out.extend(g.sources.iter().map(|(m, t, _)| (*m, t.as_str()))),
         e => e.operands().iter().for_each(|x| collect_loads(x, out)),
     }
 }

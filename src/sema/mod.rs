@@ -22,6 +22,7 @@ mod save;
 mod surgery;
 mod templates;
 mod value;
+mod vocab;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

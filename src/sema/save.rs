@@ -34,6 +34,7 @@ impl Checker<'_> {
         let mut config_from = None;
         let mut chat_template = None;
         let mut tokenizer_from = None;
+        let mut vocab_opts = super::vocab::VocabOptions::default();
         let mut seen: HashMap<&str, Span> = HashMap::new();
         for opt in options {
             if let Some(first) = seen.insert(opt.name.name.as_str(), opt.name.span) {
@@ -53,7 +54,17 @@ impl Checker<'_> {
                     }
                 }
                 "config" => config_from = self.donor_option(&opt.value, "config"),
-                "tokenizer" => tokenizer_from = self.donor_option(&opt.value, "tokenizer"),
+                "tokenizer" => {
+                    let choice = self.tokenizer_choice(&opt.value);
+                    if let Some(super::vocab::Choice::Model(m)) = choice {
+                        tokenizer_from = Some(m);
+                    }
+                    vocab_opts.choice = choice.map(|c| (c, opt.value.span));
+                }
+                "tokens" => vocab_opts.tokens = self.tokens_option(&opt.value),
+                "pad_vocab" => {
+                    vocab_opts.pad = self.pad_vocab_option(&opt.value).map(|n| (n, opt.value.span))
+                }
                 "chat_template" => chat_template = self.chat_template_option(&opt.value),
                 other => {
                     let mut d = Diagnostic::error(Code::E0208, format!("unknown save option `{other}`"))
@@ -109,9 +120,9 @@ impl Checker<'_> {
             chat_template,
             methods: describe(&model.expr),
             moe: None,
+            vocab: None,
         };
-        let _ = stmt_span;
-        let output = instantiate::output(
+        let mut output = instantiate::output(
             &self.models,
             self.seed,
             output,
@@ -120,6 +131,9 @@ impl Checker<'_> {
             &mut self.ops_left,
         );
         self.output_dirs.insert(output.dir.clone(), output.span);
+        if output.moe.is_none() {
+            self.vocabulary(&mut output, vocab_opts, stmt_span);
+        }
         self.outputs.push(output);
     }
 
@@ -326,6 +340,8 @@ const SAVE_OPTIONS: &[&str] = &[
     "shard",
     "config",
     "tokenizer",
+    "tokens",
+    "pad_vocab",
     "chat_template",
 ];
 

@@ -122,10 +122,10 @@ impl Translator<'_> {
             *d = d.clone().with_label(v.span, "first one");
         }
         if let Some(v) = tokenizer_source {
-            doc.tokenizer = self.tokenizer_source(v, doc.base, "tokenizer_source");
+            doc.tokenizer = self.tokenizer_source(v, doc.base, "tokenizer_source", &mut doc.vocab);
         }
         if let Some((_, v)) = tokenizer_key {
-            doc.tokenizer = self.tokenizer_block(v, doc.base);
+            doc.tokenizer = self.tokenizer_block(v, doc.base, &mut doc.vocab);
         }
         doc
     }

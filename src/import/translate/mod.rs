@@ -221,6 +221,8 @@ struct Doc<'a> {
     /// mergekit's `dtype`: the dtype it computes in (`dtype` above is the stored one).
     compute: Option<(&'static str, Span)>,
     tokenizer: Option<RefAt>,
+    /// `union` / `base` and the rest of mergekit's `tokenizer:` block, as save options.
+    vocab: Vec<Expr>,
     chat_template: Option<(String, Span)>,
     span: Span,
 }
@@ -237,6 +239,7 @@ impl Doc<'_> {
             dtype: None,
             compute: None,
             tokenizer: None,
+            vocab: Vec::new(),
             chat_template: None,
             span,
         }

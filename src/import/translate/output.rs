@@ -91,6 +91,8 @@ pub(super) fn size_text(bytes: u64) -> String {
 impl Translator<'_> {
     pub(super) fn save_options(&mut self, doc: &Doc) -> Vec<Expr> {
         let mut options = Vec::new();
+        // mergekit's --unsafe-truncate-embeddings acts only where no tokenizer is set.
+        let truncate = self.opts.truncate_embeddings && doc.tokenizer.is_none() && doc.vocab.is_empty();
         if let Some((d, span)) = doc.dtype {
             options.push(Expr::named("dtype", Expr::atom(d).at(span)));
         }
@@ -108,7 +110,7 @@ impl Translator<'_> {
                     "config",
                     Expr::atom(self.models[b].name.clone()).at(base.span),
                 ));
-                if doc.tokenizer.is_none() {
+                if doc.tokenizer.is_none() && doc.vocab.is_empty() && !truncate {
                     options.push(Expr::named(
                         "tokenizer",
                         Expr::atom(self.models[b].name.clone()).at(base.span),
@@ -133,6 +135,10 @@ impl Translator<'_> {
                     .push("name one of the input models instead".into());
                 }
             }
+        }
+        options.extend(doc.vocab.iter().map(|e| self.with_model_names(e)));
+        if truncate {
+            options.push(Expr::named("tokenizer", Expr::atom("truncate")));
         }
         if let Some((text, span)) = &doc.chat_template {
             let text = match text.as_str() {
@@ -261,20 +267,18 @@ impl Translator<'_> {
         }
     }
 
-    pub(super) fn tokenizer_source(&mut self, v: &Node, base: Option<RefAt>, key: &str) -> Option<RefAt> {
+    /// `tokenizer_source` / `tokenizer.source`: `union` becomes the save option
+    /// `tokenizer: union` (pushed to `vocab`), `base` the base model, else a model.
+    pub(super) fn tokenizer_source(
+        &mut self,
+        v: &Node,
+        base: Option<RefAt>,
+        key: &str,
+        vocab: &mut Vec<Expr>,
+    ) -> Option<RefAt> {
         match v.as_str() {
             Some("union") => {
-                self.err(
-                    Code::E0606,
-                    format!("`{key}: union` is not supported yet"),
-                    v.span,
-                    "a merged vocabulary is not supported yet",
-                )
-                .help
-                .push(
-                    "mergec copies one model's tokenizer: name that model, or `base` for the base model's"
-                        .into(),
-                );
+                vocab.push(Expr::named("tokenizer", Expr::atom("union").at(v.span)));
                 None
             }
             Some("base") => match base {
@@ -295,7 +299,14 @@ impl Translator<'_> {
         }
     }
 
-    pub(super) fn tokenizer_block(&mut self, v: &Node, base: Option<RefAt>) -> Option<RefAt> {
+    /// mergekit's `tokenizer: {source, tokens, pad_to_multiple_of}` (source `union` when
+    /// not given) as the save options `tokenizer`, `tokens` and `pad_vocab`.
+    pub(super) fn tokenizer_block(
+        &mut self,
+        v: &Node,
+        base: Option<RefAt>,
+        vocab: &mut Vec<Expr>,
+    ) -> Option<RefAt> {
         let entries = self.entries(v, &["source", "tokens", "pad_to_multiple_of"], "`tokenizer`");
         let mut source = None;
         let mut has_source = false;
@@ -303,31 +314,220 @@ impl Translator<'_> {
             match key {
                 "source" => {
                     has_source = true;
-                    source = self.tokenizer_source(value, base, "tokenizer.source");
+                    source = self.tokenizer_source(value, base, "tokenizer.source", vocab);
                 }
-                _ => {
-                    self.err(
-                        Code::E0606,
-                        format!("`tokenizer.{key}` is not supported yet"),
-                        kspan,
-                        "not supported yet",
-                    )
-                    .help
-                    .push("mergec copies one model's tokenizer unchanged; it cannot add tokens or pad the vocabulary yet".into());
+                "pad_to_multiple_of" => match value.as_f64() {
+                    Some(n) if n >= 1.0 && n.fract() == 0.0 => {
+                        vocab.push(Expr::named(
+                            "pad_vocab",
+                            Expr::atom(format!("{}", n as u64)).at(value.span),
+                        ));
+                    }
+                    // mergekit skips padding for 0 and null.
+                    Some(0.0) => {}
+                    _ if matches!(value.value, Value::Null) => {}
+                    _ => {
+                        self.err(
+                            Code::E0603,
+                            format!(
+                                "`pad_to_multiple_of` must be a whole number, found {}",
+                                value.describe()
+                            ),
+                            value.span,
+                            "here",
+                        );
+                    }
+                },
+                "tokens" => {
+                    if let Some(list) = self.token_rules(value) {
+                        vocab.push(Expr::named("tokens", Expr::List(list).at(kspan)));
+                    }
                 }
+                _ => {}
             }
         }
         if !has_source && matches!(v.value, Value::Map(_)) {
-            self.err(
-                Code::E0606,
-                "`tokenizer` without `source` means `source: union`, which is not supported yet",
-                v.span,
-                "a merged vocabulary is not supported yet",
-            )
-            .help
-            .push("add `source: base` or `source: MODEL` to copy that model's tokenizer".into());
+            vocab.insert(0, Expr::named("tokenizer", Expr::atom("union").at(v.span)));
         }
         source
+    }
+
+    /// `tokens: {TOKEN: {source: MODEL | {kind: model_token, model, token | token_id} |
+    /// {kind: zero}, force: BOOL}}` as `[token("TOKEN", from: ..., row: ..., force: true)]`.
+    fn token_rules(&mut self, v: &Node) -> Option<Vec<Expr>> {
+        let Value::Map(pairs) = &v.value else {
+            if !matches!(v.value, Value::Null) {
+                self.err(
+                    Code::E0603,
+                    format!(
+                        "`tokenizer.tokens` must be a mapping of tokens, found {}",
+                        v.describe()
+                    ),
+                    v.span,
+                    "here",
+                );
+            }
+            return None;
+        };
+        let mut out = Vec::new();
+        for (k, rule) in pairs {
+            let Some(token) = k.as_str() else {
+                self.err(Code::E0603, "a token must be a string", k.span, "here");
+                continue;
+            };
+            let mut args = vec![Expr::atom(quote(token)).at(k.span)];
+            for (key, _, value) in self.entries(rule, &["source", "force"], "a token's settings") {
+                match key {
+                    "force" => match value.value {
+                        Value::Bool(true) => {
+                            args.push(Expr::named("force", Expr::atom("true").at(value.span)))
+                        }
+                        Value::Bool(false) => {}
+                        _ => {
+                            self.err(
+                                Code::E0603,
+                                format!("`force` must be true or false, found {}", value.describe()),
+                                value.span,
+                                "here",
+                            );
+                        }
+                    },
+                    _ => args.extend(self.token_source(value)),
+                }
+            }
+            out.push(Expr::Call("token".into(), args).at(rule.span));
+        }
+        Some(out)
+    }
+
+    /// A token's `source`: a model, `{kind: zero}` or `{kind: model_token, ...}`.
+    fn token_source(&mut self, v: &Node) -> Vec<Expr> {
+        let kind = match &v.value {
+            Value::Map(pairs) => pairs
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("kind"))
+                .and_then(|(_, kv)| kv.as_str().map(str::to_string)),
+            Value::Null => return Vec::new(),
+            _ => None,
+        };
+        let model_name = |t: &mut Self, n: &Node| -> Option<Expr> {
+            match t.reference(n)?.r {
+                // Names are given to models once the whole file is read: a placeholder
+                // until the save is written (`with_model_names`).
+                Ref::Model(m) => Some(Expr::atom(format!("{MODEL_PLACEHOLDER}{m}")).at(n.span)),
+                Ref::Doc(_) => {
+                    t.err(
+                        Code::E0606,
+                        "a token's row from another merge of the file is not supported yet",
+                        n.span,
+                        "a merge, not a model",
+                    );
+                    None
+                }
+            }
+        };
+        match kind.as_deref() {
+            None => model_name(self, v)
+                .map(|m| vec![Expr::named("from", m)])
+                .unwrap_or_default(),
+            Some("zero") => {
+                let _ = self.entries(v, &["kind"], "`kind: zero`");
+                vec![Expr::named("from", Expr::atom("zero").at(v.span))]
+            }
+            Some("model_token") => {
+                let mut args = Vec::new();
+                let mut row = None;
+                for (key, kspan, value) in
+                    self.entries(v, &["kind", "model", "token", "token_id"], "`kind: model_token`")
+                {
+                    match key {
+                        "model" => {
+                            if let Some(m) = model_name(self, value) {
+                                args.push(Expr::named("from", m));
+                            }
+                        }
+                        "token" => match value.as_str() {
+                            Some(t) => row = Some(Expr::atom(quote(t)).at(value.span)),
+                            None => {
+                                self.err(Code::E0603, "`token` must be a string", value.span, "here");
+                            }
+                        },
+                        "token_id" => match value.value {
+                            Value::Int(i) if i >= 0 => row = Some(Expr::atom(i.to_string()).at(value.span)),
+                            _ => {
+                                self.err(
+                                    Code::E0603,
+                                    "`token_id` must be a whole number, at least 0",
+                                    value.span,
+                                    "here",
+                                );
+                            }
+                        },
+                        _ => {
+                            let _ = kspan;
+                        }
+                    }
+                }
+                match row {
+                    Some(r) if !args.is_empty() => {
+                        args.push(Expr::named("row", r));
+                        args
+                    }
+                    _ => {
+                        self.err(
+                            Code::E0603,
+                            "`kind: model_token` needs `model` and one of `token` or `token_id`",
+                            v.span,
+                            "incomplete",
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+            Some(other) => {
+                self.err(
+                    Code::E0603,
+                    format!("unknown token source kind `{other}`"),
+                    v.span,
+                    "not `model_token` or `zero`",
+                );
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Stands for input model N in a `tokens` rule until models have names.
+const MODEL_PLACEHOLDER: &str = "\u{0}model:";
+
+impl Translator<'_> {
+    /// `e` with every model placeholder replaced by the model's name.
+    fn with_model_names(&self, e: &Expr) -> Expr {
+        match e {
+            Expr::Atom(a) => match a
+                .strip_prefix(MODEL_PLACEHOLDER)
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(m) => Expr::atom(self.models[m].name.clone()),
+                None => e.clone(),
+            },
+            Expr::Call(f, args) => {
+                Expr::Call(f.clone(), args.iter().map(|a| self.with_model_names(a)).collect())
+            }
+            Expr::Named(n, v) => Expr::Named(n.clone(), Box::new(self.with_model_names(v))),
+            Expr::Block(t, items) => Expr::Block(
+                Box::new(self.with_model_names(t)),
+                items.iter().map(|a| self.with_model_names(a)).collect(),
+            ),
+            Expr::Table(arms) => Expr::Table(
+                arms.iter()
+                    .map(|(p, v)| (p.clone(), self.with_model_names(v)))
+                    .collect(),
+            ),
+            Expr::List(items) => Expr::List(items.iter().map(|a| self.with_model_names(a)).collect()),
+            Expr::At(inner, span) => Expr::At(Box::new(self.with_model_names(inner)), *span),
+            Expr::Cat(items) => Expr::Cat(items.iter().map(|a| self.with_model_names(a)).collect()),
+        }
     }
 }
 
