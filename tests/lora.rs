@@ -554,3 +554,43 @@ fn cli_checks_and_runs_a_plus_lora_config() {
     let merged = load_folder(&tmp.path().join("merged"));
     assert_eq!(merged["model.layers.0.self_attn.q_proj.weight"].dtype, "BF16");
 }
+
+/// Factors that contradict their own config, or come alone, are refused when the adapter
+/// is read (E0905), as PEFT fails to load them.
+#[test]
+fn factors_must_agree_with_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    // the config says rank 8, the factors have rank 4
+    let wrong_rank = tmp.path().join("wrong-rank");
+    write_adapter(
+        &wrong_rank,
+        &lora_config(8, 8.0, json!(["q_proj", "v_proj"])),
+        &attention_factors(4),
+    );
+    let rendered = check_errors(APPLY, tmp.path(), &wrong_rank);
+    assert!(
+        rendered.contains("[E0905]") && rendered.contains("rank 4"),
+        "{rendered}"
+    );
+    // lora_A without lora_B
+    let half = tmp.path().join("half");
+    let mut factors = attention_factors(4);
+    factors.retain(|f| !f.name.contains("layers.3.self_attn.q_proj.lora_B"));
+    write_adapter(&half, &lora_config(4, 8.0, json!(["q_proj", "v_proj"])), &factors);
+    let rendered = check_errors(APPLY, tmp.path(), &half);
+    assert!(
+        rendered.contains("[E0905]") && rendered.contains("only one of its two factors"),
+        "{rendered}"
+    );
+    // exclude_modules leaves layer 0's q_proj as the model has it
+    let excluded = tmp.path().join("excluded");
+    let mut config = lora_config(4, 8.0, json!(["q_proj", "v_proj"]));
+    config["exclude_modules"] = json!("model\\.layers\\.0\\.self_attn\\.q_proj");
+    write_adapter(&excluded, &config, &attention_factors(4));
+    let out = run(APPLY, tmp.path(), &excluded);
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let q0 = "model.layers.0.self_attn.q_proj.weight";
+    let q1 = "model.layers.1.self_attn.q_proj.weight";
+    assert_eq!(out[q0].values, base[q0].values);
+    assert_ne!(out[q1].values, base[q1].values);
+}
