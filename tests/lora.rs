@@ -594,3 +594,32 @@ fn factors_must_agree_with_the_config() {
     assert_eq!(out[q0].values, base[q0].values);
     assert_ne!(out[q1].values, base[q1].values);
 }
+
+/// An f32 model under `compute: bf16`: PEFT merges in f32, and the merged weight is then
+/// cast to bf16 once (not the weight cast first and the delta added after).
+#[test]
+fn bf16_compute_on_an_f32_model_rounds_the_merged_weight_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = conformance_dir().join("adapters/micro-llama-lora-f32");
+    let script = r#"
+model base = "MODELS/micro-llama-base-f32"
+save lora(base, "ADAPTER") to "out/x" { compute: bf16, dtype: f32 }
+"#;
+    let out = run(script, tmp.path(), &adapter);
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let factors = attention_factors(4);
+    let module = "model.layers.1.self_attn.v_proj";
+    let name = format!("{module}.weight");
+    let (b, a) = (find(&factors, module, "B"), find(&factors, module, "A"));
+    let (r, q) = (4, 32);
+    for (i, (o, w)) in out[&name].values.iter().zip(&base[&name].values).enumerate() {
+        // the f32 product summed in rank order, as PEFT's f32 merge, then one rounding
+        let (row, col) = (i / q, i % q);
+        let mut acc = 0f32;
+        for k in 0..r {
+            acc += b.values[row * r + k] * a.values[k * q + col];
+        }
+        let want = half::bf16::from_f32(w + acc * 2.0).to_f32();
+        assert_eq!(o.to_bits(), want.to_bits(), "{name}[{i}]: {o} vs {want}");
+    }
+}
