@@ -465,6 +465,9 @@ fn split_name(name: &str) -> Result<Option<(&str, Part)>, String> {
             return Ok(Some((module, part)));
         }
     }
+    if name.contains("trainable_tokens") {
+        return Err("it trains token embeddings (`trainable_token_indices`)".into());
+    }
     if name.contains("lora_magnitude_vector") {
         return Err("it is a DoRA adapter (`lora_magnitude_vector`)".into());
     }
@@ -595,6 +598,7 @@ mod tests {
         );
         assert_eq!(split_name("lm_head.weight"), Ok(None));
         assert!(split_name("model.layers.0.q_proj.lora_magnitude_vector").is_err());
+        assert!(split_name("model.embed_tokens.token_adapter.trainable_tokens_delta").is_err());
     }
 
     #[test]
