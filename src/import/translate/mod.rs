@@ -111,6 +111,12 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
         .collect();
     let mut decl: Vec<usize> = Vec::new();
     for i in bases.into_iter().chain(0..t.models.len()) {
+        // a model with an adapter comes after the model it applies to
+        if let Some((_, b)) = t.models[i].adapter {
+            if !decl.contains(&b) {
+                decl.push(b);
+            }
+        }
         if !decl.contains(&i) {
             decl.push(i);
         }

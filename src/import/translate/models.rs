@@ -298,13 +298,16 @@ impl Translator<'_> {
         }
         let adapter = self.local_or_hub(&path, rev);
         let reference = self.models[b].reference.clone();
+        // named after its model: `ft1` with an adapter is `ft1_lora`
+        let mut words = self.models[b].words.clone();
+        words.push("lora".to_string());
         let key = Some((adapter.clone(), b));
         let i = match self.models.iter().position(|m| m.adapter == key) {
             Some(i) => i,
             None => {
                 self.models.push(ModelDecl {
                     reference,
-                    words: words_of(&path),
+                    words,
                     span,
                     name: String::new(),
                     adapter: Some((adapter, b)),
