@@ -543,6 +543,7 @@ fn cli_checks_and_runs_a_plus_lora_config() {
     };
     let (ok, text) = mergec(&["check", "config.yml"]);
     assert!(ok, "{text}");
+    assert!(text.contains("from 2 models and 1 adapter"), "{text}");
     let (ok, text) = mergec(&["run", "config.yml", "merged"]);
     assert!(ok, "{text}");
     let mut entries: Vec<String> = std::fs::read_dir(tmp.path())

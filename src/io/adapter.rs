@@ -398,11 +398,11 @@ pub fn parse_config(text: &[u8], path: &Path) -> Result<LoraConfig, AdapterError
     };
     let layers_to_transform = match map.get("layers_to_transform") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![rank_index(n.as_u64(), &bad)?]),
+        Some(Value::Number(n)) => Some(vec![layer_number(n.as_u64(), &bad)?]),
         Some(Value::Array(items)) => Some(
             items
                 .iter()
-                .map(|i| rank_index(i.as_u64(), &bad))
+                .map(|i| layer_number(i.as_u64(), &bad))
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         Some(v) => {
@@ -425,7 +425,8 @@ pub fn parse_config(text: &[u8], path: &Path) -> Result<LoraConfig, AdapterError
     })
 }
 
-fn rank_index(n: Option<u64>, bad: &dyn Fn(String) -> AdapterError) -> Result<usize, AdapterError> {
+/// A `layers_to_transform` entry as a layer index.
+fn layer_number(n: Option<u64>, bad: &dyn Fn(String) -> AdapterError) -> Result<usize, AdapterError> {
     n.and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| bad("`layers_to_transform` must hold whole layer indices".into()))
 }
