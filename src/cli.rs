@@ -809,9 +809,14 @@ fn summary(c: &Compiled) -> String {
             out.push_str(&line);
         }
     }
-    let models = c.program.models.len();
+    let adapters = c.program.models.iter().filter(|m| m.adapter).count();
+    let models = c.program.models.len() - adapters;
+    let adapters = match adapters {
+        0 => String::new(),
+        n => format!(" and {n} adapter{}", plural(n)),
+    };
     out.push_str(&format!(
-        "read {} from {models} model{}, write {}, peak memory {}\n",
+        "read {} from {models} model{}{adapters}, write {}, peak memory {}\n",
         human_bytes(c.plan.read_bytes),
         plural(models),
         human_bytes(c.plan.write_bytes),

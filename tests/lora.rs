@@ -543,6 +543,7 @@ fn cli_checks_and_runs_a_plus_lora_config() {
     };
     let (ok, text) = mergec(&["check", "config.yml"]);
     assert!(ok, "{text}");
+    assert!(text.contains("from 2 models and 1 adapter"), "{text}");
     let (ok, text) = mergec(&["run", "config.yml", "merged"]);
     assert!(ok, "{text}");
     let mut entries: Vec<String> = std::fs::read_dir(tmp.path())
@@ -553,4 +554,73 @@ fn cli_checks_and_runs_a_plus_lora_config() {
     assert_eq!(entries, ["config.yml", "merged"]);
     let merged = load_folder(&tmp.path().join("merged"));
     assert_eq!(merged["model.layers.0.self_attn.q_proj.weight"].dtype, "BF16");
+}
+
+/// Factors that contradict their own config, or come alone, are refused when the adapter
+/// is read (E0905), as PEFT fails to load them.
+#[test]
+fn factors_must_agree_with_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    // the config says rank 8, the factors have rank 4
+    let wrong_rank = tmp.path().join("wrong-rank");
+    write_adapter(
+        &wrong_rank,
+        &lora_config(8, 8.0, json!(["q_proj", "v_proj"])),
+        &attention_factors(4),
+    );
+    let rendered = check_errors(APPLY, tmp.path(), &wrong_rank);
+    assert!(
+        rendered.contains("[E0905]") && rendered.contains("rank 4"),
+        "{rendered}"
+    );
+    // lora_A without lora_B
+    let half = tmp.path().join("half");
+    let mut factors = attention_factors(4);
+    factors.retain(|f| !f.name.contains("layers.3.self_attn.q_proj.lora_B"));
+    write_adapter(&half, &lora_config(4, 8.0, json!(["q_proj", "v_proj"])), &factors);
+    let rendered = check_errors(APPLY, tmp.path(), &half);
+    assert!(
+        rendered.contains("[E0905]") && rendered.contains("only one of its two factors"),
+        "{rendered}"
+    );
+    // exclude_modules leaves layer 0's q_proj as the model has it
+    let excluded = tmp.path().join("excluded");
+    let mut config = lora_config(4, 8.0, json!(["q_proj", "v_proj"]));
+    config["exclude_modules"] = json!("model\\.layers\\.0\\.self_attn\\.q_proj");
+    write_adapter(&excluded, &config, &attention_factors(4));
+    let out = run(APPLY, tmp.path(), &excluded);
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let q0 = "model.layers.0.self_attn.q_proj.weight";
+    let q1 = "model.layers.1.self_attn.q_proj.weight";
+    assert_eq!(out[q0].values, base[q0].values);
+    assert_ne!(out[q1].values, base[q1].values);
+}
+
+/// An f32 model under `compute: bf16`: PEFT merges in f32, and the merged weight is then
+/// cast to bf16 once (not the weight cast first and the delta added after).
+#[test]
+fn bf16_compute_on_an_f32_model_rounds_the_merged_weight_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = conformance_dir().join("adapters/micro-llama-lora-f32");
+    let script = r#"
+model base = "MODELS/micro-llama-base-f32"
+save lora(base, "ADAPTER") to "out/x" { compute: bf16, dtype: f32 }
+"#;
+    let out = run(script, tmp.path(), &adapter);
+    let base = load_folder(&models().join("micro-llama-base-f32"));
+    let factors = attention_factors(4);
+    let module = "model.layers.1.self_attn.v_proj";
+    let name = format!("{module}.weight");
+    let (b, a) = (find(&factors, module, "B"), find(&factors, module, "A"));
+    let (r, q) = (4, 32);
+    for (i, (o, w)) in out[&name].values.iter().zip(&base[&name].values).enumerate() {
+        // the f32 product summed in rank order, as PEFT's f32 merge, then one rounding
+        let (row, col) = (i / q, i % q);
+        let mut acc = 0f32;
+        for k in 0..r {
+            acc += b.values[row * r + k] * a.values[k * q + col];
+        }
+        let want = half::bf16::from_f32(w + acc * 2.0).to_f32();
+        assert_eq!(o.to_bits(), want.to_bits(), "{name}[{i}]: {o} vs {want}");
+    }
 }

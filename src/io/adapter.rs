@@ -398,11 +398,11 @@ pub fn parse_config(text: &[u8], path: &Path) -> Result<LoraConfig, AdapterError
     };
     let layers_to_transform = match map.get("layers_to_transform") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(vec![rank_index(n.as_u64(), &bad)?]),
+        Some(Value::Number(n)) => Some(vec![layer_number(n.as_u64(), &bad)?]),
         Some(Value::Array(items)) => Some(
             items
                 .iter()
-                .map(|i| rank_index(i.as_u64(), &bad))
+                .map(|i| layer_number(i.as_u64(), &bad))
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         Some(v) => {
@@ -425,7 +425,8 @@ pub fn parse_config(text: &[u8], path: &Path) -> Result<LoraConfig, AdapterError
     })
 }
 
-fn rank_index(n: Option<u64>, bad: &dyn Fn(String) -> AdapterError) -> Result<usize, AdapterError> {
+/// A `layers_to_transform` entry as a layer index.
+fn layer_number(n: Option<u64>, bad: &dyn Fn(String) -> AdapterError) -> Result<usize, AdapterError> {
     n.and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| bad("`layers_to_transform` must hold whole layer indices".into()))
 }
@@ -464,6 +465,9 @@ fn split_name(name: &str) -> Result<Option<(&str, Part)>, String> {
         if rest.is_empty() || (rest.starts_with('.') && !rest[1..].contains('.') && rest.len() > 1) {
             return Ok(Some((module, part)));
         }
+    }
+    if name.contains("trainable_tokens") {
+        return Err("it trains token embeddings (`trainable_token_indices`)".into());
     }
     if name.contains("lora_magnitude_vector") {
         return Err("it is a DoRA adapter (`lora_magnitude_vector`)".into());
@@ -595,6 +599,7 @@ mod tests {
         );
         assert_eq!(split_name("lm_head.weight"), Ok(None));
         assert!(split_name("model.layers.0.q_proj.lora_magnitude_vector").is_err());
+        assert!(split_name("model.embed_tokens.token_adapter.trainable_tokens_delta").is_err());
     }
 
     #[test]

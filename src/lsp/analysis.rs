@@ -230,6 +230,7 @@ const BUILTINS: &[(&str, &str)] = &[
     ("graft", "`graft(onto, part)`: `onto` with the tensors `part` has replaced by `part`'s"),
     ("rename", "`rename(m, \"from\", \"to\")`: tensor names starting with `from` start with `to` instead"),
     ("moe", "`moe(base, expert { positive: [...] }, ..., gate: \"hidden\")`: a mixture of experts from dense models"),
+    ("lora", "`lora(m, \"adapter\", scale: 1.0)`: `m` with a PEFT LoRA adapter applied (W + scale·(alpha/r)·B·A)"),
 ];
 
 fn param_doc(p: &ParamSpec) -> String {

@@ -410,7 +410,16 @@ impl Ctx<'_> {
                 dtype,
             }) => {
                 let scale = self.param(&l.scale, l.scale_span, name, t)?;
-                let weight = self.tensor(&l.inner, name, t, true)?;
+                // mergekit has PEFT merge a stored model's weight as stored, and casts the
+                // merged weight to the compute dtype afterwards: read it unrounded.
+                let weight = if matches!(*l.inner, MExpr::Input(_)) {
+                    let compute = std::mem::replace(&mut self.compute, Compute::F32);
+                    let weight = self.tensor(&l.inner, name, t, true);
+                    self.compute = compute;
+                    weight?
+                } else {
+                    self.tensor(&l.inner, name, t, true)?
+                };
                 // The factors are read as stored: the product decodes them itself.
                 let delta = TensorExpr::Method {
                     op: MethodOp::LowRank {

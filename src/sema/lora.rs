@@ -207,7 +207,10 @@ impl Checker<'_> {
                 missing.push(name);
                 continue;
             };
-            let replaced = &info.weights.tensors[tensor];
+            // `replacements` lists tensors of `weights`, so this always finds one.
+            let Some(replaced) = info.weights.tensors.get(tensor) else {
+                continue;
+            };
             if replaced.shape != sig.shape {
                 ok = false;
                 self.diags

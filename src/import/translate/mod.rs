@@ -115,6 +115,12 @@ pub(crate) fn translate(docs: &[Node], yaml_text: &str, opts: &Options) -> Resul
     let mut decl: Vec<usize> = Vec::new();
     let mut declared = vec![false; t.models.len()];
     for i in bases.into_iter().chain(0..t.models.len()) {
+        // a model with an adapter comes after the model it applies to
+        if let Some((_, b)) = t.models[i].adapter {
+            if !std::mem::replace(&mut declared[b], true) {
+                decl.push(b);
+            }
+        }
         if !std::mem::replace(&mut declared[i], true) {
             decl.push(i);
         }

@@ -298,6 +298,9 @@ impl Translator<'_> {
         }
         let adapter = self.local_or_hub(&path, rev);
         let reference = self.models[b].reference.clone();
+        // named after its model: `ft1` with an adapter is `ft1_lora`
+        let mut words = self.models[b].words.clone();
+        words.push("lora".to_string());
         let key = (adapter.clone(), b);
         let i = match self.adapter_index.get(&key) {
             Some(&i) => i,
@@ -305,7 +308,7 @@ impl Translator<'_> {
                 self.adapter_index.insert(key, self.models.len());
                 self.models.push(ModelDecl {
                     reference,
-                    words: words_of(&path),
+                    words,
                     span,
                     name: String::new(),
                     adapter: Some((adapter, b)),
