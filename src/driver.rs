@@ -203,7 +203,7 @@ pub fn compile(script: &Script, force: bool, limits: &Limits) -> Result<Compiled
         compute: script.compute,
     };
     let mut checked = crate::sema::check(&ast, script.text(), &index, &options)?;
-    checked.program.mergekit_config = script.mergekit_config.clone();
+    checked.program.mergekit_config = script.mergekit_config.as_deref().map(Into::into);
     let graph = crate::graph::lower(&checked.program);
     let internal = |d: Box<Diagnostic>| Diagnostics::from(*d);
     crate::graph::verify(&graph).map_err(internal)?;

@@ -286,16 +286,16 @@ pub fn write_model(spec: &SynthSpec, dir: &Path, force: bool) -> Result<WrittenM
         generated_files: vec![
             (
                 "generation_config.json".to_string(),
-                generation_config.into_bytes(),
+                generation_config.into(),
             ),
-            ("tokenizer.json".to_string(), tokenizer_json(spec.vocab).into_bytes()),
+            ("tokenizer.json".to_string(), tokenizer_json(spec.vocab).into()),
             (
                 "tokenizer_config.json".to_string(),
                 format!(
                     "{:#}\n",
                     json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"})
                 )
-                .into_bytes(),
+                .into(),
             ),
         ],
         force,

@@ -342,3 +342,54 @@ fn router_jobs_are_charged() {
     // 1800 more bytes of prompt: at least 1800 more tokens' hidden states (32 floats each)
     assert!(long >= hidden + 1800 * 32 * 4, "long {long}, hidden {hidden}");
 }
+
+/// A script with many saves holds its text once: every output's model card (and the
+/// imported YAML) shares the one copy, so the plan does not grow with saves × script size.
+#[test]
+fn model_cards_share_the_script_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = conformance_dir().join("models");
+    let mut text = format!(
+        "model a = \"{}\"\nmodel b = \"{}\"\n# {}\n",
+        models.join("micro-llama-ft1-f32").display(),
+        models.join("micro-llama-ft2-f32").display(),
+        "x".repeat(100_000)
+    );
+    for i in 0..50 {
+        text.push_str(&format!(
+            "save linear(a {{ weight: 1 }}, b {{ weight: {i} }}) to \"out/o{i}\"\n"
+        ));
+    }
+    let (_, compiled) =
+        compile_text(&text, &repo(), tmp.path()).unwrap_or_else(|(s, d)| panic!("{}", render(&s, &d)));
+    let cards: Vec<_> = compiled
+        .plan
+        .outputs
+        .iter()
+        .map(|o| {
+            let (_, card) = o
+                .spec
+                .generated_files
+                .iter()
+                .find(|(n, _)| n == "README.md")
+                .unwrap();
+            card.clone()
+        })
+        .collect();
+    assert_eq!(cards.len(), 50);
+    let script = |card: &mergec::io::writer::Contents| {
+        card.parts()
+            .iter()
+            .find(|p| p.len() > 100_000)
+            .cloned()
+            .expect("the script is a part of its own")
+    };
+    let first = script(&cards[0]);
+    for card in &cards {
+        assert!(std::sync::Arc::ptr_eq(&script(card), &first));
+        // The rest of each card is small.
+        assert!(card.len() - (first.len() as u64) < 4096, "{}", card.len());
+        let whole = String::from_utf8(card.to_vec()).unwrap();
+        assert!(whole.contains("## Script") && whole.ends_with("\n```\n"));
+    }
+}

@@ -122,7 +122,7 @@ fuzz_target!(|input: &[u8]| {
             tensors: vec![("w".to_string(), DType::F32, vec![2])],
             config: None,
             copied_files: Vec::new(),
-            generated_files: vec![("README.md".to_string(), b"# merged\n".to_vec())],
+            generated_files: vec![("README.md".to_string(), b"# merged\n".to_vec().into())],
             force,
             protected,
         };

@@ -19,7 +19,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufWriter, ErrorKind, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde_json::{json, Map, Value};
 
@@ -46,11 +46,52 @@ pub struct OutputSpec {
     /// (file name in the output, source path): byte copies such as tokenizer files.
     pub copied_files: Vec<(String, PathBuf)>,
     /// (file name in the output, contents), e.g. README.md.
-    pub generated_files: Vec<(String, Vec<u8>)>,
+    pub generated_files: Vec<(String, Contents)>,
     /// Replace an existing non-empty target.
     pub force: bool,
     /// Input model roots and files, which the output must never overwrite or delete.
     pub protected: Vec<PathBuf>,
+}
+
+/// A generated file's contents, in parts written one after another. A part every output
+/// shares (the script in each model card, the imported YAML) is held once, however many
+/// outputs a script saves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents(Vec<Arc<[u8]>>);
+
+impl Contents {
+    pub fn from_parts(parts: impl IntoIterator<Item = Arc<[u8]>>) -> Contents {
+        Contents(parts.into_iter().collect())
+    }
+
+    pub fn parts(&self) -> &[Arc<[u8]>] {
+        &self.0
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|p| p.len() as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole file, for callers that read it back.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.0.concat()
+    }
+}
+
+impl From<Vec<u8>> for Contents {
+    fn from(bytes: Vec<u8>) -> Contents {
+        Contents(vec![bytes.into()])
+    }
+}
+
+impl From<String> for Contents {
+    fn from(text: String) -> Contents {
+        text.into_bytes().into()
+    }
 }
 
 /// What [`ModelWriter::finish`] put in place.
@@ -418,7 +459,7 @@ pub struct ModelWriter {
     shards: Vec<Shard>,
     config: Option<Map<String, Value>>,
     copied_files: Vec<(String, PathBuf)>,
-    generated_files: Vec<(String, Vec<u8>)>,
+    generated_files: Vec<(String, Contents)>,
     force: bool,
     protected: Vec<PathBuf>,
     current: Option<OpenShard>,
@@ -670,11 +711,11 @@ impl ModelWriter {
                 "weight_map": weight_map,
             });
             let text = pretty(&index, &self.dir)?;
-            self.write_file(INDEX_FILE, &text)?;
+            self.write_file(INDEX_FILE, &text.into())?;
         }
         if let Some(config) = self.config.take() {
             let text = pretty(&Value::Object(config), &self.dir)?;
-            self.write_file(CONFIG_FILE, &text)?;
+            self.write_file(CONFIG_FILE, &text.into())?;
         }
         for (name, from) in std::mem::take(&mut self.copied_files) {
             self.copy_file(&name, &from)?;
@@ -784,16 +825,18 @@ impl ModelWriter {
         Ok(())
     }
 
-    fn write_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
+    fn write_file(&mut self, name: &str, contents: &Contents) -> Result<(), WriteError> {
         let result = File::create_new(self.tmp.join(name)).and_then(|mut file| {
-            file.write_all(bytes)?;
+            for part in contents.parts() {
+                file.write_all(part)?;
+            }
             file.sync_all()
         });
         if let Err(e) = result {
             self.failed = true;
             return Err(io_error(self.dir.join(name), e));
         }
-        self.bytes_written += bytes.len() as u64;
+        self.bytes_written += contents.len();
         self.files.push(name.to_owned());
         Ok(())
     }
@@ -1266,7 +1309,7 @@ mod tests {
         config.insert("num_hidden_layers".into(), 2.into());
         s.config = Some(config);
         s.copied_files = vec![("tokenizer.json".into(), donor.clone())];
-        s.generated_files = vec![("README.md".into(), b"# merged\n".to_vec())];
+        s.generated_files = vec![("README.md".into(), b"# merged\n".to_vec().into())];
 
         let mut w = ModelWriter::create(s).unwrap();
         assert_eq!(w.shard_names(), ["model.safetensors"]);
@@ -1854,7 +1897,7 @@ mod tests {
         assert!(matches!(e, WriteError::BadSpec { .. }), "{e}");
         for name in [SINGLE_FILE, "../escape", "a/b", ""] {
             let mut s = spec(&out, &[("a", DType::U8, &[1])], 1);
-            s.generated_files = vec![(name.to_owned(), Vec::new())];
+            s.generated_files = vec![(name.to_owned(), Contents::default())];
             let e = ModelWriter::create(s).unwrap_err();
             assert!(matches!(e, WriteError::BadSpec { .. }), "{name}: {e}");
         }

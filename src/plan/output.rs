@@ -3,10 +3,12 @@
 //! generation files, the model card's text.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use super::Step;
+use crate::io::writer::Contents;
 use crate::io::{DType, OutputSpec};
 use crate::sema::hir;
 
@@ -50,15 +52,16 @@ pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
     for m in &program.models {
         protected.extend(m.info.protected_paths());
     }
-    let mut generated_files = vec![("README.md".to_string(), model_card(program, out).into_bytes())];
+    let mut generated_files = vec![("README.md".to_string(), model_card(program, out))];
     if let Some(yaml) = &program.mergekit_config {
-        generated_files.push(("mergekit_config.yml".to_string(), yaml.clone().into_bytes()));
+        let shared: Arc<[u8]> = yaml.clone().into();
+        generated_files.push(("mergekit_config.yml".to_string(), Contents::from_parts([shared])));
     }
     if let Some(template) = &out.chat_template {
         // The template goes where transformers reads it (chat_template.jinja) and replaces
         // any the donor's tokenizer_config.json or chat_template.json carried.
         copied_files.retain(|(name, _)| name != "chat_template.jinja" && name != "chat_template.json");
-        generated_files.push(("chat_template.jinja".to_string(), template.clone().into_bytes()));
+        generated_files.push(("chat_template.jinja".to_string(), template.clone().into()));
         if let Some(i) = copied_files
             .iter()
             .position(|(name, _)| name == "tokenizer_config.json")
@@ -66,7 +69,7 @@ pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
             // Unreadable now: leave it to the copy, which reports the error with its path.
             if let Some(bytes) = with_chat_template(&copied_files[i].1, template) {
                 copied_files.remove(i);
-                generated_files.push(("tokenizer_config.json".to_string(), bytes));
+                generated_files.push(("tokenizer_config.json".to_string(), bytes.into()));
             }
         }
     }
@@ -74,7 +77,7 @@ pub(super) fn output_spec(program: &hir::Program, index: usize, steps: &[&Step],
         // The rebuilt vocabulary's tokenizer replaces the donor's.
         copied_files.retain(|(name, _)| name != "tokenizer.json" && name != "tokenizer.model");
         generated_files.retain(|(name, _)| name != "tokenizer.json");
-        generated_files.push(("tokenizer.json".to_string(), json.into_bytes()));
+        generated_files.push(("tokenizer.json".to_string(), json.into()));
     }
     OutputSpec {
         dir: out.dir.clone(),
@@ -355,8 +358,9 @@ fn source_list(
     (list.len() == layers).then(|| list.clone())
 }
 
-/// A Hugging Face model card: YAML front matter, the inputs, and the script itself.
-fn model_card(program: &hir::Program, out: &hir::Output) -> String {
+/// A Hugging Face model card: YAML front matter, the inputs, and the script itself (the
+/// program's one copy, shared by every output's card).
+fn model_card(program: &hir::Program, out: &hir::Output) -> Contents {
     let hub_ids: Vec<String> = out
         .inputs
         .iter()
@@ -438,7 +442,6 @@ fn model_card(program: &hir::Program, out: &hir::Output) -> String {
         card.push_str("\nTranslated from the mergekit configuration in `mergekit_config.yml`.\n");
     }
     card.push_str("\n## Script\n\nThe output was produced by this script:\n\n```merge\n");
-    card.push_str(program.script_text.trim_end());
-    card.push_str("\n```\n");
-    card
+    let script: Arc<[u8]> = program.script_text.clone().into();
+    Contents::from_parts([card.into_bytes().into(), script, b"\n```\n".as_slice().into()])
 }

@@ -18,10 +18,11 @@ pub use crate::moe_spec::{
 pub struct Program {
     pub models: Vec<InputModel>,
     pub outputs: Vec<Output>,
-    /// The script's text, recorded in each output's model card.
-    pub script_text: String,
+    /// The script's text without trailing whitespace, recorded in each output's model
+    /// card (shared: a script with many saves holds it once).
+    pub script_text: Arc<str>,
     /// The mergekit YAML the script was translated from, if any.
-    pub mergekit_config: Option<String>,
+    pub mergekit_config: Option<Arc<str>>,
     /// The seed of every random mask (`set seed = N`, default 0).
     pub seed: u64,
     /// The memory budget the script asks for (`set max_memory = 8GB`).

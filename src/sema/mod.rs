@@ -132,7 +132,7 @@ pub fn check(
     let program = hir::Program {
         models: checker.models,
         outputs: checker.outputs,
-        script_text: script_text.to_string(),
+        script_text: script_text.trim_end().into(),
         mergekit_config: None,
         seed: checker.seed,
         max_memory: checker.max_memory,
