@@ -83,6 +83,7 @@ codes! {
     E0803 => "vocabulary source is not an input of the save",
     E0804 => "cannot build the output vocabulary",
     E0805 => "malformed `tokens` entry",
+    E0806 => "inputs of different tokenizer families",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",

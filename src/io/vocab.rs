@@ -138,6 +138,9 @@ pub struct FillCounts {
     pub zero: usize,
     /// Rows set by a `tokens:` rule.
     pub ruled: usize,
+    /// Tokens of its own vocabulary, and how many of them the base has too.
+    pub own: usize,
+    pub shared_with_base: usize,
 }
 
 /// The output vocabulary: its tokenizer, size and each input's row plan.
@@ -363,6 +366,12 @@ pub fn build(policy: &VocabPolicy, base: usize, inputs: &[VocabInput]) -> Result
             }
         }
         let kept: HashSet<u32> = perm[m].iter().flatten().copied().collect();
+        c.own = loaded[m].vocab.len();
+        c.shared_with_base = loaded[m]
+            .vocab
+            .keys()
+            .filter(|t| loaded[base].vocab.contains_key(*t))
+            .count();
         c.dropped = loaded[m].vocab.values().filter(|id| !kept.contains(id)).count()
             + input.rows.saturating_sub(loaded[m].vocab.len());
         plans.push(RowPlan {
@@ -476,10 +485,24 @@ fn union(base: usize, loaded: &[Loaded]) -> Result<Tokenizer, VocabError> {
     Ok(out)
 }
 
-/// Whether two inputs' vocabularies (token -> id, added tokens included) are the same;
-/// `None` when either has no readable tokenizer.json.
-pub fn same_vocab(a: &Path, b: &Path) -> Option<bool> {
+/// How two inputs' vocabularies (token -> id, added tokens included) compare; `None` when
+/// either has no readable tokenizer.json.
+pub fn compare(a: &Path, b: &Path) -> Option<VocabComparison> {
     let va = tokenizer::load(a).ok()?.get_vocab(true);
     let vb = tokenizer::load(b).ok()?.get_vocab(true);
-    Some(va == vb)
+    Some(VocabComparison {
+        same: va == vb,
+        shared: va.keys().filter(|t| vb.contains_key(*t)).count(),
+        smaller: va.len().min(vb.len()),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabComparison {
+    /// The same tokens with the same ids.
+    pub same: bool,
+    /// Tokens both have.
+    pub shared: usize,
+    /// Tokens of the smaller vocabulary.
+    pub smaller: usize,
 }

@@ -62,6 +62,7 @@ impl Checker<'_> {
                     vocab_opts.choice = choice.map(|c| (c, opt.value.span));
                 }
                 "tokens" => vocab_opts.tokens = self.tokens_option(&opt.value),
+                "mixed_vocab" => vocab_opts.mixed = self.bool_option(&opt.value, "mixed_vocab"),
                 "pad_vocab" => {
                     vocab_opts.pad = self.pad_vocab_option(&opt.value).map(|n| (n, opt.value.span))
                 }
@@ -334,6 +335,7 @@ const SAVE_OPTIONS: &[&str] = &[
     "tokenizer",
     "tokens",
     "pad_vocab",
+    "mixed_vocab",
     "chat_template",
 ];
 
