@@ -235,3 +235,28 @@ fn same_vocabulary_keeps_plain_copies() {
         .iter()
         .all(|s| s.inputs.iter().all(|i| i.gather.is_none())));
 }
+
+#[test]
+fn tokens_table_compares_with_the_first_model() {
+    let models: Vec<(String, mergec::io::vocab::Described)> =
+        ["vocab-base", "vocab-removed", "vocab-foreign"]
+            .iter()
+            .map(|n| {
+                let d = mergec::io::vocab::describe(&vocab_dir().join("models").join(n)).unwrap();
+                (n.to_string(), d)
+            })
+            .collect();
+    let table = mergec::io::vocab::table(&models, 3);
+    let lines: Vec<&str> = table.lines().collect();
+    let cells = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(cells(lines[1]), ["vocab-base", "64", "64", "64", "0", "0"]);
+    // without "q", 42 tokens move down one id; two special tokens of its own
+    assert_eq!(cells(lines[2]), ["vocab-removed", "65", "65", "63", "2", "42"]);
+    assert_eq!(cells(lines[3]), ["vocab-foreign", "64", "64", "4", "60", "0"]);
+    assert!(
+        table.contains("vocab-removed lacks 1 of vocab-base's tokens: \"q\""),
+        "{table}"
+    );
+    assert!(table.contains("another tokenizer family"), "{table}");
+    assert!(table.contains("tokenizer: union"), "{table}");
+}

@@ -506,3 +506,124 @@ pub struct VocabComparison {
     /// Tokens of the smaller vocabulary.
     pub smaller: usize,
 }
+
+/// A model's vocabulary as `mergec tokens` shows it.
+pub struct Described {
+    /// token -> id, added tokens included.
+    pub vocab: HashMap<String, u32>,
+    /// config.json's `vocab_size` (or `text_config.vocab_size`), if any.
+    pub rows: Option<usize>,
+}
+
+/// Reads `root`'s tokenizer.json and config.json's vocabulary size.
+pub fn describe(root: &Path) -> Result<Described, TokenizerError> {
+    let vocab = tokenizer::load(root)?.get_vocab(true);
+    let config: Option<serde_json::Value> =
+        super::input_file::read_capped(&root.join("config.json"), super::input_file::MAX_JSON_BYTES)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let rows = config.and_then(|c| {
+        c.get("vocab_size")
+            .or_else(|| c.get("text_config").and_then(|t| t.get("vocab_size")))
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize)
+    });
+    Ok(Described { vocab, rows })
+}
+
+/// The table of `mergec tokens`: per model its tokens and rows, and against the first model
+/// the tokens in common, only its own, and in common under another id; then up to `show`
+/// of each model's own tokens and the policies that fit.
+pub fn table(models: &[(String, Described)], show: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some((first_name, first)) = models.first() else {
+        return out;
+    };
+    let width = models
+        .iter()
+        .map(|(n, _)| n.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>8}",
+        "model", "tokens", "rows", "shared", "only here", "other id"
+    );
+    let mut details = Vec::new();
+    let mut differ = false;
+    for (name, d) in models {
+        let shared = d.vocab.keys().filter(|t| first.vocab.contains_key(*t)).count();
+        let mut own: Vec<(&String, u32)> = d
+            .vocab
+            .iter()
+            .filter(|(t, _)| !first.vocab.contains_key(*t))
+            .map(|(t, id)| (t, *id))
+            .collect();
+        own.sort_by_key(|(_, id)| *id);
+        let moved = d
+            .vocab
+            .iter()
+            .filter(|(t, id)| first.vocab.get(*t).is_some_and(|f| f != *id))
+            .count();
+        let rows = d.rows.map_or("?".to_string(), |r| r.to_string());
+        let _ = writeln!(
+            out,
+            "{name:width$}  {:>7}  {rows:>7}  {shared:>7}  {:>9}  {moved:>8}",
+            d.vocab.len(),
+            own.len()
+        );
+        differ |= !own.is_empty() || moved > 0 || d.vocab.len() != first.vocab.len() || d.rows != first.rows;
+        if !own.is_empty() {
+            let listed: Vec<String> = own
+                .iter()
+                .take(show)
+                .map(|(t, id)| format!("{t:?} ({id})"))
+                .collect();
+            let more = if own.len() > show {
+                format!(", and {} more", own.len() - show)
+            } else {
+                String::new()
+            };
+            details.push(format!("only in {name}: {}{more}", listed.join(", ")));
+        }
+        let mut lacks: Vec<(&String, u32)> = first
+            .vocab
+            .iter()
+            .filter(|(t, _)| !d.vocab.contains_key(*t))
+            .map(|(t, id)| (t, *id))
+            .collect();
+        lacks.sort_by_key(|(_, id)| *id);
+        if !lacks.is_empty() {
+            let listed: Vec<String> = lacks.iter().take(show).map(|(t, _)| format!("{t:?}")).collect();
+            let more = if lacks.len() > show {
+                format!(", and {} more", lacks.len() - show)
+            } else {
+                String::new()
+            };
+            details.push(format!(
+                "{name} lacks {} of {first_name}'s tokens: {}{more}",
+                lacks.len(),
+                listed.join(", ")
+            ));
+        }
+        let smaller = d.vocab.len().min(first.vocab.len()).max(1);
+        if (shared as f64) < 0.5 * smaller as f64 {
+            details.push(format!("{name} shares {shared} tokens with {first_name}: another tokenizer family (`mixed_vocab: true` to merge anyway)"));
+        }
+    }
+    for d in details {
+        let _ = writeln!(out, "{d}");
+    }
+    if differ {
+        let _ = writeln!(
+            out,
+            "the vocabularies differ: save with `tokenizer: union` (every model's tokens), `tokenizer: base` or `tokenizer: MODEL` (that model's)"
+        );
+    } else {
+        let _ = writeln!(out, "one vocabulary: the models merge row by row as they are");
+    }
+    out
+}
