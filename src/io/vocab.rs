@@ -627,3 +627,149 @@ pub fn table(models: &[(String, Described)], show: usize) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BPE tokenizer.json without merges: `vocab` in id order, then `added` (special).
+    fn write_tokenizer(dir: &Path, vocab: &[&str], added: &[(&str, u32)]) {
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::Value::from(i as u64)))
+            .collect();
+        let added: Vec<serde_json::Value> = added
+            .iter()
+            .map(|(t, id)| {
+                serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    }
+
+    #[test]
+    fn union_strips_the_base_past_its_rows_and_fills_missing_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        // the base's `<x>` (id 4) is past its 4 rows: dropped from the union
+        write_tokenizer(&a, &["<unk>", "a", "b", "c"], &[("<x>", 4)]);
+        write_tokenizer(&b, &["<unk>", "b", "a", "d", "e"], &[]);
+        write_tokenizer(&c, &["<unk>", "e", "a", "b"], &[]);
+        let inputs = [
+            VocabInput {
+                name: "a",
+                root: &a,
+                rows: 4,
+            },
+            VocabInput {
+                name: "b",
+                root: &b,
+                rows: 5,
+            },
+            VocabInput {
+                name: "c",
+                root: &c,
+                rows: 4,
+            },
+        ];
+        let policy = VocabPolicy {
+            source: VocabSource::Union,
+            tokens: Vec::new(),
+            pad_to_multiple_of: Some(4),
+        };
+        let v = build(&policy, 0, &inputs).unwrap();
+        assert_eq!(v.tokens, ["<unk>", "a", "b", "c", "d", "e"]);
+        assert_eq!(v.size, 8);
+        let copy = |src, row| Row::Copy { src, row };
+        // a: own rows, `d` from b (only one has it), `e` the mean of b's and c's rows
+        assert_eq!(
+            v.plans[0].rows,
+            [
+                copy(0, 0),
+                copy(0, 1),
+                copy(0, 2),
+                copy(0, 3),
+                copy(1, 3),
+                Row::Mean(vec![(1, 4), (2, 1)])
+            ]
+        );
+        // c lacks `c` (only the base has it) and `d` (only b)
+        assert_eq!(
+            v.plans[2].rows,
+            [
+                copy(2, 0),
+                copy(2, 2),
+                copy(2, 3),
+                copy(0, 3),
+                copy(1, 3),
+                copy(2, 1)
+            ]
+        );
+        assert_eq!(v.plans[2].pad, 2);
+        assert_eq!((v.counts[2].missing, v.counts[2].from_single), (2, 2));
+        assert_eq!(v.tokenizer.token_to_id("<x>"), None);
+    }
+
+    #[test]
+    fn rules_need_a_source_that_has_the_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        write_tokenizer(&a, &["<unk>", "a"], &[]);
+        write_tokenizer(&b, &["<unk>", "b"], &[]);
+        let inputs = [
+            VocabInput {
+                name: "a",
+                root: &a,
+                rows: 2,
+            },
+            VocabInput {
+                name: "b",
+                root: &b,
+                rows: 2,
+            },
+        ];
+        let rule = |token: &str, fill| TokenRule {
+            token: token.into(),
+            fill,
+            force: false,
+        };
+        let policy = |tokens| VocabPolicy {
+            source: VocabSource::Base,
+            tokens,
+            pad_to_multiple_of: None,
+        };
+        // `a` is in the base only, so b needs a row; b has no `a`
+        let err = build(&policy(vec![rule("a", Some(Fill::Model(1)))]), 0, &inputs)
+            .err()
+            .unwrap();
+        assert!(matches!(err, VocabError::NotInModel { .. }), "{err}");
+        let err = build(&policy(vec![rule("<new>", None)]), 0, &inputs)
+            .err()
+            .unwrap();
+        assert!(matches!(err, VocabError::NoSource { .. }), "{err}");
+        let token = TokenRef::Id(7);
+        let err = build(
+            &policy(vec![rule("a", Some(Fill::ModelToken { model: 1, token }))]),
+            0,
+            &inputs,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, VocabError::IdOutOfRange { .. }), "{err}");
+        let v = build(&policy(vec![rule("a", Some(Fill::Model(0)))]), 0, &inputs).unwrap();
+        assert_eq!(
+            v.plans[1].rows,
+            [Row::Copy { src: 1, row: 0 }, Row::Copy { src: 0, row: 1 }]
+        );
+    }
+}

@@ -124,9 +124,12 @@ impl Checker<'_> {
             vocab: None,
         };
         let mut output = instantiate::output(&self.models, self.seed, output, &model, &mut self.diags);
-        if output.moe.is_none() {
-            self.vocabulary(&mut output, vocab_opts, stmt_span);
+        if output.moe.is_some() {
+            // A mixture's embeddings come from its base: only refused when they would mix
+            // vocabularies (a computed base), never rebuilt.
+            vocab_opts = super::vocab::VocabOptions::default();
         }
+        self.vocabulary(&mut output, vocab_opts, stmt_span);
         self.outputs.push(output);
     }
 
