@@ -740,6 +740,8 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
                         "bytes": steps.map(|s| s.out_bytes()).sum::<u64>()
                             + o.moe.iter().flat_map(|m| &m.generated).map(|g| g.nbytes()).sum::<u64>(),
                         "compute": o.compute.name(),
+                        // The rebuilt vocabulary, as `check` prints it (null when none).
+                        "vocabulary": o.vocab.as_ref().map(|v| v.report.clone()),
                     })
                 })
                 .collect();

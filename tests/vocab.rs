@@ -260,3 +260,35 @@ fn tokens_table_compares_with_the_first_model() {
     assert!(table.contains("another tokenizer family"), "{table}");
     assert!(table.contains("tokenizer: union"), "{table}");
 }
+
+#[test]
+fn cli_check_json_and_tokens() {
+    let bin = env!("CARGO_BIN_EXE_mergec");
+    let out = std::process::Command::new(bin)
+        .args(["check", "union_ta.merge", "--format", "json"])
+        .current_dir(vocab_dir().join("scripts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = v["outputs"][0]["vocabulary"].as_array().unwrap();
+    assert_eq!(report.len(), 4);
+    assert_eq!(
+        report[0],
+        "vocabulary: 68 tokens from the union of the inputs' tokenizers"
+    );
+    let out = std::process::Command::new(bin)
+        .args(["tokens", "vocab-base", "vocab-added"])
+        .current_dir(vocab_dir().join("models"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("only in vocab-added: \"xy\" (64)"), "{text}");
+    let out = std::process::Command::new(bin)
+        .args(["tokens", "vocab-base", "no-such-model"])
+        .current_dir(vocab_dir().join("models"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
