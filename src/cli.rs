@@ -185,6 +185,16 @@ enum Command {
     /// A language server over stdin/stdout for `.merge` scripts and mergekit YAML
     /// configs (diagnostics, hover, completion, go to definition), for editors.
     Lsp,
+    /// Compare the vocabularies of models (their tokenizer.json and embedding rows) with
+    /// the first one's, to choose a `tokenizer:` policy before merging them.
+    Tokens {
+        /// Model folders (or references as a script writes them), two or more.
+        #[arg(required = true, num_args = 2..)]
+        models: Vec<String>,
+        /// How many differing tokens to list per model.
+        #[arg(long, default_value_t = 8)]
+        show: usize,
+    },
     /// Generate three tiny models and run the example merge on them: no download needed.
     Demo {
         /// Where the models and the merged output go.
@@ -349,6 +359,7 @@ pub fn run(cli: Cli) -> ExitCode {
         } => import_cmd(&config, out, output.as_deref(), force, &yaml),
         Command::Synth(args) => synth_cmd(args),
         Command::Demo { dir } => demo(&dir),
+        Command::Tokens { models, show } => tokens(&models, show),
         Command::Lsp => match mergec::lsp::serve() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -738,6 +749,8 @@ fn check(input: &Input, format: Format, force: bool) -> ExitCode {
                         "bytes": steps.map(|s| s.out_bytes()).sum::<u64>()
                             + o.moe.iter().flat_map(|m| &m.generated).map(|g| g.nbytes()).sum::<u64>(),
                         "compute": o.compute.name(),
+                        // The rebuilt vocabulary, as `check` prints it (null when none).
+                        "vocabulary": o.vocab.as_ref().map(|v| v.report.clone()),
                     })
                 })
                 .collect();
@@ -1171,4 +1184,28 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// `mergec tokens A B ...`: each model's vocabulary against the first one's.
+fn tokens(models: &[String], show: usize) -> ExitCode {
+    let mut rows = Vec::new();
+    for reference in models {
+        let root = match mergec::io::model::resolve_reference(reference, Path::new(".")) {
+            Ok(p) if p.is_file() => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {reference}: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        match mergec::io::vocab::describe(&root) {
+            Ok(v) => rows.push((reference.clone(), v)),
+            Err(e) => {
+                eprintln!("error: {reference}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    print!("{}", mergec::io::vocab::table(&rows, show));
+    ExitCode::SUCCESS
 }

@@ -1511,3 +1511,58 @@ fn lora_products_match_the_cpu() {
         "every case ran on the GPU"
     );
 }
+
+/// Embedding surgery under the GPU executor: the gathered rows reach the GPU kernels as
+/// ordinary inputs; every vocabulary fixture matches the CPU run (within the f32 rule) and
+/// mergekit's shapes, with no step left to the CPU.
+#[test]
+fn vocabularies_on_the_gpu() {
+    let Some(gpu) = gpu() else { return };
+    let hybrid = GpuWithFallback::new(gpu, cpu());
+    let reader = mergec::io::TensorReader::new();
+    let dir = common::repo().join("tests/fixtures/vocab");
+    for name in ["union_ta", "base_ties", "tokens_linear", "source_model_slerp"] {
+        let text = std::fs::read_to_string(dir.join(format!("scripts/{name}.merge"))).unwrap();
+        let (gpu_tmp, cpu_tmp) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (_, compiled) = common::compile_text(&text, &dir.join("scripts"), gpu_tmp.path())
+            .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
+        assert!(
+            compiled
+                .plan
+                .steps
+                .iter()
+                .any(|s| s.inputs.iter().any(|i| i.gather.is_some())),
+            "{name}: no surgery"
+        );
+        let (_, cpu_before) = hybrid.steps();
+        mergec::exec::run(&compiled.plan, &hybrid, &reader, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(hybrid.steps().1, cpu_before, "{name}: steps left to the CPU");
+        let (_, on_cpu) = common::compile_text(&text, &dir.join("scripts"), cpu_tmp.path())
+            .unwrap_or_else(|(s, d)| panic!("{name}: {}", common::render(&s, &d)));
+        common::run_compiled(&on_cpu, 2);
+        let (g, c) = (gpu_tmp.path().join(name), cpu_tmp.path().join(name));
+        assert_eq!(
+            std::fs::read(g.join("tokenizer.json")).unwrap(),
+            std::fs::read(c.join("tokenizer.json")).unwrap(),
+            "{name}: tokenizer.json"
+        );
+        let expected = common::load_folder(&dir.join("expected").join(name));
+        let (gt, ct) = (common::load_folder(&g), common::load_folder(&c));
+        for (tensor, r) in &expected {
+            assert_eq!(gt[tensor].shape, r.shape, "{name}: {tensor}");
+        }
+        for (tensor, c) in &ct {
+            let max_ref = c.values.iter().fold(0f32, |m, x| m.max(x.abs())).max(1.0);
+            let err = c
+                .values
+                .iter()
+                .zip(&gt[tensor].values)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err <= 1e-5 * max_ref,
+                "{name}: {tensor}: GPU differs from CPU by {err:e}"
+            );
+        }
+    }
+}

@@ -235,3 +235,60 @@ fn same_vocabulary_keeps_plain_copies() {
         .iter()
         .all(|s| s.inputs.iter().all(|i| i.gather.is_none())));
 }
+
+#[test]
+fn tokens_table_compares_with_the_first_model() {
+    let models: Vec<(String, mergec::io::vocab::Described)> =
+        ["vocab-base", "vocab-removed", "vocab-foreign"]
+            .iter()
+            .map(|n| {
+                let d = mergec::io::vocab::describe(&vocab_dir().join("models").join(n)).unwrap();
+                (n.to_string(), d)
+            })
+            .collect();
+    let table = mergec::io::vocab::table(&models, 3);
+    let lines: Vec<&str> = table.lines().collect();
+    let cells = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(cells(lines[1]), ["vocab-base", "64", "64", "64", "0", "0"]);
+    // without "q", 42 tokens move down one id; two special tokens of its own
+    assert_eq!(cells(lines[2]), ["vocab-removed", "65", "65", "63", "2", "42"]);
+    assert_eq!(cells(lines[3]), ["vocab-foreign", "64", "64", "4", "60", "0"]);
+    assert!(
+        table.contains("vocab-removed lacks 1 of vocab-base's tokens: \"q\""),
+        "{table}"
+    );
+    assert!(table.contains("another tokenizer family"), "{table}");
+    assert!(table.contains("tokenizer: union"), "{table}");
+}
+
+#[test]
+fn cli_check_json_and_tokens() {
+    let bin = env!("CARGO_BIN_EXE_mergec");
+    let out = std::process::Command::new(bin)
+        .args(["check", "union_ta.merge", "--format", "json"])
+        .current_dir(vocab_dir().join("scripts"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = v["outputs"][0]["vocabulary"].as_array().unwrap();
+    assert_eq!(report.len(), 4);
+    assert_eq!(
+        report[0],
+        "vocabulary: 68 tokens from the union of the inputs' tokenizers"
+    );
+    let out = std::process::Command::new(bin)
+        .args(["tokens", "vocab-base", "vocab-added"])
+        .current_dir(vocab_dir().join("models"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("only in vocab-added: \"xy\" (64)"), "{text}");
+    let out = std::process::Command::new(bin)
+        .args(["tokens", "vocab-base", "no-such-model"])
+        .current_dir(vocab_dir().join("models"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -90,6 +90,7 @@ codes! {
     E0803 => "vocabulary source is not an input of the save",
     E0804 => "cannot build the output vocabulary",
     E0805 => "malformed `tokens` entry",
+    E0806 => "inputs of different tokenizer families",
     E0901 => "adapter not found or not readable",
     E0902 => "invalid adapter config",
     E0903 => "unsupported adapter",

@@ -342,6 +342,9 @@ fn read_input(plan: &Draft, reader: &TensorReader, input: &StepInput) -> Result<
         tensor: g.sources[i].1.clone(),
         model: plan.model(g.sources[i].0).name.clone(),
     })?;
+    // The rows are copied out: the sources' pages go back (read again if needed later), so
+    // a run over large vocabularies holds the gathered tensors, not every input's.
+    sources.iter().for_each(TensorBytes::release);
     Ok(InputBytes::Gathered(out))
 }
 

@@ -138,6 +138,9 @@ pub struct FillCounts {
     pub zero: usize,
     /// Rows set by a `tokens:` rule.
     pub ruled: usize,
+    /// Tokens of its own vocabulary, and how many of them the base has too.
+    pub own: usize,
+    pub shared_with_base: usize,
 }
 
 /// The output vocabulary: its tokenizer, size and each input's row plan.
@@ -363,6 +366,12 @@ pub fn build(policy: &VocabPolicy, base: usize, inputs: &[VocabInput]) -> Result
             }
         }
         let kept: HashSet<u32> = perm[m].iter().flatten().copied().collect();
+        c.own = loaded[m].vocab.len();
+        c.shared_with_base = loaded[m]
+            .vocab
+            .keys()
+            .filter(|t| loaded[base].vocab.contains_key(*t))
+            .count();
         c.dropped = loaded[m].vocab.values().filter(|id| !kept.contains(id)).count()
             + input.rows.saturating_sub(loaded[m].vocab.len());
         plans.push(RowPlan {
@@ -476,10 +485,291 @@ fn union(base: usize, loaded: &[Loaded]) -> Result<Tokenizer, VocabError> {
     Ok(out)
 }
 
-/// Whether two inputs' vocabularies (token -> id, added tokens included) are the same;
-/// `None` when either has no readable tokenizer.json.
-pub fn same_vocab(a: &Path, b: &Path) -> Option<bool> {
+/// How two inputs' vocabularies (token -> id, added tokens included) compare; `None` when
+/// either has no readable tokenizer.json.
+pub fn compare(a: &Path, b: &Path) -> Option<VocabComparison> {
     let va = tokenizer::load(a).ok()?.get_vocab(true);
     let vb = tokenizer::load(b).ok()?.get_vocab(true);
-    Some(va == vb)
+    Some(VocabComparison {
+        same: va == vb,
+        shared: va.keys().filter(|t| vb.contains_key(*t)).count(),
+        smaller: va.len().min(vb.len()),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabComparison {
+    /// The same tokens with the same ids.
+    pub same: bool,
+    /// Tokens both have.
+    pub shared: usize,
+    /// Tokens of the smaller vocabulary.
+    pub smaller: usize,
+}
+
+/// A model's vocabulary as `mergec tokens` shows it.
+pub struct Described {
+    /// token -> id, added tokens included.
+    pub vocab: HashMap<String, u32>,
+    /// config.json's `vocab_size` (or `text_config.vocab_size`), if any.
+    pub rows: Option<usize>,
+}
+
+/// Reads `root`'s tokenizer.json and config.json's vocabulary size.
+pub fn describe(root: &Path) -> Result<Described, TokenizerError> {
+    let vocab = tokenizer::load(root)?.get_vocab(true);
+    let config: Option<serde_json::Value> =
+        super::input_file::read_capped(&root.join("config.json"), super::input_file::MAX_JSON_BYTES)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let rows = config.and_then(|c| {
+        c.get("vocab_size")
+            .or_else(|| c.get("text_config").and_then(|t| t.get("vocab_size")))
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize)
+    });
+    Ok(Described { vocab, rows })
+}
+
+/// The table of `mergec tokens`: per model its tokens and rows, and against the first model
+/// the tokens in common, only its own, and in common under another id; then up to `show`
+/// of each model's own tokens and the policies that fit.
+pub fn table(models: &[(String, Described)], show: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some((first_name, first)) = models.first() else {
+        return out;
+    };
+    let width = models
+        .iter()
+        .map(|(n, _)| n.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(
+        out,
+        "{:width$}  {:>7}  {:>7}  {:>7}  {:>9}  {:>8}",
+        "model", "tokens", "rows", "shared", "only here", "other id"
+    );
+    let mut details = Vec::new();
+    let mut differ = false;
+    for (name, d) in models {
+        let shared = d.vocab.keys().filter(|t| first.vocab.contains_key(*t)).count();
+        let mut own: Vec<(&String, u32)> = d
+            .vocab
+            .iter()
+            .filter(|(t, _)| !first.vocab.contains_key(*t))
+            .map(|(t, id)| (t, *id))
+            .collect();
+        own.sort_by_key(|(_, id)| *id);
+        let moved = d
+            .vocab
+            .iter()
+            .filter(|(t, id)| first.vocab.get(*t).is_some_and(|f| f != *id))
+            .count();
+        let rows = d.rows.map_or("?".to_string(), |r| r.to_string());
+        let _ = writeln!(
+            out,
+            "{name:width$}  {:>7}  {rows:>7}  {shared:>7}  {:>9}  {moved:>8}",
+            d.vocab.len(),
+            own.len()
+        );
+        differ |= !own.is_empty() || moved > 0 || d.vocab.len() != first.vocab.len() || d.rows != first.rows;
+        if !own.is_empty() {
+            let listed: Vec<String> = own
+                .iter()
+                .take(show)
+                .map(|(t, id)| format!("{t:?} ({id})"))
+                .collect();
+            let more = if own.len() > show {
+                format!(", and {} more", own.len() - show)
+            } else {
+                String::new()
+            };
+            details.push(format!("only in {name}: {}{more}", listed.join(", ")));
+        }
+        let mut lacks: Vec<(&String, u32)> = first
+            .vocab
+            .iter()
+            .filter(|(t, _)| !d.vocab.contains_key(*t))
+            .map(|(t, id)| (t, *id))
+            .collect();
+        lacks.sort_by_key(|(_, id)| *id);
+        if !lacks.is_empty() {
+            let listed: Vec<String> = lacks.iter().take(show).map(|(t, _)| format!("{t:?}")).collect();
+            let more = if lacks.len() > show {
+                format!(", and {} more", lacks.len() - show)
+            } else {
+                String::new()
+            };
+            details.push(format!(
+                "{name} lacks {} of {first_name}'s tokens: {}{more}",
+                lacks.len(),
+                listed.join(", ")
+            ));
+        }
+        let smaller = d.vocab.len().min(first.vocab.len()).max(1);
+        if (shared as f64) < 0.5 * smaller as f64 {
+            details.push(format!("{name} shares {shared} tokens with {first_name}: another tokenizer family (`mixed_vocab: true` to merge anyway)"));
+        }
+    }
+    for d in details {
+        let _ = writeln!(out, "{d}");
+    }
+    if differ {
+        let _ = writeln!(
+            out,
+            "the vocabularies differ: save with `tokenizer: union` (every model's tokens), `tokenizer: base` or `tokenizer: MODEL` (that model's)"
+        );
+    } else {
+        let _ = writeln!(out, "one vocabulary: the models merge row by row as they are");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BPE tokenizer.json without merges: `vocab` in id order, then `added` (special).
+    fn write_tokenizer(dir: &Path, vocab: &[&str], added: &[(&str, u32)]) {
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::Value::from(i as u64)))
+            .collect();
+        let added: Vec<serde_json::Value> = added
+            .iter()
+            .map(|(t, id)| {
+                serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []}
+        });
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    }
+
+    #[test]
+    fn union_strips_the_base_past_its_rows_and_fills_missing_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        // the base's `<x>` (id 4) is past its 4 rows: dropped from the union
+        write_tokenizer(&a, &["<unk>", "a", "b", "c"], &[("<x>", 4)]);
+        write_tokenizer(&b, &["<unk>", "b", "a", "d", "e"], &[]);
+        write_tokenizer(&c, &["<unk>", "e", "a", "b"], &[]);
+        let inputs = [
+            VocabInput {
+                name: "a",
+                root: &a,
+                rows: 4,
+            },
+            VocabInput {
+                name: "b",
+                root: &b,
+                rows: 5,
+            },
+            VocabInput {
+                name: "c",
+                root: &c,
+                rows: 4,
+            },
+        ];
+        let policy = VocabPolicy {
+            source: VocabSource::Union,
+            tokens: Vec::new(),
+            pad_to_multiple_of: Some(4),
+        };
+        let v = build(&policy, 0, &inputs).unwrap();
+        assert_eq!(v.tokens, ["<unk>", "a", "b", "c", "d", "e"]);
+        assert_eq!(v.size, 8);
+        let copy = |src, row| Row::Copy { src, row };
+        // a: own rows, `d` from b (only one has it), `e` the mean of b's and c's rows
+        assert_eq!(
+            v.plans[0].rows,
+            [
+                copy(0, 0),
+                copy(0, 1),
+                copy(0, 2),
+                copy(0, 3),
+                copy(1, 3),
+                Row::Mean(vec![(1, 4), (2, 1)])
+            ]
+        );
+        // c lacks `c` (only the base has it) and `d` (only b)
+        assert_eq!(
+            v.plans[2].rows,
+            [
+                copy(2, 0),
+                copy(2, 2),
+                copy(2, 3),
+                copy(0, 3),
+                copy(1, 3),
+                copy(2, 1)
+            ]
+        );
+        assert_eq!(v.plans[2].pad, 2);
+        assert_eq!((v.counts[2].missing, v.counts[2].from_single), (2, 2));
+        assert_eq!(v.tokenizer.token_to_id("<x>"), None);
+    }
+
+    #[test]
+    fn rules_need_a_source_that_has_the_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        write_tokenizer(&a, &["<unk>", "a"], &[]);
+        write_tokenizer(&b, &["<unk>", "b"], &[]);
+        let inputs = [
+            VocabInput {
+                name: "a",
+                root: &a,
+                rows: 2,
+            },
+            VocabInput {
+                name: "b",
+                root: &b,
+                rows: 2,
+            },
+        ];
+        let rule = |token: &str, fill| TokenRule {
+            token: token.into(),
+            fill,
+            force: false,
+        };
+        let policy = |tokens| VocabPolicy {
+            source: VocabSource::Base,
+            tokens,
+            pad_to_multiple_of: None,
+        };
+        // `a` is in the base only, so b needs a row; b has no `a`
+        let err = build(&policy(vec![rule("a", Some(Fill::Model(1)))]), 0, &inputs)
+            .err()
+            .unwrap();
+        assert!(matches!(err, VocabError::NotInModel { .. }), "{err}");
+        let err = build(&policy(vec![rule("<new>", None)]), 0, &inputs)
+            .err()
+            .unwrap();
+        assert!(matches!(err, VocabError::NoSource { .. }), "{err}");
+        let token = TokenRef::Id(7);
+        let err = build(
+            &policy(vec![rule("a", Some(Fill::ModelToken { model: 1, token }))]),
+            0,
+            &inputs,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, VocabError::IdOutOfRange { .. }), "{err}");
+        let v = build(&policy(vec![rule("a", Some(Fill::Model(0)))]), 0, &inputs).unwrap();
+        assert_eq!(
+            v.plans[1].rows,
+            [Row::Copy { src: 1, row: 0 }, Row::Copy { src: 0, row: 1 }]
+        );
+    }
 }

@@ -62,6 +62,7 @@ impl Checker<'_> {
                     vocab_opts.choice = choice.map(|c| (c, opt.value.span));
                 }
                 "tokens" => vocab_opts.tokens = self.tokens_option(&opt.value),
+                "mixed_vocab" => vocab_opts.mixed = self.bool_option(&opt.value, "mixed_vocab"),
                 "pad_vocab" => {
                     vocab_opts.pad = self.pad_vocab_option(&opt.value).map(|n| (n, opt.value.span))
                 }
@@ -131,9 +132,12 @@ impl Checker<'_> {
             &mut self.ops_left,
         );
         self.output_dirs.insert(output.dir.clone(), output.span);
-        if output.moe.is_none() {
-            self.vocabulary(&mut output, vocab_opts, stmt_span);
+        if output.moe.is_some() {
+            // A mixture's embeddings come from its base: only refused when they would mix
+            // vocabularies (a computed base), never rebuilt.
+            vocab_opts = super::vocab::VocabOptions::default();
         }
+        self.vocabulary(&mut output, vocab_opts, stmt_span);
         self.outputs.push(output);
     }
 
@@ -342,6 +346,7 @@ const SAVE_OPTIONS: &[&str] = &[
     "tokenizer",
     "tokens",
     "pad_vocab",
+    "mixed_vocab",
     "chat_template",
 ];
 

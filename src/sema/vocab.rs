@@ -30,7 +30,14 @@ pub(super) struct VocabOptions {
     pub choice: Option<(Choice, Span)>,
     pub tokens: Vec<(TokenRule, Span)>,
     pub pad: Option<(usize, Span)>,
+    /// `mixed_vocab: true`: inputs of different tokenizer families are meant (E0806 off).
+    pub mixed: bool,
 }
+
+/// Below this share of tokens in common with the base (of the smaller vocabulary), an
+/// input is of another tokenizer family: its rows mean other things, and a union mostly
+/// fills them with copies (E0806).
+const FAMILY_SHARE: f64 = 0.5;
 
 /// Whether `name` is a tensor indexed by token id along its first axis (mergekit's
 /// `vocabulary_axis: 0` weights).
@@ -63,6 +70,21 @@ impl Checker<'_> {
             }
         }
         self.donor_option(value, "tokenizer").map(Choice::Model)
+    }
+
+    /// `mixed_vocab: true` / `false`.
+    pub(super) fn bool_option(&mut self, value: &Expr, what: &str) -> bool {
+        match &value.kind {
+            ExprKind::Name(b) if b == "true" => true,
+            ExprKind::Name(b) if b == "false" => false,
+            _ => {
+                self.diags.push(
+                    Diagnostic::error(Code::E0305, format!("`{what}` must be true or false"))
+                        .at(value.span, "not true or false"),
+                );
+                false
+            }
+        }
     }
 
     /// `pad_vocab: N`: the output vocabulary's rows rounded up to a multiple of N.
@@ -207,19 +229,20 @@ impl Checker<'_> {
         }
         inputs.sort_by_key(|(m, _)| *m);
         let rows_differ = inputs.iter().any(|(_, r)| *r != inputs[0].1);
-        let tokens_differ = || {
-            inputs.iter().skip(1).any(|(m, _)| {
-                vocab::same_vocab(
-                    &self.models[inputs[0].0 .0 as usize].info.root,
-                    &self.models[m.0 as usize].info.root,
-                ) == Some(false)
+        let comparisons: Vec<(ModelId, vocab::VocabComparison)> = inputs
+            .iter()
+            .skip(1)
+            .filter_map(|(m, _)| {
+                let first = &self.models[inputs[0].0 .0 as usize].info.root;
+                vocab::compare(first, &self.models[m.0 as usize].info.root).map(|c| (*m, c))
             })
-        };
-        let needs_policy = rows_differ || tokens_differ();
+            .collect();
+        let needs_policy = rows_differ || comparisons.iter().any(|(_, c)| !c.same);
         let Some((choice, choice_span)) = opts.choice.clone() else {
             if rows_differ {
                 self.differing_vocab_error(&inputs, save_span);
-            } else if needs_policy {
+            } else if needs_policy && (opts.mixed || !self.foreign_families(&inputs, &comparisons, save_span))
+            {
                 let list: Vec<&str> = inputs
                     .iter()
                     .map(|(m, _)| self.models[m.0 as usize].name.as_str())
@@ -321,6 +344,32 @@ impl Checker<'_> {
                 return;
             }
         };
+        if !opts.mixed {
+            let base_len = built.counts[base].own;
+            let foreign: Vec<String> = vocab_inputs
+                .iter()
+                .zip(&built.counts)
+                .filter(|(_, c)| {
+                    let smaller = c.own.min(base_len).max(1);
+                    (c.shared_with_base as f64) < FAMILY_SHARE * smaller as f64
+                })
+                .map(|(input, c)| {
+                    format!(
+                        "`{}` shares {} of its {} tokens with `{}`",
+                        input.name, c.shared_with_base, c.own, vocab_inputs[base].name
+                    )
+                })
+                .collect();
+            if !foreign.is_empty() {
+                self.diags.push(
+                    Diagnostic::error(Code::E0806, "inputs of different tokenizer families")
+                        .at(choice_span, "their rows cannot be aligned token by token")
+                        .with_note(foreign.join("; "))
+                        .with_help("merge models of one tokenizer family; to merge them anyway, add `mixed_vocab: true` to the save"),
+                );
+                return;
+            }
+        }
         let tokenizer_json = match built.tokenizer.to_string(true) {
             Ok(t) => t,
             Err(e) => {
@@ -470,6 +519,36 @@ impl Checker<'_> {
                 *first = size;
             }
         }
+    }
+
+    /// E0806 for inputs that share under half their tokens with the first; true if any.
+    fn foreign_families(
+        &mut self,
+        inputs: &[(ModelId, usize)],
+        comparisons: &[(ModelId, vocab::VocabComparison)],
+        span: Span,
+    ) -> bool {
+        let first = &self.models[inputs[0].0 .0 as usize].name;
+        let foreign: Vec<String> = comparisons
+            .iter()
+            .filter(|(_, c)| (c.shared as f64) < FAMILY_SHARE * c.smaller.max(1) as f64)
+            .map(|(m, c)| {
+                format!(
+                    "`{}` shares {} tokens with `{first}` (of {} in the smaller vocabulary)",
+                    self.models[m.0 as usize].name, c.shared, c.smaller
+                )
+            })
+            .collect();
+        if foreign.is_empty() {
+            return false;
+        }
+        self.diags.push(
+            Diagnostic::error(Code::E0806, "inputs of different tokenizer families")
+                .at(span, "merged row by row, their rows mean different tokens")
+                .with_note(foreign.join("; "))
+                .with_help("merge models of one tokenizer family; to merge them anyway, add `mixed_vocab: true` to the save"),
+        );
+        true
     }
 
     fn differing_vocab_error(&mut self, inputs: &[(ModelId, usize)], span: Span) {
