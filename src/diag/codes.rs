@@ -78,11 +78,21 @@ codes! {
     E0702 => "expert prompts missing or identical",
     E0703 => "every expert is the same model",
     E0704 => "the gate cannot read the base model",
+    // Adapters: extraction (E0920-E0939).
+    E0920 => "invalid LoRA extraction option",
+    E0921 => "fine-tune and base have different tensors",
+    E0922 => "fine-tune and base tensor shapes differ",
+    E0923 => "nothing to extract",
+    E0924 => "a module's SVD is over the memory budget",
+    E0925 => "NaN or infinite weights in a delta",
+    E0926 => "SVD did not converge",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
     W0004 => "expert count is not a power of two",
     W0005 => "mergekit ignores or tolerates this",
+    // Adapters: extraction (W0030-W0039).
+    W0030 => "differences left out of the adapter",
 }
 
 impl Code {
