@@ -85,7 +85,6 @@ codes! {
     E0923 => "nothing to extract",
     E0924 => "a module's SVD is over the memory budget",
     E0925 => "NaN or infinite weights in a delta",
-    E0926 => "SVD did not converge",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",

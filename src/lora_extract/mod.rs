@@ -203,7 +203,7 @@ fn some_names<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
 
 /// Step 1, from headers: the roles of the fine-tune's tensors. Refuses models whose
 /// tensor sets (E0921) or shapes (E0922) differ, and an SVD bigger than the memory
-/// budget (E0925).
+/// budget (E0924).
 pub fn plan(finetune: &ModelInfo, base: &ModelInfo, options: &Options) -> Result<Plan, Diagnostics> {
     check_options(options)?;
     let (include, exclude) = compile_patterns(options)?;
@@ -394,7 +394,12 @@ impl ExtractError {
         match self {
             ExtractError::Read(_) => Code::E0402,
             ExtractError::NotFinite { .. } => Code::E0925,
-            ExtractError::Svd { .. } => Code::E0926,
+            ExtractError::Svd {
+                source: svd::SvdError::OutOfMemory(_),
+                ..
+            } => Code::E0924,
+            // Never seen with finite input (checked first): a bug, not the user's input.
+            ExtractError::Svd { .. } => Code::E0001,
             ExtractError::Write(e) => crate::sema::output_folder_problem(e).0,
         }
     }
@@ -405,7 +410,9 @@ impl ExtractError {
             ExtractError::NotFinite { .. } => {
                 d.with_help("a delta with NaN or infinite entries has no SVD; check the model files")
             }
-            ExtractError::Svd { .. } => d.with_help("lower --rank, or pass --svd exact"),
+            ExtractError::Svd { .. } => {
+                d.with_help("lower --max-memory's share per module: pass --threads 1, or --svd randomized")
+            }
             ExtractError::Write(e) => d.with_help(crate::sema::output_folder_problem(e).1),
             ExtractError::Read(_) => d,
         }
@@ -563,7 +570,7 @@ fn examine(
     Ok(outcome)
 }
 
-/// `finetune − base` in f32; NaN or infinite entries in either are an error (E0926).
+/// `finetune − base` in f32; NaN or infinite entries in either are an error (E0925).
 fn delta_of(
     entry: &Entry,
     finetune: &ModelInfo,
