@@ -109,6 +109,8 @@ pub struct Plan {
     pub entries: Vec<Entry>,
     /// The most bytes one module's SVD holds (its delta and the SVD's workspace).
     pub largest_job_bytes: u64,
+    /// The bytes of every module's factors at the full rank, held until written.
+    pub factor_bytes: u64,
     /// The rank asked for and the epsilon, as given.
     pub rank: usize,
     pub sv_epsilon: f32,
@@ -241,6 +243,7 @@ pub fn plan(finetune: &ModelInfo, base: &ModelInfo, options: &Options) -> Result
     }
     let mut entries = Vec::new();
     let mut largest_job_bytes = 0u64;
+    let mut factor_bytes = 0u64;
     // Modules whose weight is a target: their biases are carried as `lora_B.bias`.
     let mut target_modules = std::collections::BTreeSet::new();
     for (name, ft) in &finetune.tensors {
@@ -285,6 +288,8 @@ pub fn plan(finetune: &ModelInfo, base: &ModelInfo, options: &Options) -> Result
                 method,
             ));
             largest_job_bytes = largest_job_bytes.max(bytes);
+            let kept = options.rank.min(rows.min(cols)) as u64;
+            factor_bytes = factor_bytes.saturating_add(kept * (rows as u64 + cols as u64) * 4);
             target_modules.insert(module.to_owned());
             Role::Target { rows, cols, method }
         } else {
@@ -308,13 +313,15 @@ pub fn plan(finetune: &ModelInfo, base: &ModelInfo, options: &Options) -> Result
             e.role = if is_bias { Role::TargetBias } else { Role::LeftOut };
         }
     }
-    if let Some(budget) = options.max_memory.filter(|b| largest_job_bytes > *b) {
+    let needed = largest_job_bytes.saturating_add(factor_bytes);
+    if let Some(budget) = options.max_memory.filter(|b| needed > *b) {
         diags.push(
             Diagnostic::error(
                 Code::E0924,
                 format!(
-                    "the largest module's SVD needs {} but the memory budget is {}",
+                    "the largest module's SVD needs {} (and the factors kept until written {}) but the memory budget is {}",
                     human_bytes(largest_job_bytes),
+                    human_bytes(factor_bytes),
                     human_bytes(budget)
                 ),
             )
@@ -325,6 +332,7 @@ pub fn plan(finetune: &ModelInfo, base: &ModelInfo, options: &Options) -> Result
         Ok(Plan {
             entries,
             largest_job_bytes,
+            factor_bytes,
             rank: options.rank,
             sv_epsilon: options.sv_epsilon,
         })
@@ -460,8 +468,12 @@ pub fn extract(
     reader: &TensorReader,
     options: &Options,
 ) -> Result<Extraction, ExtractError> {
+    // The factors of decomposed modules stay until written: their share is set aside.
+    let for_svds = options
+        .max_memory
+        .map_or(u64::MAX, |b| b.saturating_sub(plan.factor_bytes));
     let budget = Budget {
-        left: Mutex::new(options.max_memory.unwrap_or(u64::MAX).max(plan.largest_job_bytes)),
+        left: Mutex::new(for_svds.max(plan.largest_job_bytes)),
         freed: Condvar::new(),
     };
     let pool = rayon::ThreadPoolBuilder::new()

@@ -436,6 +436,28 @@ mod tests {
         assert!(r1.u == r2.u && r1.v == r2.v && r1.s == r2.s);
     }
 
+    /// Times one SVD of each kind at a 7B model's largest shapes:
+    /// `cargo test --lib svd::tests::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        for (m, n, method) in [
+            (4096, 11008, Method::Randomized),
+            (4096, 4096, Method::Randomized),
+            (1024, 2560, Method::Exact),
+        ] {
+            let a = gaussian(m, n, 1);
+            let start = std::time::Instant::now();
+            let svd = top_svd(a.as_ref(), 32, method).unwrap();
+            println!(
+                "{m} x {n} {}: {:.2} s (σ1 {})",
+                method.name(),
+                start.elapsed().as_secs_f64(),
+                svd.s[0]
+            );
+        }
+    }
+
     #[test]
     fn kept_rank_counts_values_over_epsilon() {
         assert_eq!(kept_rank(&[5.0, 3.0, 1e-9, 0.0], 8, 0.0), 3);
