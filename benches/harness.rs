@@ -64,11 +64,25 @@ const SYNTH_FORMAT: u32 = 2;
 /// Input models as (folder name under `models/`, synth variant).
 const MODELS: &[(&str, u32)] = &[("base", 0), ("ft1", 1), ("ft2", 2), ("ft3", 3)];
 
+/// What a scenario runs.
+#[derive(Clone, Copy)]
+enum Work {
+    /// `mergec run` of this script.
+    Script(&'static str),
+    /// `mergec extract-lora models/FINETUNE models/BASE OUTPUT --rank RANK`: reads both
+    /// models whole and writes the adapter; its floor's write is the adapter's size.
+    Extract {
+        finetune: &'static str,
+        base: &'static str,
+        rank: &'static str,
+    },
+}
+
 /// One benchmarked merge. Paths in `script` are relative to the workdir (where the script
 /// is written); `output` names the folder the script writes.
 struct Scenario {
     name: &'static str,
-    script: &'static str,
+    work: Work,
     output: &'static str,
     /// `--max-memory` for the run, as the CLI takes it.
     max_memory: Option<&'static str>,
@@ -112,20 +126,22 @@ save linear(a { weight: 0.5 }, b { weight: 0.3 }, c { weight: 0.2 }) to "out/lin
 const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "linear3",
-        script: LINEAR3,
+        work: Work::Script(LINEAR3),
         output: "out/linear3",
         max_memory: None,
         target_ratio: 1.3,
     },
     Scenario {
         name: "ties4",
-        script: r#"model base = "models/base"
+        work: Work::Script(
+            r#"model base = "models/base"
 model a = "models/ft1"
 model b = "models/ft2"
 model c = "models/ft3"
 save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }, c { weight: 0.2, density: 0.5 })
     to "out/ties4" { dtype: bf16 }
 "#,
+        ),
         output: "out/ties4",
         max_memory: None,
         target_ratio: 2.0,
@@ -133,33 +149,39 @@ save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }
     // mergekit's own bf16 arithmetic (`compute: bf16`): whole tensors, op for op as torch.
     Scenario {
         name: "ties4-bf16",
-        script: r#"model base = "models/base"
+        work: Work::Script(
+            r#"model base = "models/base"
 model a = "models/ft1"
 model b = "models/ft2"
 model c = "models/ft3"
 save ties(base, a { weight: 0.5, density: 0.5 }, b { weight: 0.3, density: 0.5 }, c { weight: 0.2, density: 0.5 })
     to "out/ties4" { dtype: bf16, compute: bf16 }
 "#,
+        ),
         output: "out/ties4",
         max_memory: None,
         target_ratio: 4.0,
     },
     Scenario {
         name: "slerp2",
-        script: r#"model a = "models/ft1"
+        work: Work::Script(
+            r#"model a = "models/ft1"
 model b = "models/ft2"
 save slerp(a, b, t: 0.5) to "out/slerp2" { dtype: bf16 }
 "#,
+        ),
         output: "out/slerp2",
         max_memory: None,
         target_ratio: 1.5,
     },
     Scenario {
         name: "solar",
-        script: r#"model a = "models/ft1"
+        work: Work::Script(
+            r#"model a = "models/ft1"
 model b = "models/ft2"
 save stack(a.layers[0..16], b.layers[8..24]) to "out/solar" { dtype: bf16 }
 "#,
+        ),
         output: "out/solar",
         max_memory: None,
         target_ratio: 1.2,
@@ -168,19 +190,33 @@ save stack(a.layers[0..16], b.layers[8..24]) to "out/solar" { dtype: bf16 }
     // product fused into the merge, no merged copy written first.
     Scenario {
         name: "lora-apply",
-        script: r#"model base = "models/base"
+        work: Work::Script(
+            r#"model base = "models/base"
 save lora(base, "adapters/r32") to "out/lora" { dtype: bf16 }
 "#,
+        ),
         output: "out/lora",
         max_memory: None,
         target_ratio: 1.5,
     },
     Scenario {
         name: "linear3-256MB",
-        script: LINEAR3,
+        work: Work::Script(LINEAR3),
         output: "out/linear3",
         max_memory: Some("256MB"),
         target_ratio: 1.3,
+    },
+    // Extraction is bound by the SVDs, not the disk: the ratio says how far from it.
+    Scenario {
+        name: "extract",
+        work: Work::Extract {
+            finetune: "ft1",
+            base: "base",
+            rank: "32",
+        },
+        output: "out/extract",
+        max_memory: Some("1GB"),
+        target_ratio: 30.0,
     },
 ];
 
@@ -270,6 +306,10 @@ fn run() -> Result<()> {
         .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
     {
         for &backend in &backends {
+            // Extraction has no GPU path: its SVDs run on the CPU.
+            if matches!(scenario.work, Work::Extract { .. }) && backend != Backend::Cpu {
+                continue;
+            }
             match run_scenario(&mergec, &workdir, scenario, backend, &args)? {
                 Some(row) => rows.push(row),
                 None => failed = true,
@@ -512,6 +552,31 @@ fn floor_spec(script: &Path, max_memory: Option<u64>) -> Result<FloorSpec> {
     })
 }
 
+/// An extraction's floor: every tensor of both models, read once (the write is the
+/// adapter's size, set after the run).
+fn extract_floor_spec(finetune: &Path, base: &Path) -> Result<FloorSpec> {
+    let mut ranges = Vec::new();
+    for dir in [finetune, base] {
+        let model = mergec::io::model::load_model(&dir.display().to_string(), Path::new("."))
+            .with_context(|| format!("loading {}", dir.display()))?;
+        for info in model.tensors.values() {
+            let file = model
+                .files
+                .get(info.file as usize)
+                .context("tensor in a missing file")?;
+            ranges.push((file.clone(), info.offset, info.offset + info.len));
+        }
+    }
+    ranges.sort();
+    let read_bytes = ranges.iter().map(|(_, s, e)| e - s).sum();
+    Ok(FloorSpec {
+        ranges,
+        read_bytes,
+        write_bytes: 0,
+        planned_peak: 0,
+    })
+}
+
 /// One scenario on one backend, summarised over its runs.
 struct Row {
     name: String,
@@ -532,11 +597,33 @@ fn run_scenario(
     backend: Backend,
     args: &Args,
 ) -> Result<Option<Row>> {
-    let script = workdir.join(format!("{}.merge", scenario.name));
-    fs::write(&script, scenario.script)?;
     let output = workdir.join(scenario.output);
     let budget = scenario.max_memory.and_then(parse_size);
-    let spec = floor_spec(&script, budget)?;
+    let (mut spec, command) = match scenario.work {
+        Work::Script(text) => {
+            let script = workdir.join(format!("{}.merge", scenario.name));
+            fs::write(&script, text)?;
+            let spec = floor_spec(&script, budget)?;
+            let mut command: Vec<String> = vec!["run".into(), script.display().to_string(), "--force".into()];
+            command.extend(["--backend".into(), backend.flag().into()]);
+            (spec, command)
+        }
+        Work::Extract { finetune, base, rank } => {
+            let models = workdir.join("models");
+            let (finetune, base) = (models.join(finetune), models.join(base));
+            let spec = extract_floor_spec(&finetune, &base)?;
+            let command = vec![
+                "extract-lora".into(),
+                finetune.display().to_string(),
+                base.display().to_string(),
+                output.display().to_string(),
+                "--rank".into(),
+                rank.into(),
+                "--force".into(),
+            ];
+            (spec, command)
+        }
+    };
     let floor_file = workdir.join("floor.tmp");
 
     println!();
@@ -550,12 +637,19 @@ fn run_scenario(
             None => String::new(),
         }
     );
-    println!(
-        "plan: read {:.3} GB, write {:.3} GB, peak {:.1} MiB",
-        spec.read_bytes as f64 / 1e9,
-        spec.write_bytes as f64 / 1e9,
-        spec.planned_peak as f64 / (1u64 << 20) as f64
-    );
+    if matches!(scenario.work, Work::Extract { .. }) {
+        println!(
+            "reads both models whole: {:.3} GB; writes the adapter",
+            spec.read_bytes as f64 / 1e9
+        );
+    } else {
+        println!(
+            "plan: read {:.3} GB, write {:.3} GB, peak {:.1} MiB",
+            spec.read_bytes as f64 / 1e9,
+            spec.write_bytes as f64 / 1e9,
+            spec.planned_peak as f64 / (1u64 << 20) as f64
+        );
+    }
     let mut samples = Vec::new();
     for i in 0..args.repeat {
         if output.exists() {
@@ -566,8 +660,13 @@ fn run_scenario(
         sync_filesystems();
         // Floor right before the merge, so both see the same page-cache state.
         let floor_read = read_ranges(&spec.ranges)?;
-        let floor_write = write_file(&floor_file, spec.write_bytes)?;
-        fs::remove_file(&floor_file)?;
+        // An extraction's output size is known only once written: its write floor follows.
+        let extract = matches!(scenario.work, Work::Extract { .. });
+        let mut floor_write = Duration::ZERO;
+        if !extract {
+            floor_write = write_file(&floor_file, spec.write_bytes)?;
+            fs::remove_file(&floor_file)?;
+        }
         println!(
             "run {}: floor read {:.2} GB in {:.3} s ({:.2} GB/s), write {:.2} GB in {:.3} s ({:.2} GB/s)",
             i + 1,
@@ -579,15 +678,20 @@ fn run_scenario(
             spec.write_bytes as f64 / 1e9 / floor_write.as_secs_f64().max(1e-9),
         );
 
-        let mut extra = vec!["--backend", backend.flag()];
+        let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
         if let Some(m) = scenario.max_memory {
-            extra.extend(["--max-memory", m]);
+            args.extend(["--max-memory", m]);
         }
-        let run = run_merge(mergec, &script, &extra)?;
+        let run = run_merge(mergec, &args)?;
         if !run.success {
             eprintln!("merge {} failed ({}); its stderr:", scenario.name, run.status);
             eprintln!("{}", run.stderr.trim_end());
             return Ok(None);
+        }
+        if extract {
+            spec.write_bytes = total_size(&safetensors_files(&output)?)?;
+            floor_write = write_file(&floor_file, spec.write_bytes)?;
+            fs::remove_file(&floor_file)?;
         }
         let sample = Sample {
             floor_read,
@@ -822,14 +926,11 @@ struct MergeRun {
     peak_rss_bytes: Option<u64>,
 }
 
-/// Runs `mergec run SCRIPT --force EXTRA..`, timing it and taking its own peak RSS.
-fn run_merge(mergec: &Path, script: &Path, extra: &[&str]) -> Result<MergeRun> {
+/// Runs `mergec ARGS..`, timing it and taking its own peak RSS.
+fn run_merge(mergec: &Path, args: &[&str]) -> Result<MergeRun> {
     let start = Instant::now();
     let mut child = Command::new(mergec)
-        .arg("run")
-        .arg(script)
-        .arg("--force")
-        .args(extra)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

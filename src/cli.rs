@@ -180,6 +180,10 @@ enum Command {
         #[command(flatten)]
         yaml: YamlArgs,
     },
+    /// Extract a LoRA adapter from a fine-tune: per linear module a truncated SVD of
+    /// `W_finetune - W_base`, written as a PEFT adapter folder (adapter_model.safetensors
+    /// and adapter_config.json). `--max-memory` bounds the SVDs in flight.
+    ExtractLora(ExtractArgs),
     /// Write a synthetic Llama-shaped model (for examples, tests and benchmarks).
     Synth(SynthArgs),
     /// A language server over stdin/stdout for `.merge` scripts and mergekit YAML
@@ -278,6 +282,47 @@ impl From<Stage> for mergec::driver::Stage {
 }
 
 #[derive(clap::Args)]
+pub struct ExtractArgs {
+    /// The fine-tuned model: a folder, a `.safetensors` file or `hf:org/name[@rev]`.
+    finetune: String,
+    /// The model it was fine-tuned from.
+    base: String,
+    /// The adapter folder to write.
+    out: PathBuf,
+    /// The largest rank kept per module.
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Singular values at or below this are dropped, so a module's rank may be lower.
+    #[arg(long, default_value_t = 0.0)]
+    sv_epsilon: f32,
+    /// Only modules whose name matches this regular expression (repeatable).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Leave out modules whose name matches this regular expression (repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// `auto`: the exact SVD for small matrices, a randomized one for large ones.
+    #[arg(long, value_enum, default_value = "auto")]
+    svd: SvdArg,
+    /// Modules decomposed at once (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Replace an output folder that mergec wrote before.
+    #[arg(long)]
+    force: bool,
+    /// Only warnings and errors on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SvdArg {
+    Auto,
+    Exact,
+    Randomized,
+}
+
+#[derive(clap::Args)]
 pub struct SynthArgs {
     /// Output folder.
     dir: PathBuf,
@@ -357,6 +402,7 @@ pub fn run(cli: Cli) -> ExitCode {
             force,
             yaml,
         } => import_cmd(&config, out, output.as_deref(), force, &yaml),
+        Command::ExtractLora(args) => extract_lora(args),
         Command::Synth(args) => synth_cmd(args),
         Command::Demo { dir } => demo(&dir),
         Command::Tokens { models, show } => tokens(&models, show),
@@ -1090,6 +1136,67 @@ fn debug(input: &Input, stage: Stage) -> ExitCode {
 /// Writes to stdout; a closed pipe (`mergec debug graph x | head`) just ends the output.
 fn emit(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+fn extract_lora(args: ExtractArgs) -> ExitCode {
+    use mergec::lora_extract::{self, SvdChoice};
+    let mut options = lora_extract::Options::new(args.rank);
+    options.sv_epsilon = args.sv_epsilon;
+    options.include = args.include;
+    options.exclude = args.exclude;
+    options.svd = match args.svd {
+        SvdArg::Auto => SvdChoice::Auto,
+        SvdArg::Exact => SvdChoice::Exact,
+        SvdArg::Randomized => SvdChoice::Randomized,
+    };
+    options.max_memory = MAX_MEMORY.with(|m| m.get());
+    if let Some(t) = args.threads {
+        options.threads = t.max(1);
+    }
+    options.force = args.force;
+    let leftovers = writer::remove_leftovers(&args.out);
+    if !args.quiet {
+        report_leftovers(&leftovers);
+    }
+    let sources = SourceMap::new();
+    let started = std::time::Instant::now();
+    match lora_extract::run(&args.finetune, &args.base, &args.out, Path::new("."), &options) {
+        Ok(r) => {
+            report(&r.warnings, &sources, Format::Human);
+            if !args.quiet {
+                let ranks = if r.min_rank == r.max_rank {
+                    format!("rank {}", r.max_rank)
+                } else {
+                    format!("ranks {}..{}", r.min_rank, r.max_rank)
+                };
+                println!(
+                    "wrote {} ({} LoRA module{} at {ranks}: {} exact, {} randomized SVD; {} module{} saved whole)",
+                    r.written.dir.display(),
+                    r.modules,
+                    plural(r.modules),
+                    r.exact,
+                    r.randomized,
+                    r.whole_modules,
+                    plural(r.whole_modules)
+                );
+                println!(
+                    "kept {:.2}% of the deltas' squared Frobenius norm; {} unchanged target module{}; wrote {} in {:.2} s",
+                    100.0 * r.kept_fraction,
+                    r.unchanged_targets,
+                    plural(r.unchanged_targets),
+                    human_bytes(r.written.bytes_written),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(diags) => {
+            report(&diags, &sources, Format::Human);
+            let errors = diags.iter().filter(|d| d.is_error()).count();
+            eprintln!("{errors} error{} found; nothing was written", plural(errors));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn synth_spec(args: &SynthArgs) -> Result<SynthSpec, String> {

@@ -23,6 +23,7 @@
 //! | `kernels` | `plan`, leaves |
 //! | `exec` | `plan`, `kernels`, leaves |
 //! | `driver`, `import`, `cli` | everything (they chain the stages) |
+//! | `lora_extract` | `io`, `diag`, `sema` (the output-folder check), `exec::cpu` (dtype conversion) |
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -34,6 +35,7 @@ pub mod ids;
 pub mod import;
 pub mod io;
 pub mod kernels;
+pub mod lora_extract;
 pub mod lsp;
 pub mod moe_spec;
 pub mod ops;

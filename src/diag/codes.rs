@@ -97,6 +97,13 @@ codes! {
     E0904 => "adapter module not in the model",
     E0905 => "adapter shapes do not fit the model",
     E0906 => "adapter resizes the vocabulary",
+    // Adapters: extraction (E0920-E0939).
+    E0920 => "invalid LoRA extraction option",
+    E0921 => "fine-tune and base have different tensors",
+    E0922 => "fine-tune and base tensor shapes differ",
+    E0923 => "nothing to extract",
+    E0924 => "a module's SVD is over the memory budget",
+    E0925 => "NaN or infinite weights in a delta",
     W0001 => "unused binding",
     W0002 => "input tensors not written by any output",
     W0003 => "per-model parameters are ignored here",
@@ -106,6 +113,8 @@ codes! {
     W0011 => "vocabulary tensors truncated",
     W0020 => "adapter factors not applied",
     W0021 => "adapter changes nothing",
+    // Adapters: extraction (W0030-W0039).
+    W0030 => "differences left out of the adapter",
 }
 
 impl Code {

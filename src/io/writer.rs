@@ -478,6 +478,12 @@ impl ModelWriter {
     /// Checks the target, plans the shards, and creates the temporary folder with the
     /// first shard's header.
     pub fn create(spec: OutputSpec) -> Result<ModelWriter, WriteError> {
+        ModelWriter::create_named(spec, SINGLE_FILE)
+    }
+
+    /// [`create`](ModelWriter::create) with the weights in `single_file` when they fit in
+    /// one shard (e.g. `adapter_model.safetensors` for a PEFT adapter).
+    pub fn create_named(spec: OutputSpec, single_file: &str) -> Result<ModelWriter, WriteError> {
         check_output_target(&spec.dir, spec.force, &spec.protected, None)?;
         let bad = |reason: String| WriteError::BadSpec {
             dir: spec.dir.clone(),
@@ -489,7 +495,8 @@ impl ModelWriter {
         };
         let tmp = scratch_path(parent, name, Scratch::Tmp, std::process::id());
 
-        let (tensors, shards, tensor_bytes) = plan(spec.tensors, spec.max_shard_bytes).map_err(bad)?;
+        let (tensors, shards, tensor_bytes) =
+            plan(spec.tensors, spec.max_shard_bytes, single_file).map_err(bad)?;
 
         // Output file names must be plain, distinct, and not collide with what we write.
         let mut names: HashSet<&str> = shards.iter().map(|s| s.name.as_str()).collect();
@@ -1144,7 +1151,11 @@ type Plan = (Vec<Planned>, Vec<Shard>, u64);
 
 /// Assigns tensors to shards: a shard is closed when the next tensor would take it past
 /// `max_shard_bytes`.
-fn plan(tensors: Vec<(String, DType, Vec<usize>)>, max_shard_bytes: u64) -> Result<Plan, String> {
+fn plan(
+    tensors: Vec<(String, DType, Vec<usize>)>,
+    max_shard_bytes: u64,
+    single_file: &str,
+) -> Result<Plan, String> {
     let mut seen = HashSet::new();
     let mut planned = Vec::with_capacity(tensors.len());
     let mut shards: Vec<Shard> = Vec::new();
@@ -1201,7 +1212,7 @@ fn plan(tensors: Vec<(String, DType, Vec<usize>)>, max_shard_bytes: u64) -> Resu
     let n = shards.len();
     for (i, s) in shards.iter_mut().enumerate() {
         s.name = if n == 1 {
-            SINGLE_FILE.to_owned()
+            single_file.to_owned()
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
         };

@@ -19,6 +19,7 @@ mod moe;
 pub(crate) mod names;
 pub(crate) mod params;
 mod save;
+pub use save::output_folder_problem;
 mod surgery;
 mod templates;
 mod value;

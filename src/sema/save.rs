@@ -294,8 +294,16 @@ impl Checker<'_> {
 
 /// Why the output folder of a save cannot be written, with its code and what to do.
 fn output_folder_diagnostic(e: &WriteError, span: Span) -> Diagnostic {
+    let (code, help) = output_folder_problem(e);
+    Diagnostic::error(code, e.to_string())
+        .at(span, "output folder")
+        .with_help(help)
+}
+
+/// The code of an output folder that cannot be written, and what to do about it.
+pub fn output_folder_problem(e: &WriteError) -> (Code, String) {
     const NEW_FOLDER: &str = "name a new folder for the output, e.g. \"out/merged\"";
-    let (code, help) = match e {
+    match e {
         WriteError::WorkingFolder { .. } => (
             Code::E0413,
             format!("{NEW_FOLDER}; --force never replaces the current folder or a folder above it"),
@@ -331,10 +339,7 @@ fn output_folder_diagnostic(e: &WriteError, span: Span) -> Diagnostic {
             "choose a folder outside every input model; --force never overwrites an input".to_owned(),
         ),
         _ => (Code::E0405, "choose another folder".to_owned()),
-    };
-    Diagnostic::error(code, e.to_string())
-        .at(span, "output folder")
-        .with_help(help)
+    }
 }
 
 /// The options `save ... to "dir" { ... }` takes.
