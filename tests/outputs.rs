@@ -537,3 +537,58 @@ fn long_output_names() {
         "{stderr}"
     );
 }
+
+/// Found by the writer fuzz target: `mine/o/..` does not exist for the file system (`o`
+/// is missing), so the folder looked new to the checks, but the writer read the path
+/// lexically as `mine` and replaced the user's folder. A `..` below a missing folder is
+/// refused now; through a link, `..` is followed as the file system follows it.
+#[test]
+fn dot_dot_below_a_missing_folder_never_reaches_the_folder_above() {
+    let ws = workspace();
+    let mine = ws.path().join("mine");
+    std::fs::create_dir_all(mine.join("sub")).unwrap();
+    std::fs::write(mine.join("data.txt"), "a folder of the user's").unwrap();
+    for (out, force) in [
+        ("mine/o/..", false),
+        ("mine/o/../", true),
+        ("mine/o/../x", false),
+        ("new/a/../b", false),
+    ] {
+        std::fs::write(ws.path().join("s.merge"), script("models", out)).unwrap();
+        let before = snapshot(ws.path());
+        let args: &[&str] = if force {
+            &["run", "s.merge", "--force"]
+        } else {
+            &["run", "s.merge"]
+        };
+        let (code, stderr) = run(ws.path(), args);
+        assert_eq!(code, 1, "{out}: {stderr}");
+        assert!(
+            stderr.contains("[E0405]") && stderr.contains("does not name a folder"),
+            "{out}: {stderr}"
+        );
+        assert_eq!(snapshot(ws.path()), before, "{out}");
+    }
+    // Where every folder exists, `..` is the file system's: `mine/sub/../out` is mine/out.
+    std::fs::write(ws.path().join("s.merge"), script("models", "mine/sub/../out")).unwrap();
+    let (code, stderr) = run(ws.path(), &["run", "s.merge"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(mine.join("out/model.safetensors").is_file());
+    assert_eq!(
+        std::fs::read_to_string(mine.join("data.txt")).unwrap(),
+        "a folder of the user's"
+    );
+    // Through a link, `..` is the parent of the link's target, not of the link.
+    let elsewhere = ws.path().join("deep/inner");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, mine.join("link")).unwrap();
+    std::fs::write(
+        ws.path().join("s.merge"),
+        script("models", "mine/link/../viaLink"),
+    )
+    .unwrap();
+    let (code, stderr) = run(ws.path(), &["run", "s.merge"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(ws.path().join("deep/viaLink/model.safetensors").is_file());
+    assert!(!mine.join("viaLink").exists());
+}

@@ -273,7 +273,8 @@ pub fn check_output_target(
     protected: &[PathBuf],
     script_dir: Option<&Path>,
 ) -> Result<(), WriteError> {
-    let target = comparable(dir);
+    let resolved_dir = resolve_target(dir)?;
+    let target = comparable(&resolved_dir);
     let owned = || dir.to_path_buf();
     // Refused even when the place is empty or does not exist yet (a home folder can be
     // empty): an output there would be a mistake, and --force would delete it.
@@ -346,6 +347,8 @@ pub fn check_output_target(
             bytes: name.len(),
         });
     }
+    // From here on the folder as the file system finds it; messages name it as given.
+    let dir = resolved_dir.as_path();
     let meta = match fs::symlink_metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
@@ -368,6 +371,43 @@ pub fn check_output_target(
     } else {
         Ok(())
     }
+}
+
+/// Where the output folder `dir` is, as the file system resolves it: the deepest part of its
+/// parent that exists, canonicalized (links and `..` followed as the kernel follows them),
+/// the names below it that do not exist yet, then the folder's own name, unresolved (a
+/// link there is refused, not followed). A `..` below a folder that does not exist means
+/// nothing to the file system, so it is refused: the place checked is the place written.
+fn resolve_target(dir: &Path) -> Result<PathBuf, WriteError> {
+    let bad = || WriteError::BadTarget {
+        dir: dir.to_path_buf(),
+    };
+    let abs = std::path::absolute(dir).map_err(|e| io_error(dir.to_path_buf(), e))?;
+    let (parent, name) = match abs.components().next_back() {
+        Some(Component::Normal(name)) => (abs.parent().ok_or_else(bad)?, name),
+        // `out/..` or `out/.`: a folder only when it exists.
+        _ => return fs::canonicalize(&abs).map_err(|_| bad()),
+    };
+    let mut missing = Vec::new();
+    let mut existing = parent;
+    let base = loop {
+        if let Ok(resolved) = fs::canonicalize(existing) {
+            break resolved;
+        }
+        let (Some(last), Some(up)) = (existing.components().next_back(), existing.parent()) else {
+            return Err(bad());
+        };
+        match last {
+            Component::Normal(n) => missing.push(n),
+            Component::CurDir => {}
+            _ => return Err(bad()),
+        }
+        existing = up;
+    };
+    let mut target = base;
+    target.extend(missing.iter().rev());
+    target.push(name);
+    Ok(target)
 }
 
 fn is_empty_dir(dir: &Path) -> Result<bool, WriteError> {
@@ -489,7 +529,7 @@ impl ModelWriter {
             dir: spec.dir.clone(),
             reason,
         };
-        let target = normalize(&std::path::absolute(&spec.dir).map_err(|e| io_error(spec.dir.clone(), e))?);
+        let target = resolve_target(&spec.dir)?;
         let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
             return Err(WriteError::BadTarget { dir: spec.dir });
         };
@@ -1079,10 +1119,9 @@ pub struct Leftover {
 /// holds mergec's marker. An old output moved aside while the output path is empty is
 /// moved back instead.
 pub fn remove_leftovers(dir: &Path) -> Vec<Leftover> {
-    let Ok(absolute) = std::path::absolute(dir) else {
+    let Ok(target) = resolve_target(dir) else {
         return Vec::new();
     };
-    let target = normalize(&absolute);
     let (Some(name), Some(parent)) = (target.file_name(), target.parent()) else {
         return Vec::new();
     };
