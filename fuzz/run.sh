@@ -44,7 +44,7 @@ seed() {
             # a flag byte (bit 0: --force), then the output path
             i=0
             for p in out ../old ../empty ../mine ../mine/sub . .. up to-mine/new ../input/x \
-                loop/x dangling to-home ../scripts ../old/sub ./out/../../work; do
+                loop/x dangling to-home ../scripts ../old/sub ./out/../../work ../mine/o/../; do
                 printf '\001%s' "$p" > "$dir/force-$i"
                 printf '\000%s' "$p" > "$dir/plain-$i"
                 i=$((i + 1))
