@@ -1852,6 +1852,10 @@ mod tests {
             .join("..")
             .join("in")
             .join("o");
+        // `x` missing: the file system gives the path no meaning, so it is refused as such.
+        let e = check_output_target(&sneaky, false, &protected, None).unwrap_err();
+        assert!(matches!(e, WriteError::BadTarget { .. }), "{e}");
+        fs::create_dir(tmp.path().join("models").join("x")).unwrap();
         let e = check_output_target(&sneaky, false, &protected, None).unwrap_err();
         assert!(matches!(e, WriteError::InsideInput { .. }), "{e}");
         let e = check_output_target(&input, true, &protected, None).unwrap_err();
